@@ -1,0 +1,78 @@
+"""The ground truth: dense float64 attention with the plan turned into an explicit token mask.
+
+Slow and memory-hungry by design (an S x S mask and S x S scores); every other driver is tested against
+it. Never chosen by ``backend=auto``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lvsa.driver import Availability, AttentionProblem, Driver
+from lvsa.plan import SparsePlan
+
+
+def frame_mask(plan: SparsePlan) -> torch.Tensor:
+    """``[T, T]`` bool, True where query frame (row) attends key frame (column)."""
+    mask = torch.zeros(plan.latent_frames, plan.latent_frames, dtype=torch.bool)
+    for f, row in plan.frame_rows():
+        mask[f, list(row)] = True
+    return mask
+
+
+def token_mask(plan: SparsePlan) -> torch.Tensor:
+    """``[S, S]`` bool over the whole sequence: text rows and columns are dense, video by frame blocks."""
+    P, S, V = plan.patches_per_frame, plan.seq_len, plan.video_tokens
+    video = frame_mask(plan).repeat_interleave(P, dim=0).repeat_interleave(P, dim=1)
+    mask = torch.ones(S, S, dtype=torch.bool)
+    vs = plan.video_start
+    mask[vs : vs + V, vs : vs + V] = video
+    return mask
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: SparsePlan,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Float64 sparse attention of ``[B, S, H, D]`` tensors; returns float64."""
+    B, S, Hq, D = q.shape
+    groups = Hq // k.shape[2]
+    q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
+    if groups > 1:
+        k64 = k64.repeat_interleave(groups, dim=2)
+        v64 = v64.repeat_interleave(groups, dim=2)
+    keep = (token_mask(plan) if mask is None else mask).to(q.device)[None, None]  # [1, 1, S, S]
+    if key_padding_mask is not None:
+        keys = torch.ones(B, S, dtype=torch.bool, device=q.device)
+        ts = plan.text_start
+        keys[:, ts : ts + plan.text_tokens] = key_padding_mask.to(device=q.device, dtype=torch.bool)
+        keep = keep & keys[:, None, None, :]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * (scale if scale is not None else 1 / math.sqrt(D))
+    scores = scores.masked_fill(~keep, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v64)
+
+
+class ReferenceDriver(Driver):
+    name = "reference"
+    priority = -100
+    devices = frozenset({"cpu", "cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    auto_select = False
+
+    def is_available(self, device_type: str) -> Availability:
+        base = super().is_available(device_type)
+        return Availability.yes("float64 dense ground truth (tests only)") if base else base
+
+    def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> tuple[SparsePlan, torch.Tensor]:
+        return plan, token_mask(plan).to(problem.device)
+
+    def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
+        plan, mask = prepared
+        return reference_attention(q, k, v, plan, key_padding_mask, scale, mask).to(q.dtype)

@@ -1,0 +1,50 @@
+"""NVIDIA GPUs through torch.cuda: detection, synchronisation, caching-allocator statistics, NCCL."""
+
+from __future__ import annotations
+
+from lvsa.device import Device, MemoryStats
+from lvsa.driver import Availability
+
+
+class CudaDevice(Device):
+    name = "cuda"
+    collective_backend = "nccl"
+
+    def is_available(self) -> Availability:
+        import torch
+
+        if torch.version.cuda is None:
+            return Availability.no(f"torch {torch.__version__} is a build without CUDA")
+        if not torch.cuda.is_available():
+            return Availability.no("no CUDA device visible (check the driver and CUDA_VISIBLE_DEVICES)")
+        return Availability.yes(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")
+
+    def count(self) -> int:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    def synchronize(self, index: int | None = None) -> None:
+        import torch
+
+        torch.cuda.synchronize(index)
+
+    def memory(self, index: int | None = None) -> MemoryStats:
+        import torch
+
+        return MemoryStats(
+            kind="allocator",
+            current=torch.cuda.memory_allocated(index),
+            peak=torch.cuda.max_memory_allocated(index),
+            reserved=torch.cuda.memory_reserved(index),
+        )
+
+    def reset_peak(self, index: int | None = None) -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(index)
+
+    def describe(self, index: int = 0) -> str:
+        import torch
+
+        return torch.cuda.get_device_name(index)

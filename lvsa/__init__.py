@@ -1,0 +1,73 @@
+"""lvsa: training-free frame-level block-sparse attention for long-video diffusion transformers.
+
+``make_plan`` turns geometry and knobs into a :class:`SparsePlan` (pure Python); ``sparse_attention`` runs a
+plan through a driver found by entry point (``lvsa.backends``); ``LVSASettings`` / ``configure`` hold the
+knobs. Parts that need torch are imported on first use, so ``import lvsa`` stays light."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    DeviceUnavailable,
+    GeometryError,
+    LVSAError,
+    UnsupportedProblem,
+)
+from .plan import SparsePlan, make_plan
+from .settings import LVSASettings, configure, get_settings, reset_settings
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "sparse_attention": "lvsa.dispatch",
+    "available_backends": "lvsa.dispatch",
+    "BackendStatus": "lvsa.dispatch",
+    "Driver": "lvsa.driver",
+    "Availability": "lvsa.driver",
+    "AttentionProblem": "lvsa.driver",
+    "Device": "lvsa.device",
+    "MemoryStats": "lvsa.device",
+}
+
+if TYPE_CHECKING:
+    from .device import Device, MemoryStats
+    from .dispatch import BackendStatus, available_backends, sparse_attention
+    from .driver import Availability, AttentionProblem, Driver
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lvsa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "Availability",
+    "AttentionProblem",
+    "BackendStatus",
+    "BackendUnavailable",
+    "ConfigError",
+    "Device",
+    "DeviceUnavailable",
+    "Driver",
+    "GeometryError",
+    "LVSAError",
+    "LVSASettings",
+    "MemoryStats",
+    "SparsePlan",
+    "UnsupportedProblem",
+    "__version__",
+    "available_backends",
+    "configure",
+    "get_settings",
+    "make_plan",
+    "reset_settings",
+    "sparse_attention",
+]

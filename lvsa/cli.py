@@ -1,0 +1,121 @@
+"""The ``lvsa`` command: ``lvsa plan`` shows what the scheduler does for a video, ``lvsa backends`` which
+drivers can run on which device here. Flags of the settings work on both (``lvsa plan --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import LVSAError
+from .geometry import FAMILIES, family, resolve_video_geometry
+from .log import setup_logging
+from .plan import make_plan
+from .settings import LVSASettings, add_cli_arguments
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lvsa", description="Frame-level block-sparse attention for long-video diffusion transformers."
+    )
+    parser.add_argument("--version", action="version", version=f"lvsa {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,backends}")
+
+    plan = commands.add_parser(
+        "plan",
+        help="print the sparse plan for a video: [LVSA] lines, density, mask picture",
+        description="Plan the sparse pattern for a video and print what the scheduler decided. Geometry "
+        "comes from --model with --num-frames/--height/--width, or from --latent-frames with "
+        "--patches-per-frame.",
+    )
+    video = plan.add_argument_group("video")
+    video.add_argument("--model", choices=sorted(FAMILIES), help="model family (reference horizon, VAE factors)")
+    video.add_argument("--num-frames", type=int, help="video frames (e.g. 321); latent = (F - 1) // 4 + 1")
+    video.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
+    video.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
+    video.add_argument("--latent-frames", type=int, help="latent frames T, instead of --num-frames")
+    video.add_argument("--text-tokens", type=int, default=0, help="joint-attention text tokens (default 0)")
+    video.add_argument("--text-position", choices=["before", "after"],
+                       help="text tokens before or after the video (default: the model's, else after)")
+    video.add_argument("--step", type=int, default=0, help="denoising step (rotation offset)")
+    video.add_argument("--no-mask", action="store_true", help="do not print the mask picture")
+    video.add_argument("--json", action="store_true", help="print the plan as JSON instead")
+    add_cli_arguments(plan.add_argument_group("lvsa settings (each also read from its LVSA_* variable)"))
+
+    backends = commands.add_parser("backends", help="which drivers can run on which device here, and why not")
+    backends.add_argument("--device", help="only this torch device type (cpu, cuda, npu, ...)")
+    backends.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    settings = LVSASettings.from_cli(args)
+    model = family(args.model) if args.model else None
+    if args.latent_frames is not None:
+        T = args.latent_frames
+        if settings.patches_per_frame is not None:
+            P = settings.patches_per_frame
+        else:
+            P = resolve_video_geometry(1, settings, model, args.height, args.width).patches_per_frame
+    elif args.num_frames is not None:
+        geometry = resolve_video_geometry(args.num_frames, settings, model, args.height, args.width)
+        T, P = geometry.latent_frames, geometry.patches_per_frame
+    else:
+        raise LVSAError("give --num-frames (with --model or the geometry flags) or --latent-frames")
+    position = args.text_position or (model.text_position if model and model.text_position else "after")
+    plan = make_plan(T, P, text_tokens=args.text_tokens, text_position=position, step=args.step,
+                     settings=settings, model=model)
+    if args.json:
+        print(json.dumps({
+            "latent_frames": plan.latent_frames, "patches_per_frame": plan.patches_per_frame,
+            "text_tokens": plan.text_tokens, "text_position": plan.text_position, "step": plan.step,
+            "offset": plan.offset, "rotating": plan.rotating, "kfi": plan.kfi, "globals": list(plan.globals),
+            "attended_per_frame": plan.attended_per_frame, "density": plan.density,
+            "indptr": list(plan.indptr), "indices": list(plan.indices),
+        }))
+        return 0
+    for line in plan.log_lines():
+        print(line)
+    sparsity = 1 - plan.attended_per_frame / plan.latent_frames
+    print(
+        f"[LVSA] tokens_per_frame={P} seq_len={plan.seq_len} density={plan.density:.3f} "
+        f"frame_sparsity={sparsity:.0%} rotating={'yes' if plan.rotating else 'no'} step={plan.step} "
+        f"offset={plan.offset}"
+    )
+    if not args.no_mask:
+        print("mask: rows = query frames, columns = key frames; G global, W window, X both, . skipped")
+        print(plan.mask_picture())
+    return 0
+
+
+def _backends(args: argparse.Namespace) -> int:
+    from .dispatch import available_backends
+
+    rows = available_backends(args.device)
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+        return 0
+    if not rows:
+        print("no lvsa driver is installed (is lvsa installed with pip, so that its entry points exist?)")
+        return 1
+    width = max(len(r.name) for r in rows)
+    print(f"{'driver':<{width}}  {'device':<7} {'status':<9} reason")
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.device:<7} {'usable' if r.available else 'unusable':<9} {r.reason}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    args = _parser().parse_args(argv)
+    try:
+        return _plan(args) if args.command == "plan" else _backends(args)
+    except LVSAError as error:
+        print(f"lvsa: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

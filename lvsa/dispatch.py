@@ -1,0 +1,216 @@
+"""Choosing a driver for a call, preparing it once per plan, and running it.
+
+``sparse_attention`` is what model code calls for every self-attention layer. The expensive parts are
+cached: the driver choice per (request, problem) and the driver's prepared state per (driver, plan,
+problem), so a layer call costs a dictionary lookup before the kernels run. A plan that changes shape is
+logged once with the ``[LVSA]`` lines; a driver that cannot run is an error naming every installed driver,
+or, under ``LVSA_FALLBACK=warn``, a ``[LVSA-FALLBACK]`` line and the next driver."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import log, registry
+from .driver import AttentionProblem, Driver
+from .errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    import torch
+
+    from .plan import SparsePlan
+    from .settings import LVSASettings
+
+_PREPARED_CACHE_SIZE = 16
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """One row of ``lvsa backends``: can this driver run on this device here, and if not, why."""
+
+    name: str
+    device: str
+    available: bool
+    reason: str
+    #: ok, backend_not_installed, backend_load_failed, device_absent, backend_unavailable, unsupported_problem
+    code: str
+    priority: int
+    target: str
+    distribution: str | None
+    capabilities: str
+
+
+def _device_reason(device_type: str) -> str | None:
+    """Why ``device_type`` cannot be used here, or ``None`` when it can (or has no device module)."""
+    device = registry.get_device(device_type)
+    if device is None:
+        return None
+    try:
+        availability = device.is_available()
+    except Exception as error:  # a broken device module must not break a listing
+        return f"device {device_type}: {type(error).__name__}: {error}"
+    return None if availability else f"device {device_type} absent: {availability.reason}"
+
+
+def backend_status(name: str, device_type: str, problem: AttentionProblem | None = None) -> BackendStatus:
+    plugin = registry.backend_plugins().get(name)
+    if plugin is None:
+        installed = ", ".join(registry.backend_plugins()) or "none"
+        return BackendStatus(name, device_type, False, f"not installed (installed: {installed})",
+                             "backend_not_installed", 0, "-", None, "")
+    driver = plugin.obj
+    if driver is None:
+        return BackendStatus(name, device_type, False, plugin.error or "failed to load", "backend_load_failed",
+                             0, plugin.target, plugin.distribution, "")
+
+    def status(available: bool, reason: str, code: str) -> BackendStatus:
+        return BackendStatus(name, device_type, available, reason, code, driver.priority, plugin.target,
+                             plugin.distribution, driver.capabilities())
+
+    absent = _device_reason(device_type)
+    if absent is not None:
+        return status(False, absent, "device_absent")
+    try:
+        availability = driver.is_available(device_type)
+    except Exception as error:  # a driver's own bug must read as a reason, not break the caller
+        return status(False, f"availability check raised {type(error).__name__}: {error}", "backend_unavailable")
+    if not availability:
+        return status(False, availability.reason, "backend_unavailable")
+    problems = driver.check(problem) if problem is not None else []
+    if problems:
+        return status(False, "; ".join(problems), "unsupported_problem")
+    return status(True, availability.reason, "ok")
+
+
+def available_backends(device: str | None = None) -> list[BackendStatus]:
+    """Every registered driver and whether it can run here. ``device`` is a torch device type
+    (``"cpu"``, ``"cuda"``, ...); by default every registered device is listed, present or not."""
+    names = list(registry.backend_plugins())
+    device_types = [device] if device else list(registry.device_plugins()) or ["cpu"]
+    return [backend_status(n, d) for d in device_types for n in names]
+
+
+def _table(device_type: str, problem: AttentionProblem | None) -> str:
+    rows = [backend_status(n, device_type, problem) for n in registry.backend_plugins()]
+    if not rows:
+        return "  (no driver is installed: is lvsa installed with pip, so that its entry points exist?)"
+    return "\n".join(
+        f"  {r.name:<12} {'usable' if r.available else 'unusable':<9} {r.reason}" for r in rows
+    )
+
+
+def _auto_choice(problem: AttentionProblem, exclude: str | None = None) -> tuple[Driver | None, list[str]]:
+    skipped = []
+    ordered = sorted(registry.drivers().items(), key=lambda item: -item[1].priority)
+    for name, driver in ordered:
+        if not driver.auto_select or name == exclude:
+            continue
+        status = backend_status(name, problem.device_type, problem)
+        if status.available:
+            return driver, skipped
+        skipped.append(f"{name}: {status.reason}")
+    return None, skipped
+
+
+_choice_lock = threading.Lock()
+_choices: dict[tuple[str, str, AttentionProblem], Driver] = {}
+
+
+def select_driver(problem: AttentionProblem, requested: str, fallback: str) -> Driver:
+    """The driver for ``problem``: the requested one, the best one under ``auto``, or (fallback=warn) the
+    best other one with a loud ``[LVSA-FALLBACK]`` line. Cached per (request, policy, problem)."""
+    key = (requested, fallback, problem)
+    chosen = _choices.get(key)
+    if chosen is not None:
+        return chosen
+    with _choice_lock:
+        chosen = _select(problem, requested, fallback)
+        _choices[key] = chosen
+    return chosen
+
+
+def _select(problem: AttentionProblem, requested: str, fallback: str) -> Driver:
+    if requested == "auto":
+        driver, skipped = _auto_choice(problem)
+        if driver is None:
+            raise BackendUnavailable(
+                f"no lvsa driver can run this call on {problem.device}:\n{_table(problem.device_type, problem)}"
+            )
+        if skipped:
+            log.info(f"backend=auto chose {driver.name} on {problem.device} (skipped {'; '.join(skipped)})")
+        return driver
+    status = backend_status(requested, problem.device_type, problem)
+    if status.available:
+        return registry.drivers()[requested]
+    if fallback == "warn":
+        driver, _ = _auto_choice(problem, exclude=requested)
+        if driver is not None:
+            log.fallback("dispatch", status.code, requested=requested, using=driver.name,
+                         device=problem.device, detail=status.reason)
+            return driver
+    hint = "" if fallback == "warn" else "\nSet LVSA_FALLBACK=warn (--fallback warn) to use the next usable driver."
+    raise BackendUnavailable(
+        f"backend {requested!r} cannot run this call on {problem.device}: {status.reason}\n"
+        f"installed drivers on {problem.device_type}:\n{_table(problem.device_type, problem)}{hint}"
+    )
+
+
+_prepared_lock = threading.Lock()
+_prepared: OrderedDict[tuple[str, SparsePlan, AttentionProblem], Any] = OrderedDict()
+_last_logged_shape: list[tuple[int, ...] | None] = [None]
+
+
+def prepared_for(driver: Driver, plan: SparsePlan, problem: AttentionProblem) -> Any:
+    """The driver's prepared state for this plan and problem, built on first use (LRU-cached)."""
+    key = (driver.name, plan, problem)
+    with _prepared_lock:
+        state = _prepared.get(key)
+        if state is not None:
+            _prepared.move_to_end(key)
+            return state
+    state = driver.prepare(plan, problem)
+    with _prepared_lock:
+        _prepared[key] = state
+        while len(_prepared) > _PREPARED_CACHE_SIZE:
+            _prepared.popitem(last=False)
+        if plan.shape_key() != _last_logged_shape[0]:
+            _last_logged_shape[0] = plan.shape_key()
+            for line in plan.log_lines():
+                log.logger.info(line)
+    return state
+
+
+def clear_caches() -> None:
+    with _prepared_lock:
+        _prepared.clear()
+        _last_logged_shape[0] = None
+    with _choice_lock:
+        _choices.clear()
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: SparsePlan,
+    *,
+    backend: str | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    settings: LVSASettings | None = None,
+) -> torch.Tensor:
+    """Frame-sparse attention of ``[batch, seq, heads, head_dim]`` tensors (diffusers' layout).
+
+    ``k``/``v`` may have fewer heads than ``q`` (GQA). Text tokens of the plan attend everything and are
+    attended by every query; ``key_padding_mask`` (``[batch, text_tokens]``, True = keep) masks padded text
+    keys. ``backend`` overrides the settings' ``backend``; ``scale`` defaults to ``1/sqrt(head_dim)``."""
+    if settings is None:
+        from .settings import get_settings
+
+        settings = get_settings()
+    problem = AttentionProblem.from_tensors(q, k, v, plan, key_padding_mask)
+    requested = (backend or settings.backend).lower()
+    driver = select_driver(problem, requested, settings.fallback)
+    return driver.run(prepared_for(driver, plan, problem), q, k, v, key_padding_mask, scale)

@@ -1,0 +1,28 @@
+"""Exceptions of lvsa. All derive from :class:`LVSAError`; each is also the builtin that fits it, so callers
+that catch ``ValueError`` / ``RuntimeError`` keep working."""
+
+from __future__ import annotations
+
+
+class LVSAError(Exception):
+    """Base class of every error lvsa raises on purpose."""
+
+
+class ConfigError(LVSAError, ValueError):
+    """A setting has an invalid value; the message names the field, its LVSA_* variable and its flag."""
+
+
+class GeometryError(LVSAError, ValueError):
+    """The tensors or the video size do not match the geometry a plan was made for."""
+
+
+class UnsupportedProblem(LVSAError, ValueError):
+    """A driver cannot run this call (dtype, head dim, GQA, device...); the message lists why."""
+
+
+class BackendUnavailable(LVSAError, RuntimeError):
+    """The requested driver is not installed or cannot run here; the message lists every installed driver."""
+
+
+class DeviceUnavailable(LVSAError, RuntimeError):
+    """A device was asked for (e.g. by ``tox -e cuda``) that this host does not have."""

@@ -1,0 +1,110 @@
+"""Video geometry: from frames and pixels to latent frames ``T`` and tokens per latent frame ``P``.
+
+Per-family factors live in :data:`FAMILIES`; the model adapters read the same factors off the model config
+when a model is loaded, and the ``LVSA_*`` geometry overrides (settings) win over both. Pure Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from .errors import GeometryError
+
+if TYPE_CHECKING:
+    from .settings import LVSASettings
+
+TextPosition = Literal["before", "after"]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What lvsa needs to know about a model family to plan without loading it."""
+
+    name: str
+    reference_latent_frames: int  # training horizon in latent frames
+    vae_temporal_factor: int
+    vae_spatial_factor: int
+    patch_size: int  # spatial patch of the transformer
+    text_position: TextPosition | None  # where joint-attention text tokens sit; None: self-attn is video only
+    default_height: int
+    default_width: int
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "wan": ModelFamily("wan", 21, 4, 8, 2, None, 480, 832),
+    "wan-ti2v-5b": ModelFamily("wan-ti2v-5b", 31, 4, 16, 2, None, 704, 1280),
+    "hunyuan": ModelFamily("hunyuan", 33, 4, 16, 1, "after", 480, 832),
+    "cogvideox": ModelFamily("cogvideox", 13, 4, 8, 2, "before", 480, 720),
+}
+
+
+def family(name: str) -> ModelFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise GeometryError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def latent_frames(num_frames: int, vae_temporal_factor: int) -> int:
+    """``T = (F - 1) // vae_temporal + 1`` (the causal VAEs keep the first frame on its own)."""
+    if num_frames < 1:
+        raise GeometryError(f"num_frames={num_frames}: must be >= 1")
+    return (num_frames - 1) // vae_temporal_factor + 1
+
+
+def video_frames_to_latent(count: int, vae_temporal_factor: int) -> int:
+    """A count of video frames (window, leading frames, keyframe spacing) in latent frames, rounded down."""
+    return count // vae_temporal_factor
+
+
+def patches_per_frame(height: int, width: int, vae_spatial_factor: int, patch_size: int) -> int:
+    """``P = (height / vae_spatial / patch) * (width / vae_spatial / patch)``; sizes must divide exactly."""
+    step = vae_spatial_factor * patch_size
+    for label, size in (("height", height), ("width", width)):
+        if size <= 0 or size % step:
+            raise GeometryError(
+                f"{label}={size} is not a positive multiple of vae_spatial_factor*patch_size={step}; "
+                f"pick a multiple of {step} or set LVSA_PATCHES_PER_FRAME"
+            )
+    return (height // step) * (width // step)
+
+
+@dataclass(frozen=True)
+class VideoGeometry:
+    latent_frames: int
+    patches_per_frame: int
+    vae_temporal_factor: int
+
+
+def resolve_video_geometry(
+    num_frames: int,
+    settings: LVSASettings,
+    model: ModelFamily | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> VideoGeometry:
+    """Latent geometry of a ``num_frames x height x width`` video.
+
+    Each factor comes from the ``LVSA_*`` override when set, else from the call (``height``/``width``), else
+    from the model family; a factor known from none of them is an error, never a guess."""
+
+    def pick(field: str, *candidates: int | None) -> int:
+        value = getattr(settings, field)
+        for candidate in (value, *candidates):
+            if candidate is not None:
+                return candidate
+        raise GeometryError(
+            f"{field} is unknown: pass a model family (--model) or set LVSA_{field.upper()} "
+            f"(flag --{field.replace('_', '-')})"
+        )
+
+    vt = pick("vae_temporal_factor", model.vae_temporal_factor if model else None)
+    if settings.patches_per_frame is not None:
+        ppf = settings.patches_per_frame
+    else:
+        h = pick("video_height", height, model.default_height if model else None)
+        w = pick("video_width", width, model.default_width if model else None)
+        vs = pick("vae_spatial_factor", model.vae_spatial_factor if model else None)
+        ps = pick("patch_size", model.patch_size if model else None)
+        ppf = patches_per_frame(h, w, vs, ps)
+    return VideoGeometry(latent_frames(num_frames, vt), ppf, vt)

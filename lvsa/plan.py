@@ -1,0 +1,336 @@
+"""The scheduler: geometry and knobs in, a :class:`SparsePlan` out. Pure Python, deterministic, no device.
+
+Vocabulary (all in latent frames): ``T`` frames, ``P`` tokens per frame, ``W`` window half-width,
+``n_first`` leading frames that are always global, ``kfi`` keyframe interval. Each query frame attends the
+global frames (leading + periodic keyframes) and a local window; text tokens, if any, are dense both ways.
+
+One departure from the original tool, to keep its promises: the spec places periodic keyframes at
+``(o + i*kfi) mod T``, whose union with the leading frames changes size with the offset ``o`` (at ``o=0``
+keyframe 0 coincides with frame 0, at ``o=1`` it does not). We place them on the ring of non-leading
+frames instead, at ``n_first + (base + o + i*kfi) mod (T - n_first)``: identical to the spec at ``o=0``
+(so ``kfi=6 global_count=14`` at T=81 as users know it), the same count at every offset, and, since the
+offset is ``step mod (T - n_first)``, the grid moves one frame per step and every frame serves as a
+global within any ``2*kfi - 1`` consecutive steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal
+
+from .errors import ConfigError, GeometryError
+from .geometry import FAMILIES, ModelFamily, TextPosition, video_frames_to_latent
+
+if TYPE_CHECKING:
+    from .settings import LVSASettings
+
+
+@dataclass(frozen=True)
+class PatternKnobs:
+    """The knobs of the pattern, already in latent frames."""
+
+    reference_latent_frames: int
+    sparsity_scale: float
+    window: int  # W
+    n_first: int
+    key_frame_interval: int | None  # None: derive from the budget (auto keyframes)
+    rotate: bool | None  # None: rotate whenever the plan is sparse
+
+    @property
+    def scaled_reference(self) -> int:
+        return max(self.n_first + 1, int(self.reference_latent_frames * self.sparsity_scale))
+
+
+def keyframe_interval(T: int, knobs: PatternKnobs) -> int:
+    """Spec section 3.2: 1 (fully dense) within the budget, else the sparsest interval meeting it."""
+    scaled_ref = knobs.scaled_reference
+    if T <= scaled_ref:
+        return 1
+    if knobs.key_frame_interval is not None:
+        return min(knobs.key_frame_interval, T)
+    W, n_first = knobs.window, knobs.n_first
+    target_attended = min(scaled_ref, T)
+    target_globals = max(n_first, target_attended - min(2 * W + 1, T))
+    leading = set(range(n_first))
+    strict = 1
+    for k in range(T, 0, -1):
+        if len(leading | set(range(0, T, k))) >= target_globals:
+            strict = k
+            break
+    m = 2 * W + n_first
+    fallback = math.ceil(max(T - m, scaled_ref - m) / max(scaled_ref - m, 1))
+    return max(strict, fallback)
+
+
+def global_frames(T: int, n_first: int, kfi: int, offset: int) -> tuple[int, ...]:
+    """Leading frames plus periodic keyframes at rotation ``offset`` (see the module docstring)."""
+    n_first = min(n_first, T)
+    leading = list(range(n_first))
+    ring = T - n_first
+    if kfi == 1 or ring == 0:
+        return tuple(range(T))
+    start = -(-n_first // kfi) * kfi  # the first multiple of kfi at or after n_first
+    count = len(range(start, T, kfi))  # periodic keyframes outside the leading frames at offset 0
+    base = start - n_first
+    periodic = {n_first + (base + offset + i * kfi) % ring for i in range(count)}
+    return tuple(sorted([*leading, *periodic]))
+
+
+def local_window(f: int, T: int, W: int, is_global: list[bool], need: int) -> tuple[int, int]:
+    """Spec section 3.5: a constant-width window shifted at the edges, widened outward (left first,
+    alternating) until it holds ``need`` non-global frames or spans everything."""
+    lo = max(0, min(f - W, T - 1 - 2 * W))
+    hi = min(T - 1, max(f + W, 2 * W))
+    count = sum(1 for g in is_global[lo : hi + 1] if not g)
+    left_turn = True
+    while count < need and (lo > 0 or hi < T - 1):
+        if (left_turn and lo > 0) or hi == T - 1:
+            lo -= 1
+            count += not is_global[lo]
+        else:
+            hi += 1
+            count += not is_global[hi]
+        left_turn = not left_turn
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """Which key frames every query frame attends, for one geometry and one denoising step.
+
+    Immutable and hashable: drivers cache what they build from a plan (index tensors, kernel plans) keyed
+    by it, so a plan is prepared once per change (geometry, or rotation at a new step), not per layer."""
+
+    latent_frames: int  # T
+    patches_per_frame: int  # P
+    text_tokens: int
+    text_position: TextPosition
+    step: int
+    offset: int  # rotation offset used for this step
+    kfi: int
+    window: int  # W
+    n_first: int
+    reference_latent_frames: int
+    sparsity_scale: float
+    rotating: bool
+    globals: tuple[int, ...]
+    windows: tuple[tuple[int, int], ...] = field(repr=False)  # inclusive (lo, hi) per query frame
+
+    # ---- frame level -----------------------------------------------------------------------------
+    @property
+    def is_dense(self) -> bool:
+        """Every video query attends every video key (kfi=1, or the pattern covers all frames)."""
+        return self.attended_per_frame == self.latent_frames
+
+    @cached_property
+    def _global_set(self) -> frozenset[int]:
+        return frozenset(self.globals)
+
+    def attended(self, f: int) -> tuple[int, ...]:
+        """Sorted key frames attended by query frame ``f``: globals plus its window."""
+        if not 0 <= f < self.latent_frames:
+            raise IndexError(f"frame {f} outside 0..{self.latent_frames - 1}")
+        return self._rows[f]
+
+    @cached_property
+    def _rows(self) -> tuple[tuple[int, ...], ...]:
+        rows = []
+        for lo, hi in self.windows:
+            rows.append(tuple(sorted(self._global_set.union(range(lo, hi + 1)))))
+        return tuple(rows)
+
+    @property
+    def attended_per_frame(self) -> int:
+        """Attended key frames per query frame; the same for every frame by construction."""
+        return len(self._rows[0])
+
+    @cached_property
+    def indptr(self) -> tuple[int, ...]:
+        """Frame-level CSR row pointer (length T + 1)."""
+        out = [0]
+        for row in self._rows:
+            out.append(out[-1] + len(row))
+        return tuple(out)
+
+    @cached_property
+    def indices(self) -> tuple[int, ...]:
+        """Frame-level CSR column indices: the attended key frames of each query frame, sorted."""
+        return tuple(k for row in self._rows for k in row)
+
+    # ---- token level -----------------------------------------------------------------------------
+    @property
+    def video_tokens(self) -> int:
+        return self.latent_frames * self.patches_per_frame
+
+    @property
+    def seq_len(self) -> int:
+        return self.video_tokens + self.text_tokens
+
+    @property
+    def video_start(self) -> int:
+        """Index of the first video token in the sequence (text tokens may come first)."""
+        return self.text_tokens if self.text_position == "before" else 0
+
+    @property
+    def text_start(self) -> int:
+        return 0 if self.text_position == "before" else self.video_tokens
+
+    @property
+    def density(self) -> float:
+        """Fraction of the full (query, key) token matrix that is computed, text rows and columns included."""
+        S, V, P = self.seq_len, self.video_tokens, self.patches_per_frame
+        text = self.text_tokens
+        computed = text * S + V * text + self.latent_frames * self.attended_per_frame * P * P
+        return computed / (S * S)
+
+    # ---- what users read -------------------------------------------------------------------------
+    def summary(self) -> str:
+        """``[LVSA] kfi=6 global_count=14 attended_per_frame=21/81``."""
+        return (
+            f"[LVSA] kfi={self.kfi} global_count={len(self.globals)} "
+            f"attended_per_frame={self.attended_per_frame}/{self.latent_frames}"
+        )
+
+    def extension_line(self) -> str:
+        """``[LVSA] reference_latent_frames=33 target_latent_frames=49 extension_ratio=1.48x``."""
+        ratio = self.latent_frames / self.reference_latent_frames
+        return (
+            f"[LVSA] reference_latent_frames={self.reference_latent_frames} "
+            f"target_latent_frames={self.latent_frames} extension_ratio={ratio:.2f}x"
+        )
+
+    def log_lines(self) -> list[str]:
+        return [self.extension_line(), self.summary()]
+
+    def mask_picture(self) -> str:
+        """One row per query frame, one column per key frame: ``G`` global, ``W`` window, ``X`` both,
+        ``.`` skipped; the attended count ends each row."""
+        width = len(str(self.latent_frames - 1))
+        lines = []
+        for f, (lo, hi) in enumerate(self.windows):
+            cells = []
+            for k in range(self.latent_frames):
+                g, w = k in self._global_set, lo <= k <= hi
+                cells.append("X" if g and w else "G" if g else "W" if w else ".")
+            lines.append(f"{f:>{width}} {''.join(cells)} {len(self._rows[f])}")
+        return "\n".join(lines)
+
+    def shape_key(self) -> tuple[int, int, int, int, int]:
+        """What changes the ``[LVSA]`` lines (not the rotation): log again only when this changes."""
+        return (self.latent_frames, self.patches_per_frame, self.kfi, len(self.globals), self.attended_per_frame)
+
+    def frame_rows(self) -> Iterator[tuple[int, tuple[int, ...]]]:
+        return enumerate(self._rows)
+
+
+def resolve_knobs(
+    settings: LVSASettings, model: ModelFamily | None = None, vae_temporal_factor: int | None = None
+) -> PatternKnobs:
+    """Convert the settings' video-frame knobs to latent frames, filling the model's defaults."""
+    vt = vae_temporal_factor or settings.vae_temporal_factor or (model.vae_temporal_factor if model else 4)
+    reference = settings.reference_latent_frames or (model.reference_latent_frames if model else None)
+    if reference is None:
+        raise ConfigError(
+            "reference_latent_frames is unknown: set LVSA_REFERENCE_LATENT_FRAMES "
+            "(flag --reference-latent-frames; Wan 21, HunyuanVideo 1.5 33, CogVideoX 13) or pass a model "
+            f"family ({', '.join(FAMILIES)})"
+        )
+    kfi = None
+    if not settings.auto_keyframes:
+        kfi = video_frames_to_latent(settings.key_frame_interval, vt)
+        if kfi < 1:
+            raise ConfigError(
+                f"key_frame_interval={settings.key_frame_interval} video frames is less than one latent "
+                f"frame (vae_temporal_factor={vt}); use at least {vt} (LVSA_KEY_FRAME_INTERVAL, "
+                "--key-frame-interval)"
+            )
+    return PatternKnobs(
+        reference_latent_frames=reference,
+        sparsity_scale=settings.sparsity_scale,
+        window=video_frames_to_latent(settings.window_size, vt),
+        n_first=-(-settings.n_first_frames // vt),  # any part of a latent frame makes it a leading frame
+        key_frame_interval=kfi,
+        rotate=settings.rotate_keyframes,
+    )
+
+
+def build_plan(
+    latent_frames: int,
+    patches_per_frame: int,
+    knobs: PatternKnobs,
+    *,
+    text_tokens: int = 0,
+    text_position: Literal["before", "after"] = "after",
+    step: int = 0,
+) -> SparsePlan:
+    T = latent_frames
+    if not isinstance(T, int) or T < 1:
+        raise GeometryError(f"latent_frames={T!r}: must be an integer >= 1")
+    if not isinstance(patches_per_frame, int) or patches_per_frame < 1:
+        raise GeometryError(f"patches_per_frame={patches_per_frame!r}: must be an integer >= 1")
+    if text_tokens < 0:
+        raise GeometryError(f"text_tokens={text_tokens}: must be >= 0")
+    if text_position not in ("before", "after"):
+        raise GeometryError(f"text_position={text_position!r}: must be 'before' or 'after'")
+    if step < 0:
+        raise GeometryError(f"step={step}: must be >= 0")
+    kfi = keyframe_interval(T, knobs)
+    n_first = min(knobs.n_first, T)
+    sparse = kfi > 1
+    rotating = sparse if knobs.rotate is None else (knobs.rotate and sparse)
+    ring = T - n_first
+    offset = step % ring if rotating and ring > 0 else 0
+    globals_ = global_frames(T, n_first, kfi, offset)
+    is_global = [False] * T
+    for g in globals_:
+        is_global[g] = True
+    need = min(2 * knobs.window + 1, T - len(globals_))
+    windows = tuple(local_window(f, T, knobs.window, is_global, need) for f in range(T))
+    return SparsePlan(
+        latent_frames=T,
+        patches_per_frame=patches_per_frame,
+        text_tokens=text_tokens,
+        text_position=text_position,
+        step=step,
+        offset=offset,
+        kfi=kfi,
+        window=knobs.window,
+        n_first=n_first,
+        reference_latent_frames=knobs.reference_latent_frames,
+        sparsity_scale=knobs.sparsity_scale,
+        rotating=rotating,
+        globals=globals_,
+        windows=windows,
+    )
+
+
+def make_plan(
+    latent_frames: int,
+    patches_per_frame: int,
+    *,
+    text_tokens: int = 0,
+    text_position: Literal["before", "after"] = "after",
+    step: int = 0,
+    settings: LVSASettings | None = None,
+    model: str | ModelFamily | None = None,
+) -> SparsePlan:
+    """Plan the sparse pattern for ``latent_frames x patches_per_frame`` video tokens at denoising ``step``.
+
+    ``settings`` defaults to :func:`lvsa.get_settings`; ``model`` (a family name such as ``"wan"``) fills
+    knobs the settings leave unset, such as ``reference_latent_frames``."""
+    from .geometry import family
+    from .settings import get_settings
+
+    settings = settings if settings is not None else get_settings()
+    fam = family(model) if isinstance(model, str) else model
+    knobs = resolve_knobs(settings, fam)
+    return build_plan(
+        latent_frames,
+        patches_per_frame,
+        knobs,
+        text_tokens=text_tokens,
+        text_position=text_position,
+        step=step,
+    )

@@ -1,0 +1,113 @@
+"""Entry-point discovery of drivers (``lvsa.backends``) and devices (``lvsa.devices``) through stevedore.
+
+Every plugin of a namespace is loaded once per process. A plugin that fails to import or to construct is
+kept with its error, so ``lvsa backends`` and error messages can say why it is missing instead of the
+plugin silently disappearing (stevedore's default)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from stevedore import ExtensionManager
+
+from . import log
+from .device import Device
+from .driver import Driver
+
+BACKENDS_NAMESPACE = "lvsa.backends"
+DEVICES_NAMESPACE = "lvsa.devices"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Plugin(Generic[T]):
+    """One entry point: the loaded object, or why it could not be loaded."""
+
+    name: str
+    target: str  # "module:attr"
+    distribution: str | None
+    obj: T | None
+    error: str | None
+
+
+_lock = threading.Lock()
+_loaded: dict[str, dict[str, Plugin]] = {}
+
+
+def _load(namespace: str, base: type) -> dict[str, Plugin]:
+    with _lock:
+        if namespace in _loaded:
+            return _loaded[namespace]
+        failures: dict[str, tuple[object, BaseException]] = {}
+
+        def on_failure(_manager: object, entry_point: object, error: BaseException) -> None:
+            failures[getattr(entry_point, "name", str(entry_point))] = (entry_point, error)
+
+        manager = ExtensionManager(namespace, invoke_on_load=True, on_load_failure_callback=on_failure)
+        plugins: dict[str, Plugin] = {}
+        for ext in manager.extensions:
+            ep = ext.entry_point
+            error = None
+            if not isinstance(ext.obj, base):
+                error = f"{ep.value} is not a {base.__module__}.{base.__name__}"
+            if ext.name in plugins:
+                log.logger.warning(
+                    "[LVSA] two plugins named %r in %s: keeping %s, ignoring %s",
+                    ext.name, namespace, plugins[ext.name].target, ep.value,
+                )
+                continue
+            plugins[ext.name] = Plugin(
+                ext.name, ep.value, _distribution(ep), None if error else ext.obj, error
+            )
+        for name, (ep, exc) in failures.items():
+            message = f"failed to load {getattr(ep, 'value', ep)}: {type(exc).__name__}: {exc}"
+            log.logger.warning("[LVSA] plugin %r of %s: %s", name, namespace, message)
+            plugins.setdefault(name, Plugin(name, getattr(ep, "value", "?"), _distribution(ep), None, message))
+        _loaded[namespace] = dict(sorted(plugins.items()))
+        return _loaded[namespace]
+
+
+def _distribution(entry_point: object) -> str | None:
+    dist = getattr(entry_point, "dist", None)
+    if dist is not None:
+        return getattr(dist, "name", None)
+    # stevedore's on-disk cache rebuilds entry points without their distribution: ask importlib.metadata
+    group, name, value = (getattr(entry_point, a, None) for a in ("group", "name", "value"))
+    for candidate in importlib.metadata.entry_points(group=group or ""):
+        if candidate.name == name and candidate.value == value and candidate.dist is not None:
+            return candidate.dist.name
+    return None
+
+
+def backend_plugins() -> dict[str, Plugin[Driver]]:
+    """Every registered driver, loaded or not, by name."""
+    return _load(BACKENDS_NAMESPACE, Driver)
+
+
+def device_plugins() -> dict[str, Plugin[Device]]:
+    """Every registered device module, loaded or not, by torch device type."""
+    return _load(DEVICES_NAMESPACE, Device)
+
+
+def drivers() -> dict[str, Driver]:
+    return {name: p.obj for name, p in backend_plugins().items() if p.obj is not None}
+
+
+def devices() -> dict[str, Device]:
+    return {name: p.obj for name, p in device_plugins().items() if p.obj is not None}
+
+
+def get_device(name: str) -> Device | None:
+    """The device module for a torch device type, or ``None`` when none is registered."""
+    return devices().get(name)
+
+
+def clear_cache() -> None:
+    """Forget loaded plugins (stevedore keeps its own per-process entry-point cache: use a subprocess to
+    see a distribution installed after start-up)."""
+    with _lock:
+        _loaded.clear()
