@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from lvsa.driver import Availability, AttentionProblem, Driver
+from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.plan import SparsePlan
 
 

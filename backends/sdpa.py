@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lvsa.driver import Availability, AttentionProblem, Driver
+from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.plan import SparsePlan
 
 

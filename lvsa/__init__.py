@@ -36,7 +36,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .device import Device, MemoryStats
     from .dispatch import BackendStatus, available_backends, sparse_attention
-    from .driver import Availability, AttentionProblem, Driver
+    from .driver import AttentionProblem, Availability, Driver
 
 
 def __getattr__(name: str) -> Any:
@@ -49,8 +49,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "Availability",
     "AttentionProblem",
+    "Availability",
     "BackendStatus",
     "BackendUnavailable",
     "ConfigError",

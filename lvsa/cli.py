@@ -18,13 +18,15 @@ from .settings import LVSASettings, add_cli_arguments
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lvsa", description="Frame-level block-sparse attention for long-video diffusion transformers."
+        prog="lvsa", allow_abbrev=False,
+        description="Frame-level block-sparse attention for long-video diffusion transformers.",
     )
     parser.add_argument("--version", action="version", version=f"lvsa {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,backends}")
 
     plan = commands.add_parser(
         "plan",
+        allow_abbrev=False,
         help="print the sparse plan for a video: [LVSA] lines, density, mask picture",
         description="Plan the sparse pattern for a video and print what the scheduler decided. Geometry "
         "comes from --model with --num-frames/--height/--width, or from --latent-frames with "

@@ -36,13 +36,19 @@ _NON_SETTING_VARIABLES = {
     "LVSA_TEST_DEVICES": "device list of the parity tests (tox -e cuda/npu)",
     "LVSA_WAN_HOOK": "used only by the old vllm-omni integration; it has no effect in lvsa",
 }
+# What an unset (None) default means, for --help and the README table.
+_UNSET_MEANS = {
+    "rotate_keyframes": "auto (on when sparse)",
+    "schedule_start": "unset",
+    "schedule_end": "unset",
+}
 _DEPRECATED = {
     "schedule_start": "LVSA_SCHEDULE_START",
     "schedule_end": "LVSA_SCHEDULE_END",
 }
 
 # Values given on the command line for the settings object being built (see _CommandLineLayer).
-_cli_values: ContextVar[Mapping[str, Any]] = ContextVar("lvsa_cli_values", default={})
+_cli_values: ContextVar[Mapping[str, Any]] = ContextVar("lvsa_cli_values", default=types.MappingProxyType({}))
 
 
 class _CommandLineLayer(PydanticBaseSettingsSource):
@@ -176,7 +182,7 @@ class LVSASettings(BaseSettings):
         elif isinstance(args, Mapping):
             given = dict(args)
         else:
-            parser = argparse.ArgumentParser(prog="lvsa", add_help=False, exit_on_error=False)
+            parser = argparse.ArgumentParser(prog="lvsa", add_help=False, exit_on_error=False, allow_abbrev=False)
             add_cli_arguments(parser)
             try:
                 namespace, rest = parser.parse_known_args(list(args))
@@ -273,7 +279,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     for name, info in LVSASettings.model_fields.items():
         annotation = _strip_optional(info.annotation)
         default = info.default
-        shown = "model's" if default is None else default
+        shown = _UNSET_MEANS.get(name, "model's") if default is None else default
         help_text = f"{info.description} [env: {env_var(name)}] (default: {shown})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if annotation is bool:
