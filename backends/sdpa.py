@@ -86,7 +86,7 @@ class SdpaDriver(Driver):
             if key_mask is not None:
                 mask = key_mask.index_select(1, index).view(B * n, 1, 1, Lk)
             chunk = _sdpa(qc, kc, vc, mask, scale, gqa)  # [B*n, P, Hq, D]
-            out[:, vs + f0 * P : vs + f1 * P] = chunk.view(B, n * P, Hq, D)
+            out[:, vs + f0 * P : vs + f1 * P] = chunk.reshape(B, n * P, Hq, D)
         return out
 
 
