@@ -1,14 +1,22 @@
-"""PyTorch ``scaled_dot_product_attention`` on any torch device.
+"""PyTorch ``scaled_dot_product_attention`` on any torch device, in one of three shapes:
 
-Every query frame attends the same number of key frames, so all frames batch into one SDPA call: the
-keys of each query frame (its globals, its window, and all text tokens) are gathered into a
-``[frames, attended_tokens]`` batch with one index_select, in chunks that bound the gathered memory.
-A dense plan (kfi=1) is one plain SDPA call over the whole sequence, so at the training horizon lvsa costs
-what dense attention costs. Text queries are dense rows: one call against every key."""
+- ``dense``: a plan that covers every frame (kfi=1) is one plain SDPA call, so at the training horizon
+  lvsa costs what dense attention costs.
+- ``split`` (where torch has a fused kernel returning log-sum-exp: CUDA, CPU): every video query attends
+  the same global frames and text tokens, so that part is one large call over all queries; each frame's
+  window (its non-global frames) is gathered into a ``[frames, window tokens]`` batch and attended in one
+  batched call; the two partial results are merged through their log-sum-exp.
+- ``gather`` (any device): each query frame's whole key set (globals, window, text) is gathered into a
+  ``[frames, attended tokens]`` batch: every frame attends the same number of frames, so one batched call.
+
+Gathers are chunked over query frames to bound their memory. Text queries are dense rows: one call
+against every key. The strategy is chosen at prepare time (``strategy="auto"``: split where possible)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +24,19 @@ import torch.nn.functional as F
 from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.plan import SparsePlan
 
+from . import partial
+
+Strategy = Literal["auto", "split", "gather"]
+
 
 @dataclass(frozen=True)
 class SdpaPrepared:
     plan: SparsePlan
-    key_index: torch.Tensor | None  # [T, L*P + text] token positions per query frame; None when dense
+    strategy: Literal["dense", "split", "gather"]
+    #: gather: [T, attended tokens + text] key positions per query frame; split: [T, window tokens]
+    frame_keys: torch.Tensor | None
+    #: split: positions of the global frames' tokens and the text tokens
+    shared_keys: torch.Tensor | None
     frames_per_chunk: int
 
 
@@ -33,66 +49,150 @@ class SdpaDriver(Driver):
     #: upper bound on the gathered keys and values of one chunk of query frames
     gather_budget_bytes = 1 << 30
 
+    def __init__(self, strategy: Strategy = "auto") -> None:
+        if strategy not in ("auto", "split", "gather"):
+            raise ValueError(f"strategy={strategy!r}: choose auto, split or gather")
+        self.strategy = strategy
+
     def is_available(self, device_type: str) -> Availability:
         if not hasattr(F, "scaled_dot_product_attention"):
             return Availability.no(f"torch {torch.__version__} has no scaled_dot_product_attention")
         return Availability.yes("PyTorch scaled_dot_product_attention")
 
+    def check(self, problem: AttentionProblem) -> list[str]:
+        reasons = super().check(problem)
+        if self.strategy == "split":
+            why = partial.lse_kernel_reason(problem.device_type)
+            if why:
+                reasons.append(why)
+        return reasons
+
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> SdpaPrepared:
         if plan.is_dense:
-            return SdpaPrepared(plan, None, plan.latent_frames)
+            return SdpaPrepared(plan, "dense", None, None, plan.latent_frames)
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = "gather" if partial.lse_kernel_reason(problem.device_type) else "split"
         P, vs = plan.patches_per_frame, plan.video_start
         offsets = torch.arange(P)
-        rows = []
         text = torch.arange(plan.text_start, plan.text_start + plan.text_tokens)
-        for _, frames in plan.frame_rows():
-            starts = torch.tensor(frames) * P + vs
-            rows.append(torch.cat([(starts[:, None] + offsets).reshape(-1), text]))
-        key_index = torch.stack(rows).to(problem.device)
+
+        def tokens(frames: list[int] | tuple[int, ...]) -> torch.Tensor:
+            return ((torch.tensor(frames, dtype=torch.long) * P + vs)[:, None] + offsets).reshape(-1)
+
+        shared = None
+        if strategy == "split":
+            global_set = set(plan.globals)
+            rows = [tokens([f for f in frames if f not in global_set]) for _, frames in plan.frame_rows()]
+            shared = torch.cat([tokens(plan.globals), text]).to(problem.device)
+        else:
+            rows = [torch.cat([tokens(frames), text]) for _, frames in plan.frame_rows()]
+        frame_keys = torch.stack(rows).to(problem.device)
         item = torch.empty((), dtype=problem.dtype).element_size()
-        per_frame = 2 * problem.batch * key_index.shape[1] * problem.kv_heads * problem.head_dim * item
+        # gathered keys and values (heads expanded for the split's kernels) plus, for the split, the
+        # float32 merge temporaries of the chunk's queries
+        heads = problem.q_heads if strategy == "split" else problem.kv_heads
+        per_frame = 2 * problem.batch * frame_keys.shape[1] * heads * problem.head_dim * item
+        if strategy == "split":
+            per_frame += 3 * problem.batch * P * problem.q_heads * problem.head_dim * 4
         frames_per_chunk = max(1, min(plan.latent_frames, self.gather_budget_bytes // max(per_frame, 1)))
-        return SdpaPrepared(plan, key_index, frames_per_chunk)
+        return SdpaPrepared(plan, strategy, frame_keys, shared, frames_per_chunk)
 
     def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
         plan = prepared.plan
-        B, S, Hq, D = q.shape
+        B, S, Hq, _ = q.shape
         gqa = Hq != k.shape[2]
         key_mask = None
         if key_padding_mask is not None:
             key_mask = torch.ones(B, S, dtype=torch.bool, device=q.device)
             key_mask[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask.bool()
-        if prepared.key_index is None:
-            mask = None if key_mask is None else key_mask[:, None, None, :]
-            return _sdpa(q, k, v, mask, scale, gqa)
+        if prepared.strategy == "dense":
+            return _sdpa(q, k, v, None if key_mask is None else key_mask[:, None, None, :], scale, gqa)
 
         out = torch.empty_like(q)
-        T, P, vs, V = plan.latent_frames, plan.patches_per_frame, plan.video_start, plan.video_tokens
         if plan.text_tokens:
             # text queries are dense rows: they attend every key
             ts, nt = plan.text_start, plan.text_tokens
             mask = None if key_mask is None else key_mask[:, None, None, :]
             out[:, ts : ts + nt] = _sdpa(q[:, ts : ts + nt], k, v, mask, scale, gqa)
-        video_q = q[:, vs : vs + V].unflatten(1, (T, P))  # [B, T, P, Hq, D]
-        Lk = prepared.key_index.shape[1]
-        for f0 in range(0, T, prepared.frames_per_chunk):
-            f1 = min(T, f0 + prepared.frames_per_chunk)
-            n = f1 - f0
-            index = prepared.key_index[f0:f1].reshape(-1)
-            kc = k.index_select(1, index).view(B * n, Lk, -1, D)
-            vc = v.index_select(1, index).view(B * n, Lk, -1, D)
-            qc = video_q[:, f0:f1].reshape(B * n, P, Hq, D)
-            mask = None
-            if key_mask is not None:
-                mask = key_mask.index_select(1, index).view(B * n, 1, 1, Lk)
-            chunk = _sdpa(qc, kc, vc, mask, scale, gqa)  # [B*n, P, Hq, D]
-            out[:, vs + f0 * P : vs + f1 * P] = chunk.reshape(B, n * P, Hq, D)
+        if prepared.strategy == "split":
+            _run_split(prepared, q, k, v, key_mask, scale, out)
+        else:
+            _run_gather(prepared, q, k, v, key_mask, scale, gqa, out)
         return out
 
 
+def _run_gather(prepared, q, k, v, key_mask, scale, gqa, out):
+    plan = prepared.plan
+    B, _, Hq, D = q.shape
+    T, P, vs, V = plan.latent_frames, plan.patches_per_frame, plan.video_start, plan.video_tokens
+    video_q = q[:, vs : vs + V].unflatten(1, (T, P))  # [B, T, P, Hq, D]
+    Lk = prepared.frame_keys.shape[1]
+    for f0 in range(0, T, prepared.frames_per_chunk):
+        f1 = min(T, f0 + prepared.frames_per_chunk)
+        n = f1 - f0
+        index = prepared.frame_keys[f0:f1].reshape(-1)
+        kc = k.index_select(1, index).view(B * n, Lk, -1, D)
+        vc = v.index_select(1, index).view(B * n, Lk, -1, D)
+        qc = video_q[:, f0:f1].reshape(B * n, P, Hq, D)
+        mask = None
+        if key_mask is not None:
+            mask = key_mask.index_select(1, index).view(B * n, 1, 1, Lk)
+        chunk = _sdpa(qc, kc, vc, mask, scale, gqa)  # [B*n, P, Hq, D]
+        out[:, vs + f0 * P : vs + f1 * P] = chunk.reshape(B, n * P, Hq, D)
+
+
+def _run_split(prepared, q, k, v, key_mask, scale, out):
+    plan = prepared.plan
+    B, _, Hq, D = q.shape
+    T, P, vs, V = plan.latent_frames, plan.patches_per_frame, plan.video_start, plan.video_tokens
+    video_q = q[:, vs : vs + V]
+    # every video query against the global frames and the text: one call
+    shared = prepared.shared_keys
+    k_shared = partial.expand_heads(k.index_select(1, shared), Hq)
+    v_shared = partial.expand_heads(v.index_select(1, shared), Hq)
+    bias = None if key_mask is None else partial.key_bias(key_mask.index_select(1, shared), q.dtype)
+    o_shared, lse_shared = partial.attention_with_lse(video_q, k_shared, v_shared, bias, scale)
+    del k_shared, v_shared
+    # each frame against its window's non-global frames, batched over frames; merged chunk by chunk
+    Lw = prepared.frame_keys.shape[1]
+    frames_q = video_q.unflatten(1, (T, P))
+    for f0 in range(0, T, prepared.frames_per_chunk):
+        f1 = min(T, f0 + prepared.frames_per_chunk)
+        n = f1 - f0
+        index = prepared.frame_keys[f0:f1].reshape(-1)
+        kc = partial.expand_heads(k.index_select(1, index).view(B * n, Lw, -1, D), Hq)
+        vc = partial.expand_heads(v.index_select(1, index).view(B * n, Lw, -1, D), Hq)
+        qc = frames_q[:, f0:f1].reshape(B * n, P, Hq, D)
+        o_band, lse_band = partial.attention_with_lse(qc, kc, vc, None, scale)
+        rows = slice(f0 * P, f1 * P)
+        partial.merge(
+            o_shared[:, rows],
+            lse_shared[:, :, rows],
+            o_band.reshape(B, n * P, Hq, D),
+            lse_band.view(B, n, Hq, P).transpose(1, 2).reshape(B, Hq, n * P),
+            out[:, vs + f0 * P : vs + f1 * P],
+        )
+
+
 def _sdpa(q, k, v, mask, scale, gqa):
-    """SDPA on ``[B, S, H, D]`` tensors (torch wants heads before sequence)."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=gqa
-    )
+    """SDPA on ``[B, S, H, D]`` tensors (torch wants heads before sequence), cuDNN first on CUDA."""
+    with _prefer_cudnn(q.device.type):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
     return out.transpose(1, 2)
+
+
+def _prefer_cudnn(device_type: str):
+    """On CUDA, try cuDNN attention before flash (faster on Hopper); other devices keep torch's order."""
+    if device_type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch without set_priority: keep its own order
+        return contextlib.nullcontext()

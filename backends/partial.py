@@ -1,0 +1,118 @@
+"""Partial attention: attention over a subset of keys that also returns its log-sum-exp, and the merge of
+two partial results over disjoint key sets. Shared by drivers that split a plan into a dense part (every
+query against the globals and text) and a banded part (each frame against its window).
+
+Tensors use diffusers' layout ``[batch, seq, heads, head_dim]``; log-sum-exp is float32, natural log,
+``[batch, heads, seq]``. Only fused kernels that return log-sum-exp are used: where none exists for a
+device, :func:`lse_kernel_reason` says why and the caller takes another path."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_cuda_choice: dict[bool, str] = {}
+_cuda_lock = threading.Lock()
+
+
+def lse_kernel_reason(device_type: str) -> str | None:
+    """``None`` when :func:`attention_with_lse` has a fused kernel for this device, else why not."""
+    if device_type == "cpu":
+        return None if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else (
+            f"torch {torch.__version__} has no CPU flash attention with log-sum-exp")
+    if device_type == "cuda":
+        return None
+    return f"no fused attention with log-sum-exp for {device_type} in torch"
+
+
+def key_bias(key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive ``[batch, 1, 1, keys]`` bias from a ``[batch, keys]`` keep-mask (0 kept, -inf dropped)."""
+    if key_mask is None:
+        return None
+    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+    return bias.masked_fill_(~key_mask, float("-inf"))[:, None, None, :]
+
+
+def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, S, Hkv, D]`` -> ``[B, S, heads, D]`` for kernels without GQA (a copy only when Hkv < heads)."""
+    groups = heads // x.shape[2]
+    if groups == 1:
+        return x
+    B, S, H, D = x.shape
+    return x[:, :, :, None, :].expand(B, S, H, groups, D).reshape(B, S, heads, D)
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``[B, S, H, D]`` tensors (equal head counts) and its log-sum-exp ``[B, H, S]``.
+
+    ``bias`` is an additive ``[B, 1, 1, keys]`` mask in q's dtype (see :func:`key_bias`)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, False, attn_mask=bias, scale=scale
+        )
+    elif q.device.type == "cuda":
+        out, lse = _cuda_attention_with_lse(qt, kt, vt, bias, scale)
+    else:
+        raise RuntimeError(lse_kernel_reason(q.device.type))
+    return out.transpose(1, 2), lse.reshape(lse.shape[0], lse.shape[1], -1).float()
+
+
+def _cuda_attention_with_lse(qt, kt, vt, bias, scale):
+    """cuDNN first (the fastest dense kernel on Hopper), then memory-efficient (takes a bias), then flash."""
+    masked = bias is not None
+    order = ["cudnn", "efficient"] if masked else ["cudnn", "flash", "efficient"]
+    choice = _cuda_choice.get(masked)
+    if choice:
+        order.remove(choice)
+        order.insert(0, choice)
+    errors = []
+    for name in order:
+        try:
+            result = _CUDA_KERNELS[name](qt, kt, vt, bias, scale)
+        except RuntimeError as error:  # a kernel that cannot take this shape/layout: try the next one
+            errors.append(f"{name}: {error}")
+            continue
+        if name != choice:
+            with _cuda_lock:
+                _cuda_choice[masked] = name
+        return result
+    raise RuntimeError("no CUDA attention kernel with log-sum-exp accepted this call:\n  " + "\n  ".join(errors))
+
+
+def _cudnn(qt, kt, vt, bias, scale):
+    if bias is not None:
+        bias = bias.expand(qt.shape[0], qt.shape[1], qt.shape[2], kt.shape[2])
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, bias, True, 0.0, False, False, scale=scale)
+    return out[0], out[1]
+
+
+def _efficient(qt, kt, vt, bias, scale):
+    if bias is not None:
+        bias = bias.expand(qt.shape[0], qt.shape[1], qt.shape[2], kt.shape[2])
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, bias, True, 0.0, False, scale=scale)
+    return out[0], out[1][..., : qt.shape[2]]
+
+
+def _flash(qt, kt, vt, bias, scale):
+    out = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False, scale=scale)
+    return out[0], out[1]
+
+
+_CUDA_KERNELS = {"cudnn": _cudnn, "efficient": _efficient, "flash": _flash}
+
+
+def merge(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Write into ``out`` the attention over the union of two disjoint key sets, from each set's output
+    ``[B, S, H, D]`` and log-sum-exp ``[B, H, S]``: ``o2 + (o1 - o2) * sigmoid(lse1 - lse2)``, in float32."""
+    weight = torch.sigmoid(lse1 - lse2).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    out.copy_(torch.lerp(o2.float(), o1.float(), weight))
