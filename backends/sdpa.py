@@ -107,7 +107,7 @@ class SdpaDriver(Driver):
             key_mask = torch.ones(B, S, dtype=torch.bool, device=q.device)
             key_mask[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask.bool()
         if prepared.strategy == "dense":
-            return _sdpa(q, k, v, None if key_mask is None else key_mask[:, None, None, :], scale, gqa)
+            return dense_attention(q, k, v, key_mask, scale)
 
         out = torch.empty_like(q)
         if plan.text_tokens:
@@ -173,6 +173,12 @@ def _run_split(prepared, q, k, v, key_mask, scale, out):
             lse_band.view(B, n, Hq, P).transpose(1, 2).reshape(B, Hq, n * P),
             out[:, vs + f0 * P : vs + f1 * P],
         )
+
+
+def dense_attention(q, k, v, key_mask=None, scale=None):
+    """Plain SDPA over the whole sequence; ``key_mask`` ``[B, S]`` (True = keep) masks keys."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return _sdpa(q, k, v, mask, scale, q.shape[2] != k.shape[2])
 
 
 def _sdpa(q, k, v, mask, scale, gqa):

@@ -73,8 +73,10 @@ def pytest_generate_tests(metafunc):
     required = set(required_backends())
     for device in test_devices():
         for name in sorted(set(registry.backend_plugins()) | required):
-            if name == "reference":
-                continue
+            driver = registry.drivers().get(name)
+            if name == "reference" or (driver is not None and driver.devices is not None
+                                       and device not in driver.devices and name not in required):
+                continue  # the ground truth itself, or a driver that never claims this device
             dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if device != "cpu" else ())
             for dtype in dtypes:
                 params.append(pytest.param((device, name, dtype), id=f"{device}-{name}-{str(dtype)[6:]}"))
