@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lvsa import log
-from lvsa.driver import Availability, AttentionProblem, Driver
+from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.errors import BackendUnavailable, GeometryError
 from lvsa.plan import SparsePlan
 
