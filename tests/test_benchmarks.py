@@ -1,0 +1,25 @@
+"""The benchmarks run on CPU at small sizes, so they cannot rot between GPU sessions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_attention_benchmark_runs_on_cpu(tmp_path):
+    report = tmp_path / "attention.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "attention.py"), "--device", "cpu", "--small", "--repeats", "1",
+         "--warmup", "0", "--cases", "wan-4x (321,hunyuan-1.5x", "--json", str(report)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "kfi=6 global_count=14 attended_per_frame=21/81" in result.stdout
+    rows = json.loads(report.read_text())["rows"]
+    methods = {(r["case"], r["method"]) for r in rows}
+    assert ("wan-4x (321 frames)", "sdpa (split)") in methods and ("wan-4x (321 frames)", "dense SDPA") in methods
+    assert all(r["rel_error"] is None or r["rel_error"] < 1e-4 for r in rows)
