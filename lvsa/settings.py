@@ -34,6 +34,8 @@ Source = Literal["default", "model", "code", "env", "cli"]
 # LVSA_* names that are not settings but are still legitimate: no "unknown variable" warning for them.
 _NON_SETTING_VARIABLES = {
     "LVSA_TEST_DEVICES": "device list of the parity tests (tox -e cuda/npu)",
+    "LVSA_TEST_BACKENDS": "drivers the parity tests require",
+    "LVSA_TEST_DTYPES": "dtypes the parity tests run",
     "LVSA_WAN_HOOK": "used only by the old vllm-omni integration; it has no effect in lvsa",
 }
 # What an unset (None) default means, for --help and the README table.

@@ -12,7 +12,7 @@ import pytest
 import lvsa
 from lvsa import dispatch, registry
 
-KEEP_ENV = {"LVSA_TEST_DEVICES", "LVSA_TEST_BACKENDS"}
+KEEP_ENV = {"LVSA_TEST_DEVICES", "LVSA_TEST_BACKENDS", "LVSA_TEST_DTYPES"}
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +78,10 @@ def pytest_generate_tests(metafunc):
                                        and device not in driver.devices and name not in required):
                 continue  # the ground truth itself, or a driver that never claims this device
             dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if device != "cpu" else ())
+            chosen = _split("LVSA_TEST_DTYPES")  # e.g. "bfloat16" to limit kernel compilation on a GPU run
             for dtype in dtypes:
+                if chosen and str(dtype)[6:] not in chosen:
+                    continue
                 params.append(pytest.param((device, name, dtype), id=f"{device}-{name}-{str(dtype)[6:]}"))
     metafunc.parametrize("parity_target", params)
 
