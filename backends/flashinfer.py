@@ -138,7 +138,7 @@ class FlashInferDriver(Driver):
                 q[b : b + 1, vs : vs + V], k_text[b : b + 1], v_text[b : b + 1],
                 None if bias is None else bias[b : b + 1], scale,
             )
-            partial.merge(o_video[None], (lse2 * _LN2).t()[None], o_text, lse_text, out[b : b + 1, vs : vs + V])
+            partial.merge([(o_video[None], (lse2 * _LN2).t()[None]), (o_text, lse_text)], out[b : b + 1, vs : vs + V])
         return out
 
 

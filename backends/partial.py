@@ -27,11 +27,17 @@ def lse_kernel_reason(device_type: str) -> str | None:
 
 
 def key_bias(key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive ``[batch, 1, 1, keys]`` bias from a ``[batch, keys]`` keep-mask (0 kept, -inf dropped)."""
+    """Additive ``[batch, 1, 1, keys]`` bias from a ``[batch, keys]`` keep-mask (0 kept, -inf dropped).
+
+    Its rows are stored 16 elements apart whatever the number of keys: the memory-efficient CUDA kernel
+    reads the bias with aligned vector loads (torch's public SDPA pads the same way)."""
     if key_mask is None:
         return None
-    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
-    return bias.masked_fill_(~key_mask, float("-inf"))[:, None, None, :]
+    batch, keys = key_mask.shape
+    storage = torch.zeros(batch, -(-keys // 16) * 16, dtype=dtype, device=key_mask.device)
+    bias = storage[:, :keys]
+    bias.masked_fill_(~key_mask, float("-inf"))
+    return bias[:, None, None, :]
 
 
 def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -66,9 +72,10 @@ def attention_with_lse(
 
 
 def _cuda_attention_with_lse(qt, kt, vt, bias, scale):
-    """cuDNN first (the fastest dense kernel on Hopper), then memory-efficient (takes a bias), then flash."""
+    """Unmasked: cuDNN first (the fastest dense kernel on Hopper), then flash, then memory-efficient.
+    Masked: the memory-efficient kernel, the one whose additive-bias input torch itself relies on."""
     masked = bias is not None
-    order = ["cudnn", "efficient"] if masked else ["cudnn", "flash", "efficient"]
+    order = ["efficient"] if masked else ["cudnn", "flash", "efficient"]
     choice = _cuda_choice.get(masked)
     if choice:
         order.remove(choice)
@@ -88,9 +95,7 @@ def _cuda_attention_with_lse(qt, kt, vt, bias, scale):
 
 
 def _cudnn(qt, kt, vt, bias, scale):
-    if bias is not None:
-        bias = bias.expand(qt.shape[0], qt.shape[1], qt.shape[2], kt.shape[2])
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, bias, True, 0.0, False, False, scale=scale)
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False, scale=scale)
     return out[0], out[1]
 
 
@@ -109,10 +114,18 @@ def _flash(qt, kt, vt, bias, scale):
 _CUDA_KERNELS = {"cudnn": _cudnn, "efficient": _efficient, "flash": _flash}
 
 
-def merge(
-    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor, out: torch.Tensor
-) -> None:
-    """Write into ``out`` the attention over the union of two disjoint key sets, from each set's output
-    ``[B, S, H, D]`` and log-sum-exp ``[B, H, S]``: ``o2 + (o1 - o2) * sigmoid(lse1 - lse2)``, in float32."""
-    weight = torch.sigmoid(lse1 - lse2).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
-    out.copy_(torch.lerp(o2.float(), o1.float(), weight))
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> None:
+    """Write into ``out`` the attention over the union of disjoint key sets, from each set's output
+    ``[B, S, H, D]`` and log-sum-exp ``[B, H, S]``: a softmax over the log-sum-exps weights the outputs
+    (computed in float32)."""
+    if len(parts) == 2:  # the common case, with fewer temporaries: o2 + (o1 - o2) * sigmoid(lse1 - lse2)
+        (o1, lse1), (o2, lse2) = parts
+        weight = torch.sigmoid(lse1 - lse2).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+        out.copy_(torch.lerp(o2.float(), o1.float(), weight))
+        return
+    weights = torch.softmax(torch.stack([lse for _, lse in parts]), dim=0)  # [parts, B, H, S]
+    total = None
+    for (o, _), w in zip(parts, weights, strict=True):
+        term = o.float() * w.transpose(1, 2).unsqueeze(-1)
+        total = term if total is None else total.add_(term)
+    out.copy_(total)

@@ -35,8 +35,10 @@ class SdpaPrepared:
     strategy: Literal["dense", "split", "gather"]
     #: gather: [T, attended tokens + text] key positions per query frame; split: [T, window tokens]
     frame_keys: torch.Tensor | None
-    #: split: positions of the global frames' tokens and the text tokens
+    #: split: positions of the global frames' tokens (attended by every video query)
     shared_keys: torch.Tensor | None
+    #: split: positions of the text tokens (attended by every video query), if any
+    text_keys: torch.Tensor | None
     frames_per_chunk: int
 
 
@@ -69,25 +71,26 @@ class SdpaDriver(Driver):
 
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> SdpaPrepared:
         if plan.is_dense:
-            return SdpaPrepared(plan, "dense", None, None, plan.latent_frames)
+            return SdpaPrepared(plan, "dense", None, None, None, plan.latent_frames)
         strategy = self.strategy
         if strategy == "auto":
             strategy = "gather" if partial.lse_kernel_reason(problem.device_type) else "split"
-        P, vs = plan.patches_per_frame, plan.video_start
-        offsets = torch.arange(P)
+        T, P, vs = plan.latent_frames, plan.patches_per_frame, plan.video_start
+        # every query frame attends the same number of frames, so the CSR is a [T, L] table
+        frames = torch.tensor(plan.indices, dtype=torch.long).view(T, plan.attended_per_frame)
         text = torch.arange(plan.text_start, plan.text_start + plan.text_tokens)
-
-        def tokens(frames: list[int] | tuple[int, ...]) -> torch.Tensor:
-            return ((torch.tensor(frames, dtype=torch.long) * P + vs)[:, None] + offsets).reshape(-1)
-
-        shared = None
+        shared = text_keys = None
         if strategy == "split":
-            global_set = set(plan.globals)
-            rows = [tokens([f for f in frames if f not in global_set]) for _, frames in plan.frame_rows()]
-            shared = torch.cat([tokens(plan.globals), text]).to(problem.device)
-        else:
-            rows = [torch.cat([tokens(frames), text]) for _, frames in plan.frame_rows()]
-        frame_keys = torch.stack(rows).to(problem.device)
+            is_global = torch.zeros(T, dtype=torch.bool)
+            is_global[list(plan.globals)] = True
+            frames = frames[~is_global[frames]].view(T, -1)  # each frame's window without the globals
+            shared = (torch.tensor(plan.globals)[:, None] * P + vs + torch.arange(P)).reshape(-1)
+            shared = shared.to(problem.device)
+            text_keys = text.to(problem.device) if plan.text_tokens else None
+        tokens = (frames[:, :, None] * P + vs + torch.arange(P)).reshape(T, -1)
+        if strategy == "gather" and plan.text_tokens:
+            tokens = torch.cat([tokens, text.expand(T, -1)], dim=1)
+        frame_keys = tokens.to(problem.device)
         item = torch.empty((), dtype=problem.dtype).element_size()
         # gathered keys and values (heads expanded for the split's kernels) plus, for the split, the
         # float32 merge temporaries of the chunk's queries
@@ -96,7 +99,7 @@ class SdpaDriver(Driver):
         if strategy == "split":
             per_frame += 3 * problem.batch * P * problem.q_heads * problem.head_dim * 4
         frames_per_chunk = max(1, min(plan.latent_frames, self.gather_budget_bytes // max(per_frame, 1)))
-        return SdpaPrepared(plan, strategy, frame_keys, shared, frames_per_chunk)
+        return SdpaPrepared(plan, strategy, frame_keys, shared, text_keys, frames_per_chunk)
 
     def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
         plan = prepared.plan
@@ -147,13 +150,10 @@ def _run_split(prepared, q, k, v, key_mask, scale, out):
     B, _, Hq, D = q.shape
     T, P, vs, V = plan.latent_frames, plan.patches_per_frame, plan.video_start, plan.video_tokens
     video_q = q[:, vs : vs + V]
-    # every video query against the global frames and the text: one call
-    shared = prepared.shared_keys
-    k_shared = partial.expand_heads(k.index_select(1, shared), Hq)
-    v_shared = partial.expand_heads(v.index_select(1, shared), Hq)
-    bias = None if key_mask is None else partial.key_bias(key_mask.index_select(1, shared), q.dtype)
-    o_shared, lse_shared = partial.attention_with_lse(video_q, k_shared, v_shared, bias, scale)
-    del k_shared, v_shared
+    # every video query against the global frames, then against the text: one call each
+    shared = [_partial_over(video_q, k, v, prepared.shared_keys, None, scale)]
+    if prepared.text_keys is not None:
+        shared.append(_partial_over(video_q, k, v, prepared.text_keys, key_mask, scale))
     # each frame against its window's non-global frames, batched over frames; merged chunk by chunk
     Lw = prepared.frame_keys.shape[1]
     frames_q = video_q.unflatten(1, (T, P))
@@ -166,13 +166,18 @@ def _run_split(prepared, q, k, v, key_mask, scale, out):
         qc = frames_q[:, f0:f1].reshape(B * n, P, Hq, D)
         o_band, lse_band = partial.attention_with_lse(qc, kc, vc, None, scale)
         rows = slice(f0 * P, f1 * P)
-        partial.merge(
-            o_shared[:, rows],
-            lse_shared[:, :, rows],
-            o_band.reshape(B, n * P, Hq, D),
-            lse_band.view(B, n, Hq, P).transpose(1, 2).reshape(B, Hq, n * P),
-            out[:, vs + f0 * P : vs + f1 * P],
-        )
+        lse_band = lse_band.view(B, n, Hq, P).transpose(1, 2).reshape(B, Hq, n * P)
+        parts = [(o[:, rows], lse[:, :, rows]) for o, lse in shared]
+        parts.append((o_band.reshape(B, n * P, Hq, D), lse_band))
+        partial.merge(parts, out[:, vs + f0 * P : vs + f1 * P])
+
+
+def _partial_over(q, k, v, keys, key_mask, scale):
+    """Attention of ``q`` over the key positions ``keys`` (heads expanded), with its log-sum-exp."""
+    ks = partial.expand_heads(k.index_select(1, keys), q.shape[2])
+    vs = partial.expand_heads(v.index_select(1, keys), q.shape[2])
+    bias = None if key_mask is None else partial.key_bias(key_mask.index_select(1, keys), q.dtype)
+    return partial.attention_with_lse(q, ks, vs, bias, scale)
 
 
 def dense_attention(q, k, v, key_mask=None, scale=None):

@@ -64,3 +64,14 @@ def test_dense_plan_is_one_call_without_indices():
 def test_unknown_strategy_is_an_error():
     with pytest.raises(ValueError, match="strategy"):
         SdpaDriver("fastest")
+
+
+@pytest.mark.parametrize("keys", [1, 5, 16, 17])
+def test_key_bias_rows_are_16_aligned(keys):
+    from lvsa.backends.partial import key_bias
+
+    mask = torch.ones(3, keys, dtype=torch.bool)
+    mask[1, 0] = False
+    bias = key_bias(mask, torch.bfloat16)
+    assert bias.shape == (3, 1, 1, keys) and bias.stride(0) % 16 == 0
+    assert torch.isinf(bias[1, 0, 0, 0]) and (bias[0] == 0).all()
