@@ -65,6 +65,14 @@ class FlashInferDriver(Driver):
             return Availability.no(f"needs a GPU of compute capability 8.0 or newer; this one is {major}.{minor}")
         return Availability.yes(f"FlashInfer block-sparse attention (sm_{major}{minor})")
 
+    def check(self, problem: AttentionProblem) -> list[str]:
+        reasons = super().check(problem)
+        if problem.text_tokens:  # text keys are attended through torch's kernels with log-sum-exp
+            why = partial.lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
+            if why:
+                reasons.append(f"text tokens: {why}")
+        return reasons
+
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> FlashInferPrepared:
         text_keys = None
         if plan.text_tokens:

@@ -16,12 +16,19 @@ _cuda_choice: dict[bool, str] = {}
 _cuda_lock = threading.Lock()
 
 
-def lse_kernel_reason(device_type: str) -> str | None:
-    """``None`` when :func:`attention_with_lse` has a fused kernel for this device, else why not."""
+def lse_kernel_reason(device_type: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """``None`` when :func:`attention_with_lse` has a fused kernel for this call, else why not.
+
+    These are torch's private kernels, which skip the checks of the public SDPA front-end: a dtype or size
+    they do not support can give garbage instead of an error, so the limits are checked here."""
     if device_type == "cpu":
         return None if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else (
             f"torch {torch.__version__} has no CPU flash attention with log-sum-exp")
     if device_type == "cuda":
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"CUDA attention kernels with log-sum-exp take float16/bfloat16, not {str(dtype)[6:]}"
+        if head_dim > 128 or head_dim % 8:
+            return f"CUDA attention kernels with log-sum-exp take head_dim <= 128 in steps of 8, not {head_dim}"
         return None
     return f"no fused attention with log-sum-exp for {device_type} in torch"
 
@@ -67,7 +74,7 @@ def attention_with_lse(
     elif q.device.type == "cuda":
         out, lse = _cuda_attention_with_lse(qt, kt, vt, bias, scale)
     else:
-        raise RuntimeError(lse_kernel_reason(q.device.type))
+        raise RuntimeError(lse_kernel_reason(q.device.type, q.dtype, q.shape[-1]))
     return out.transpose(1, 2), lse.reshape(lse.shape[0], lse.shape[1], -1).float()
 
 

@@ -64,7 +64,7 @@ class SdpaDriver(Driver):
     def check(self, problem: AttentionProblem) -> list[str]:
         reasons = super().check(problem)
         if self.strategy == "split":
-            why = partial.lse_kernel_reason(problem.device_type)
+            why = partial.lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
             if why:
                 reasons.append(why)
         return reasons
@@ -74,7 +74,8 @@ class SdpaDriver(Driver):
             return SdpaPrepared(plan, "dense", None, None, None, plan.latent_frames)
         strategy = self.strategy
         if strategy == "auto":
-            strategy = "gather" if partial.lse_kernel_reason(problem.device_type) else "split"
+            why = partial.lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
+            strategy = "gather" if why else "split"
         T, P, vs = plan.latent_frames, plan.patches_per_frame, plan.video_start
         # every query frame attends the same number of frames, so the CSR is a [T, L] table
         frames = torch.tensor(plan.indices, dtype=torch.long).view(T, plan.attended_per_frame)

@@ -75,3 +75,15 @@ def test_key_bias_rows_are_16_aligned(keys):
     bias = key_bias(mask, torch.bfloat16)
     assert bias.shape == (3, 1, 1, keys) and bias.stride(0) % 16 == 0
     assert torch.isinf(bias[1, 0, 0, 0]) and (bias[0] == 0).all()
+
+
+def test_split_is_not_chosen_where_torch_has_no_safe_lse_kernel():
+    from lvsa.backends import partial
+
+    assert partial.lse_kernel_reason("cuda", torch.float32, 128)  # cuDNN/flash are half precision only
+    assert partial.lse_kernel_reason("cuda", torch.bfloat16, 256)
+    assert partial.lse_kernel_reason("cuda", torch.bfloat16, 128) is None
+    assert partial.lse_kernel_reason("mps", torch.float16, 64)
+    problem = lvsa.AttentionProblem("cuda", 0, torch.float32, 1, 8, 2, 2, 64, 0, False)
+    assert SdpaDriver("split").check(problem)
+    assert not SdpaDriver("auto").check(problem)  # auto falls back to gather instead
