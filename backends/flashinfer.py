@@ -27,7 +27,7 @@ from lvsa.errors import BackendUnavailable, GeometryError
 from lvsa.plan import SparsePlan
 
 from . import partial
-from .sdpa import dense_attention
+from .sdpa import attend_with_lse, dense_attention
 
 _LN2 = math.log(2.0)
 _workspaces: dict[torch.device, torch.Tensor] = {}
@@ -115,7 +115,7 @@ class FlashInferDriver(Driver):
 
     def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
         plan = prepared.plan
-        B, S, Hq, D = q.shape
+        B, S, _, D = q.shape
         key_mask = None
         if key_padding_mask is not None:
             key_mask = torch.ones(B, S, dtype=torch.bool, device=q.device)
@@ -129,9 +129,8 @@ class FlashInferDriver(Driver):
             ts, nt = plan.text_start, plan.text_tokens
             out[:, ts : ts + nt] = dense_attention(q[:, ts : ts + nt], k, v, key_mask, scale)
             text = prepared.text_keys
-            k_text = partial.expand_heads(k.index_select(1, text), Hq)
-            v_text = partial.expand_heads(v.index_select(1, text), Hq)
-            bias = None if key_mask is None else partial.key_bias(key_mask.index_select(1, text), q.dtype)
+            k_text, v_text = k.index_select(1, text), v.index_select(1, text)
+            text_mask = None if key_mask is None else key_mask.index_select(1, text)
         query_factor = None if scale is None else scale * math.sqrt(D)  # the wrapper was planned for 1/sqrt(D)
         for b in range(B):
             qb = q[b, vs : vs + V].contiguous()
@@ -142,9 +141,9 @@ class FlashInferDriver(Driver):
                 prepared.wrapper.run(qb, kb, vb, out=out[b, vs : vs + V])
                 continue
             o_video, lse2 = prepared.wrapper.run(qb, kb, vb, return_lse=True)  # lse: [V, Hq], base 2
-            o_text, lse_text = partial.attention_with_lse(
+            o_text, lse_text = attend_with_lse(
                 q[b : b + 1, vs : vs + V], k_text[b : b + 1], v_text[b : b + 1],
-                None if bias is None else bias[b : b + 1], scale,
+                None if text_mask is None else text_mask[b : b + 1], scale,
             )
             partial.merge([(o_video[None], (lse2 * _LN2).t()[None]), (o_text, lse_text)], out[b : b + 1, vs : vs + V])
         return out

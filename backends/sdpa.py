@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.plan import SparsePlan
 
-from . import partial
+from . import partial, split
 
 Strategy = Literal["auto", "split", "gather"]
 
@@ -33,13 +33,10 @@ Strategy = Literal["auto", "split", "gather"]
 class SdpaPrepared:
     plan: SparsePlan
     strategy: Literal["dense", "split", "gather"]
-    #: gather: [T, attended tokens + text] key positions per query frame; split: [T, window tokens]
-    frame_keys: torch.Tensor | None
-    #: split: positions of the global frames' tokens (attended by every video query)
-    shared_keys: torch.Tensor | None
-    #: split: positions of the text tokens (attended by every video query), if any
-    text_keys: torch.Tensor | None
-    frames_per_chunk: int
+    #: gather: [T, attended tokens + text] key positions per query frame
+    frame_keys: torch.Tensor | None = None
+    frames_per_chunk: int = 1
+    split: split.SplitIndex | None = None
 
 
 class SdpaDriver(Driver):
@@ -71,36 +68,22 @@ class SdpaDriver(Driver):
 
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> SdpaPrepared:
         if plan.is_dense:
-            return SdpaPrepared(plan, "dense", None, None, None, plan.latent_frames)
+            return SdpaPrepared(plan, "dense")
         strategy = self.strategy
         if strategy == "auto":
             why = partial.lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
             strategy = "gather" if why else "split"
-        T, P, vs = plan.latent_frames, plan.patches_per_frame, plan.video_start
-        # every query frame attends the same number of frames, so the CSR is a [T, L] table
-        frames = torch.tensor(plan.indices, dtype=torch.long).view(T, plan.attended_per_frame)
-        text = torch.arange(plan.text_start, plan.text_start + plan.text_tokens)
-        shared = text_keys = None
         if strategy == "split":
-            is_global = torch.zeros(T, dtype=torch.bool)
-            is_global[list(plan.globals)] = True
-            frames = frames[~is_global[frames]].view(T, -1)  # each frame's window without the globals
-            shared = (torch.tensor(plan.globals)[:, None] * P + vs + torch.arange(P)).reshape(-1)
-            shared = shared.to(problem.device)
-            text_keys = text.to(problem.device) if plan.text_tokens else None
-        tokens = (frames[:, :, None] * P + vs + torch.arange(P)).reshape(T, -1)
-        if strategy == "gather" and plan.text_tokens:
-            tokens = torch.cat([tokens, text.expand(T, -1)], dim=1)
-        frame_keys = tokens.to(problem.device)
+            index = split.build_index(plan, problem, self.gather_budget_bytes, expanded_heads=True)
+            return SdpaPrepared(plan, "split", split=index)
+        keys = split.frame_tokens(plan, split.attended_frames(plan))
+        if plan.text_tokens:
+            text = torch.arange(plan.text_start, plan.text_start + plan.text_tokens)
+            keys = torch.cat([keys, text.expand(plan.latent_frames, -1)], dim=1)
         item = torch.empty((), dtype=problem.dtype).element_size()
-        # gathered keys and values (heads expanded for the split's kernels) plus, for the split, the
-        # float32 merge temporaries of the chunk's queries
-        heads = problem.q_heads if strategy == "split" else problem.kv_heads
-        per_frame = 2 * problem.batch * frame_keys.shape[1] * heads * problem.head_dim * item
-        if strategy == "split":
-            per_frame += 3 * problem.batch * P * problem.q_heads * problem.head_dim * 4
+        per_frame = 2 * problem.batch * keys.shape[1] * problem.kv_heads * problem.head_dim * item
         frames_per_chunk = max(1, min(plan.latent_frames, self.gather_budget_bytes // max(per_frame, 1)))
-        return SdpaPrepared(plan, strategy, frame_keys, shared, text_keys, frames_per_chunk)
+        return SdpaPrepared(plan, "gather", keys.to(problem.device), frames_per_chunk)
 
     def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
         plan = prepared.plan
@@ -120,7 +103,7 @@ class SdpaDriver(Driver):
             mask = None if key_mask is None else key_mask[:, None, None, :]
             out[:, ts : ts + nt] = _sdpa(q[:, ts : ts + nt], k, v, mask, scale, gqa)
         if prepared.strategy == "split":
-            _run_split(prepared, q, k, v, key_mask, scale, out)
+            split.run_video_queries(prepared.split, plan, q, k, v, key_mask, scale, out, attend_with_lse)
         else:
             _run_gather(prepared, q, k, v, key_mask, scale, gqa, out)
         return out
@@ -146,39 +129,11 @@ def _run_gather(prepared, q, k, v, key_mask, scale, gqa, out):
         out[:, vs + f0 * P : vs + f1 * P] = chunk.reshape(B, n * P, Hq, D)
 
 
-def _run_split(prepared, q, k, v, key_mask, scale, out):
-    plan = prepared.plan
-    B, _, Hq, D = q.shape
-    T, P, vs, V = plan.latent_frames, plan.patches_per_frame, plan.video_start, plan.video_tokens
-    video_q = q[:, vs : vs + V]
-    # every video query against the global frames, then against the text: one call each
-    shared = [_partial_over(video_q, k, v, prepared.shared_keys, None, scale)]
-    if prepared.text_keys is not None:
-        shared.append(_partial_over(video_q, k, v, prepared.text_keys, key_mask, scale))
-    # each frame against its window's non-global frames, batched over frames; merged chunk by chunk
-    Lw = prepared.frame_keys.shape[1]
-    frames_q = video_q.unflatten(1, (T, P))
-    for f0 in range(0, T, prepared.frames_per_chunk):
-        f1 = min(T, f0 + prepared.frames_per_chunk)
-        n = f1 - f0
-        index = prepared.frame_keys[f0:f1].reshape(-1)
-        kc = partial.expand_heads(k.index_select(1, index).view(B * n, Lw, -1, D), Hq)
-        vc = partial.expand_heads(v.index_select(1, index).view(B * n, Lw, -1, D), Hq)
-        qc = frames_q[:, f0:f1].reshape(B * n, P, Hq, D)
-        o_band, lse_band = partial.attention_with_lse(qc, kc, vc, None, scale)
-        rows = slice(f0 * P, f1 * P)
-        lse_band = lse_band.view(B, n, Hq, P).transpose(1, 2).reshape(B, Hq, n * P)
-        parts = [(o[:, rows], lse[:, :, rows]) for o, lse in shared]
-        parts.append((o_band.reshape(B, n * P, Hq, D), lse_band))
-        partial.merge(parts, out[:, vs + f0 * P : vs + f1 * P])
-
-
-def _partial_over(q, k, v, keys, key_mask, scale):
-    """Attention of ``q`` over the key positions ``keys`` (heads expanded), with its log-sum-exp."""
-    ks = partial.expand_heads(k.index_select(1, keys), q.shape[2])
-    vs = partial.expand_heads(v.index_select(1, keys), q.shape[2])
-    bias = None if key_mask is None else partial.key_bias(key_mask.index_select(1, keys), q.dtype)
-    return partial.attention_with_lse(q, ks, vs, bias, scale)
+def attend_with_lse(q, k, v, key_mask, scale):
+    """The split's kernel on torch: fused attention returning log-sum-exp (GQA expanded first)."""
+    heads = q.shape[2]
+    bias = None if key_mask is None else partial.key_bias(key_mask, q.dtype)
+    return partial.attention_with_lse(q, partial.expand_heads(k, heads), partial.expand_heads(v, heads), bias, scale)
 
 
 def dense_attention(q, k, v, key_mask=None, scale=None):
