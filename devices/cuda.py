@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lvsa.device import Device, MemoryStats
 from lvsa.driver import Availability
+from lvsa.smi import SmiReading, query_nvidia
 
 
 class CudaDevice(Device):
@@ -48,3 +49,8 @@ class CudaDevice(Device):
         import torch
 
         return torch.cuda.get_device_name(index)
+
+    def smi(self) -> SmiReading:
+        """NVML (nvidia-ml-py) when installed, else ``nvidia-smi``. Both number GPUs physically and ignore
+        CUDA_VISIBLE_DEVICES."""
+        return query_nvidia()

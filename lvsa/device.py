@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from .driver import Availability
+    from .smi import SmiReading
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,8 @@ class Device(ABC):
 
     def describe(self, index: int = 0) -> str:
         return self.name
+
+    def smi(self) -> SmiReading | None:
+        """Memory of every device of this kind as its vendor tool sees it (all processes), or ``None``
+        when there is no such tool (the CPU)."""
+        return None

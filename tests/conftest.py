@@ -5,7 +5,10 @@ the run instead of being skipped. Without it, every registered device present on
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,7 +86,30 @@ def pytest_generate_tests(metafunc):
                 if chosen and str(dtype)[6:] not in chosen:
                     continue
                 params.append(pytest.param((device, name, dtype), id=f"{device}-{name}-{str(dtype)[6:]}"))
+        if device == "cpu" and importlib.util.find_spec("torch_npu") is None:
+            # no Ascend host: the npu driver runs on the CPU against the torch_npu test double
+            for dtype in (torch.bfloat16, torch.float16):
+                params.append(pytest.param((device, "npu", dtype), id=f"cpu-npu-emulated-{str(dtype)[6:]}"))
     metafunc.parametrize("parity_target", params)
+
+
+@pytest.fixture
+def npu_emulation(monkeypatch):
+    """Install tests/fakes/torch_npu.py as ``torch_npu`` (and ``torch.npu``), and let the npu driver take
+    CPU tensors. Returns the fake module (its ``calls`` list records every op call)."""
+    import torch
+
+    from lvsa.backends.npu import NpuDriver
+
+    spec = importlib.util.spec_from_file_location("torch_npu", Path(__file__).parent / "fakes" / "torch_npu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    monkeypatch.setattr(torch, "npu", module.EmulatedNpu(), raising=False)
+    monkeypatch.setattr(NpuDriver, "devices", frozenset({"npu", "cpu"}))
+    dispatch.clear_caches()
+    yield module
+    dispatch.clear_caches()
 
 
 @pytest.fixture

@@ -75,8 +75,10 @@ def _make(case: Case, device: str, dtype: torch.dtype, seed: int = 0):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_driver_matches_reference(parity_target, case, backends_required):
+def test_driver_matches_reference(parity_target, case, backends_required, request):
     device, backend, dtype = parity_target
+    if backend == "npu" and device == "cpu":
+        request.getfixturevalue("npu_emulation")
     status = lvsa.dispatch.backend_status(backend, device)
     if not status.available:
         if backend in backends_required:
