@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from lvsa import registry
 from lvsa.backends.reference import reference_attention
 from lvsa.geometry import FAMILIES, family, resolve_video_geometry
 from lvsa.log import setup_logging
+from lvsa.memory import MemorySampler, memory_report, summary_lines, write_report
 from lvsa.settings import add_cli_arguments
 
 REFERENCE_LIMIT = 6000  # tokens: the reference builds S x S scores in float64
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device type (cpu, cuda, ...)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output-dir", default="outputs", help="where the memory report goes (relative: cwd)")
+    parser.add_argument("--output-name", default="sparse_attention_demo")
     add_cli_arguments(parser.add_argument_group("lvsa settings"))
     args = parser.parse_args(argv)
     setup_logging()
@@ -73,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
     _, dense_s = timed(dense)
-    out, sparse_s = timed(lambda: lvsa.sparse_attention(q, k, v, plan, settings=settings))
+    device.reset_peak()
+    with MemorySampler(device, interval=0.2) as sampler:
+        out, sparse_s = timed(lambda: lvsa.sparse_attention(q, k, v, plan, settings=settings))
     print(f"tokens {plan.seq_len} ({plan.latent_frames} latent frames x {plan.patches_per_frame}), "
           f"density {plan.density:.3f}")
     print(f"dense SDPA {dense_s * 1e3:.1f} ms | lvsa {sparse_s * 1e3:.1f} ms | speedup {dense_s / sparse_s:.2f}x "
@@ -84,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"max abs error vs float64 reference: {error:.2e}")
     else:
         print(f"(sequence longer than {REFERENCE_LIMIT} tokens: reference check skipped)")
+    report = memory_report(device, sampler)
+    report_path = write_report(report, Path(args.output_dir) / f"{args.output_name}.memory.json")
+    for line in summary_lines(report):
+        print(line)
+    print(f"memory report: {report_path}")
     return 0
 
 

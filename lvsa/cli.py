@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Frame-level block-sparse attention for long-video diffusion transformers.",
     )
     parser.add_argument("--version", action="version", version=f"lvsa {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,backends}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,backends,report}")
 
     plan = commands.add_parser(
         "plan",
@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     video.add_argument("--no-mask", action="store_true", help="do not print the mask picture")
     video.add_argument("--json", action="store_true", help="print the plan as JSON instead")
     add_cli_arguments(plan.add_argument_group("lvsa settings (each also read from its LVSA_* variable)"))
+
+    report = commands.add_parser(
+        "report",
+        help="what a bug report needs: versions, devices, drivers, settings and their sources, memory",
+        allow_abbrev=False,
+    )
+    report.add_argument("--json", action="store_true", help="print JSON instead of text")
+    report.add_argument("--no-memory", action="store_true", help="skip allocator and nvidia-smi/npu-smi queries")
+    add_cli_arguments(report.add_argument_group("lvsa settings (shown with their source)"))
 
     backends = commands.add_parser("backends", help="which drivers can run on which device here, and why not")
     backends.add_argument("--device", help="only this torch device type (cpu, cuda, npu, ...)")
@@ -109,11 +118,20 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import collect, render
+
+    report = collect(LVSASettings.from_cli(args), memory=not args.no_memory)
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
+    commands = {"plan": _plan, "backends": _backends, "report": _report}
     try:
-        return _plan(args) if args.command == "plan" else _backends(args)
+        return commands[args.command](args)
     except LVSAError as error:
         print(f"lvsa: error: {error}", file=sys.stderr)
         return 2

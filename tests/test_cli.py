@@ -79,3 +79,24 @@ def test_console_script_is_installed():
     result = subprocess.run([exe, "backends", "--json"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert any(row["name"] == "sdpa" for row in json.loads(result.stdout))
+
+
+def test_report_text_names_versions_devices_and_sources(capsys, monkeypatch):
+    monkeypatch.setenv("LVSA_WINDOW_SIZE", "16")
+    assert main(["report", "--sparsity-scale", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lvsa 0.1.0")
+    assert "torch " in out and "torch-npu" in out and "flashinfer-python" in out and "diffusers" in out
+    assert "sdpa" in out and "cpu    present" in out
+    assert "sparsity_scale           0.5        cli" in out
+    assert "window_size              16         env" in out
+
+
+def test_report_json(capsys):
+    assert main(["report", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["settings"]["backend"] == {"value": "auto", "source": "default", "env": "LVSA_BACKEND",
+                                           "flag": "--backend"}
+    cpu = next(d for d in data["devices"] if d["name"] == "cpu")
+    assert cpu["available"] and cpu["allocator"]["kind"] == "process_rss"
+    assert {"name", "device", "available", "reason"} <= set(data["drivers"][0])
