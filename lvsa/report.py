@@ -7,7 +7,9 @@ of each present device (allocator statistics and the vendor tool's view)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import importlib.util
 import platform
 import subprocess
 import sys
@@ -37,11 +39,22 @@ def git_revision() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
+# packages whose module may be importable without pip metadata (e.g. unpacked onto PYTHONPATH)
+_MODULES = {"flashinfer-python": "flashinfer", "diffusers": "diffusers"}
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
+        pass
+    module = _MODULES.get(package)  # never torch_npu: importing it without CANN breaks torch
+    if module is None or importlib.util.find_spec(module) is None:
         return None
+    try:
+        return f"{getattr(importlib.import_module(module), '__version__', '?')} (no package metadata)"
+    except Exception as error:
+        return f"present but failed to import: {type(error).__name__}"
 
 
 def collect(settings: LVSASettings | None = None, memory: bool = True) -> dict[str, Any]:

@@ -100,3 +100,13 @@ def test_report_json(capsys):
     cpu = next(d for d in data["devices"] if d["name"] == "cpu")
     assert cpu["available"] and cpu["allocator"]["kind"] == "process_rss"
     assert {"name", "device", "available", "reason"} <= set(data["drivers"][0])
+
+
+def test_report_reads_a_version_without_package_metadata(tmp_path, monkeypatch):
+    from lvsa import report
+
+    (tmp_path / "flashinfer").mkdir()
+    (tmp_path / "flashinfer" / "__init__.py").write_text("__version__ = '9.9.9'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert report._version("flashinfer-python") == "9.9.9 (no package metadata)"
+    assert report._version("lvsa-no-such-package") is None
