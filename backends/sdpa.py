@@ -112,21 +112,14 @@ class SdpaDriver(Driver):
 def _run_gather(prepared, q, k, v, key_mask, scale, gqa, out):
     plan = prepared.plan
     B, _, Hq, D = q.shape
-    T, P, vs, V = plan.latent_frames, plan.patches_per_frame, plan.video_start, plan.video_tokens
-    video_q = q[:, vs : vs + V].unflatten(1, (T, P))  # [B, T, P, Hq, D]
-    Lk = prepared.frame_keys.shape[1]
-    for f0 in range(0, T, prepared.frames_per_chunk):
-        f1 = min(T, f0 + prepared.frames_per_chunk)
-        n = f1 - f0
-        index = prepared.frame_keys[f0:f1].reshape(-1)
-        kc = k.index_select(1, index).view(B * n, Lk, -1, D)
-        vc = v.index_select(1, index).view(B * n, Lk, -1, D)
-        qc = video_q[:, f0:f1].reshape(B * n, P, Hq, D)
+    P, vs = plan.patches_per_frame, plan.video_start
+    chunks = split.gathered_chunks(plan, prepared.frame_keys, prepared.frames_per_chunk, q, k, v)
+    for f0, f1, index, qc, kc, vc in chunks:
         mask = None
         if key_mask is not None:
-            mask = key_mask.index_select(1, index).view(B * n, 1, 1, Lk)
+            mask = key_mask.index_select(1, index).view(qc.shape[0], 1, 1, -1)
         chunk = _sdpa(qc, kc, vc, mask, scale, gqa)  # [B*n, P, Hq, D]
-        out[:, vs + f0 * P : vs + f1 * P] = chunk.reshape(B, n * P, Hq, D)
+        out[:, vs + f0 * P : vs + f1 * P] = chunk.reshape(B, (f1 - f0) * P, Hq, D)
 
 
 def attend_with_lse(q, k, v, key_mask, scale):

@@ -70,6 +70,23 @@ def build_index(plan: SparsePlan, problem: AttentionProblem, budget_bytes: int, 
     )
 
 
+def gathered_chunks(plan: SparsePlan, frame_keys: torch.Tensor, frames_per_chunk: int, q, k, v):
+    """Chunks of query frames with their gathered keys: yields ``(f0, f1, index, qc, kc, vc)`` where
+    ``index`` holds the chunk's key positions, ``qc`` is ``[B*n, P, Hq, D]`` (one batch entry per frame)
+    and ``kc``/``vc`` are ``[B*n, keys per frame, Hkv, D]``."""
+    B, _, Hq, D = q.shape
+    T, P, vs, V = plan.latent_frames, plan.patches_per_frame, plan.video_start, plan.video_tokens
+    frames_q = q[:, vs : vs + V].unflatten(1, (T, P))  # [B, T, P, Hq, D]
+    per_frame = frame_keys.shape[1]
+    for f0 in range(0, T, frames_per_chunk):
+        f1 = min(T, f0 + frames_per_chunk)
+        n = f1 - f0
+        index = frame_keys[f0:f1].reshape(-1)
+        kc = k.index_select(1, index).view(B * n, per_frame, -1, D)
+        vc = v.index_select(1, index).view(B * n, per_frame, -1, D)
+        yield f0, f1, index, frames_q[:, f0:f1].reshape(B * n, P, Hq, D), kc, vc
+
+
 def run_video_queries(
     index: SplitIndex,
     plan: SparsePlan,
@@ -83,22 +100,16 @@ def run_video_queries(
 ) -> None:
     """Write the video queries' rows of ``out``. ``key_mask`` is ``[B, S]`` (True = keep) or None."""
     B, _, Hq, D = q.shape
-    T, P, vs, V = plan.latent_frames, plan.patches_per_frame, plan.video_start, plan.video_tokens
+    P, vs, V = plan.patches_per_frame, plan.video_start, plan.video_tokens
     video_q = q[:, vs : vs + V]
     shared = [attend(video_q, k.index_select(1, index.global_keys), v.index_select(1, index.global_keys), None, scale)]
     if index.text_keys is not None:
         text_mask = None if key_mask is None else key_mask.index_select(1, index.text_keys)
         text_k, text_v = k.index_select(1, index.text_keys), v.index_select(1, index.text_keys)
         shared.append(attend(video_q, text_k, text_v, text_mask, scale))
-    Lw = index.window_keys.shape[1]
-    frames_q = video_q.unflatten(1, (T, P))
-    for f0 in range(0, T, index.frames_per_chunk):
-        f1 = min(T, f0 + index.frames_per_chunk)
+    chunks = gathered_chunks(plan, index.window_keys, index.frames_per_chunk, q, k, v)
+    for f0, f1, _, qc, kc, vc in chunks:
         n = f1 - f0
-        keys = index.window_keys[f0:f1].reshape(-1)
-        kc = k.index_select(1, keys).view(B * n, Lw, -1, D)
-        vc = v.index_select(1, keys).view(B * n, Lw, -1, D)
-        qc = frames_q[:, f0:f1].reshape(B * n, P, Hq, D)
         o_band, lse_band = attend(qc, kc, vc, None, scale)
         rows = slice(f0 * P, f1 * P)
         lse_band = lse_band.reshape(B, n, Hq, P).transpose(1, 2).reshape(B, Hq, n * P)
