@@ -119,6 +119,7 @@ def _run_gather(prepared, q, k, v, key_mask, scale, gqa, out):
         if key_mask is not None:
             mask = key_mask.index_select(1, index).view(qc.shape[0], 1, 1, -1)
         chunk = _sdpa(qc, kc, vc, mask, scale, gqa)  # [B*n, P, Hq, D]
+        del qc, kc, vc
         out[:, vs + f0 * P : vs + f1 * P] = chunk.reshape(B, (f1 - f0) * P, Hq, D)
 
 

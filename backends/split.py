@@ -85,6 +85,7 @@ def gathered_chunks(plan: SparsePlan, frame_keys: torch.Tensor, frames_per_chunk
         kc = k.index_select(1, index).view(B * n, per_frame, -1, D)
         vc = v.index_select(1, index).view(B * n, per_frame, -1, D)
         yield f0, f1, index, frames_q[:, f0:f1].reshape(B * n, P, Hq, D), kc, vc
+        del kc, vc  # one chunk's gather alive at a time (callers drop theirs before the next)
 
 
 def run_video_queries(
@@ -115,4 +116,5 @@ def run_video_queries(
         lse_band = lse_band.reshape(B, n, Hq, P).transpose(1, 2).reshape(B, Hq, n * P)
         parts = [(o[:, rows], lse[:, :, rows]) for o, lse in shared]
         parts.append((o_band.reshape(B, n * P, Hq, D), lse_band))
+        del qc, kc, vc, o_band
         partial.merge(parts, out[:, vs + f0 * P : vs + f1 * P])

@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cases", default=None, help="comma-separated substrings of case names")
+    parser.add_argument("--methods", default=None, help="comma-separated substrings of driver names to measure")
     parser.add_argument("--json", default=None, help="write every number to this file")
     args = parser.parse_args(argv)
 
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"({name}: not measured: {status.reason})")
 
+    if args.methods:
+        wanted_methods = [w.strip() for w in args.methods.split(",")]
+        methods = {n: d for n, d in methods.items() if any(w in n for w in wanted_methods)}
     env = {"device": device.describe(), "torch": torch.__version__, "dtype": str(dtype)[6:], "head_dim": head_dim}
     if args.device == "cuda":
         env["cudnn"] = torch.backends.cudnn.version()
