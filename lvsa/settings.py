@@ -193,10 +193,9 @@ class LVSASettings(BaseSettings):
             if rest:
                 raise ConfigError(f"unknown flag(s): {' '.join(rest)} (see `lvsa plan --help`)")
             given = {k: v for k, v in vars(namespace).items() if k in cls.model_fields}
-        layers = _configured_layers()
-        token = _cli_values.set({**layers.cli, **given})
+        token = _cli_values.set({**_layers.cli, **given})
         try:
-            return cls(**{**layers.code, **code})
+            return cls(**{**_layers.code, **code})
         finally:
             _cli_values.reset(token)
 
@@ -316,10 +315,6 @@ class _Layers:
 _layers = _Layers()
 _cache: dict[tuple[int, tuple[tuple[str, str], ...]], LVSASettings] = {}
 _cache_lock = threading.Lock()
-
-
-def _configured_layers() -> _Layers:
-    return _layers
 
 
 def configure(settings: LVSASettings | None = None, **overrides: Any) -> LVSASettings:
