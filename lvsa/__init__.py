@@ -2,7 +2,8 @@
 
 ``make_plan`` turns geometry and knobs into a :class:`SparsePlan` (pure Python); ``sparse_attention`` runs a
 plan through a driver found by entry point (``lvsa.backends``); ``LVSASettings`` / ``configure`` hold the
-knobs. Parts that need torch are imported on first use, so ``import lvsa`` stays light."""
+knobs; ``apply`` installs lvsa on a diffusers pipeline (``remove`` undoes it). Parts that need torch
+are imported on first use, so ``import lvsa`` stays light."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from .settings import LVSASettings, configure, get_settings, reset_settings
 __version__ = "0.1.0"
 
 _LAZY = {
+    "apply": "lvsa.adapters",
+    "remove": "lvsa.adapters",
+    "LVSAHandle": "lvsa.adapters",
     "sparse_attention": "lvsa.dispatch",
     "available_backends": "lvsa.dispatch",
     "BackendStatus": "lvsa.dispatch",
@@ -34,6 +38,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .adapters import LVSAHandle, apply, remove
     from .device import Device, MemoryStats
     from .dispatch import BackendStatus, available_backends, sparse_attention
     from .driver import AttentionProblem, Availability, Driver
@@ -59,15 +64,18 @@ __all__ = [
     "Driver",
     "GeometryError",
     "LVSAError",
+    "LVSAHandle",
     "LVSASettings",
     "MemoryStats",
     "SparsePlan",
     "UnsupportedProblem",
     "__version__",
+    "apply",
     "available_backends",
     "configure",
     "get_settings",
     "make_plan",
+    "remove",
     "reset_settings",
     "sparse_attention",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .device import Device
+from .files import atomic_write
 from .smi import DeviceMemory, SmiReading
 
 
@@ -122,17 +122,7 @@ def memory_report(device: Device, sampler: MemorySampler | None, index: int | No
 
 def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write atomically (a temporary file renamed into place) and return the absolute path."""
-    target = Path(path).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(report, handle, indent=2)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(path, lambda temporary: temporary.write_text(json.dumps(report, indent=2)))
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Entry-point discovery of drivers (``lvsa.backends``) and devices (``lvsa.devices``) through stevedore.
+"""Entry-point discovery of drivers (``lvsa.backends``), devices (``lvsa.devices``) and model adapters
+(``lvsa.adapters``) through stevedore.
 
 Every plugin of a namespace is loaded once per process. A plugin that fails to import or to construct is
 kept with its error, so ``lvsa backends`` and error messages can say why it is missing instead of the
@@ -19,6 +20,7 @@ from .driver import Driver
 
 BACKENDS_NAMESPACE = "lvsa.backends"
 DEVICES_NAMESPACE = "lvsa.devices"
+ADAPTERS_NAMESPACE = "lvsa.adapters"
 
 T = TypeVar("T")
 
@@ -91,6 +93,13 @@ def backend_plugins() -> dict[str, Plugin[Driver]]:
 def device_plugins() -> dict[str, Plugin[Device]]:
     """Every registered device module, loaded or not, by torch device type."""
     return _load(DEVICES_NAMESPACE, Device)
+
+
+def adapter_plugins() -> dict[str, Plugin]:
+    """Every registered model adapter (``lvsa.adapters``), loaded or not, by name."""
+    from .adapters.base import ModelAdapter
+
+    return _load(ADAPTERS_NAMESPACE, ModelAdapter)
 
 
 def drivers() -> dict[str, Driver]:

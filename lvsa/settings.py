@@ -41,6 +41,7 @@ _NON_SETTING_VARIABLES = {
 # What an unset (None) default means, for --help and the README table.
 _UNSET_MEANS = {
     "rotate_keyframes": "auto (on when sparse)",
+    "riflex_s": "the extension ratio T / reference, at least 1",
     "schedule_start": "unset",
     "schedule_end": "unset",
 }
@@ -74,6 +75,10 @@ class LVSASettings(BaseSettings):
         case_sensitive=False,
     )
 
+    # whether the example scripts install lvsa at all (the library's lvsa.apply always does)
+    enabled: bool = Field(
+        False, description="example scripts: run self-attention through lvsa; off runs the model's dense attention"
+    )
     # which driver runs the plan
     backend: str = Field("auto", description="attention driver: auto, or a name from `lvsa backends`")
     flashinfer: bool = Field(False, description="alias for --backend flashinfer")
@@ -104,6 +109,11 @@ class LVSASettings(BaseSettings):
     vae_spatial_factor: int | None = Field(None, gt=0, description="VAE spatial downsampling")
     patch_size: int | None = Field(None, gt=0, description="transformer spatial patch size")
     vae_temporal_factor: int | None = Field(None, gt=0, description="VAE temporal downsampling")
+    # RIFLEx: rescale one temporal RoPE frequency for lengths beyond the training horizon
+    riflex: bool = Field(False, description="apply RIFLEx to the model's temporal RoPE")
+    riflex_s: float | None = Field(
+        None, gt=0, description="RIFLEx extension factor s (no change at 1.0)"
+    )
     # deprecated: accepted, ignored, warned about
     schedule_start: float | None = Field(None, description="deprecated, no effect: use --sparsity-scale")
     schedule_end: float | None = Field(None, description="deprecated, no effect: use --sparsity-scale")
@@ -208,8 +218,12 @@ def env_var(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+# Flags whose name users know from the original tool rather than from the field.
+_FLAG_NAMES = {"enabled": "--lvsa"}
+
+
 def flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
+    return _FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 def _environment_values() -> dict[str, Any]:

@@ -1,0 +1,13 @@
+"""Generate a video with HunyuanVideo 1.5 through diffusers, with lvsa sparse attention (--lvsa) or dense attention.
+
+    python examples/hunyuan_generate.py --lvsa                      # small random-weight model, CPU, ~1 minute
+    python examples/hunyuan_generate.py --model /models/<checkpoint> --num-frames 257 --lvsa --rotate-keyframes
+
+Every flag: --help. Every lvsa flag also reads its LVSA_* variable (LVSA_SPARSITY_SCALE=0.5, ...)."""
+
+import sys
+
+from lvsa.generation import main
+
+if __name__ == "__main__":
+    sys.exit(main("hunyuan"))

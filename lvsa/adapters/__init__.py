@@ -1,0 +1,168 @@
+"""Installing lvsa on diffusers pipelines and transformers: :func:`apply` and its undo, :func:`remove`.
+
+``apply`` finds the adapter of each transformer (Wan 2.2 A14B pipelines hold two: ``transformer`` and
+``transformer_2``, both get lvsa), fills the settings with the model's defaults, swaps the processors of
+the self-attention layers (cross-attention stays dense) and hooks the transformers' forward to follow the
+denoising step. Everything it changes is recorded on the returned :class:`LVSAHandle`, so ``remove``
+restores the model exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import log
+from ..errors import ConfigError
+from .base import LatentGrid, ModelAdapter
+from .runtime import LVSARuntime, RuntimeStats
+
+if TYPE_CHECKING:
+    from ..settings import LVSASettings
+
+_HANDLE_ATTRIBUTE = "_lvsa_handle"
+_TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2")
+
+
+@dataclass
+class LVSAHandle:
+    """What :func:`apply` installed, and the runtime that its layers share."""
+
+    runtime: LVSARuntime
+    adapter: ModelAdapter
+    transformers: list[Any]
+    layers: dict[str, Any] = field(default_factory=dict)  # qualified name -> attention module
+    _originals: dict[str, Any] = field(default_factory=dict)
+    _hooks: list[Any] = field(default_factory=list)
+
+    @property
+    def stats(self) -> RuntimeStats:
+        return self.runtime.stats
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for name, module in self.layers.items():
+            module.set_processor(self._originals[name])
+        self.layers.clear()
+        for transformer in self.transformers:
+            if getattr(transformer, _HANDLE_ATTRIBUTE, None) is self:
+                delattr(transformer, _HANDLE_ATTRIBUTE)
+
+
+def adapters() -> dict[str, ModelAdapter]:
+    from ..registry import adapter_plugins
+
+    return {name: plugin.obj for name, plugin in adapter_plugins().items() if plugin.obj is not None}
+
+
+def adapter_for(transformer: Any) -> ModelAdapter:
+    for adapter in adapters().values():
+        if adapter.handles(transformer):
+            return adapter
+    known = ", ".join(f"{a.name} ({'/'.join(a.transformer_classes)})" for a in adapters().values())
+    raise ConfigError(f"lvsa has no adapter for {type(transformer).__name__}; adapters installed: {known or 'none'}")
+
+
+def adapter_named(name: str) -> ModelAdapter:
+    found = adapters().get(name)
+    if found is None:
+        raise ConfigError(f"unknown model adapter {name!r}; installed: {', '.join(adapters()) or 'none'}")
+    return found
+
+
+def transformers_of(target: Any) -> list[Any]:
+    """The transformers of a pipeline (``transformer`` and ``transformer_2`` when present), or ``[target]``."""
+    if hasattr(target, "components"):  # a DiffusionPipeline
+        found = [getattr(target, name, None) for name in _TRANSFORMER_ATTRIBUTES]
+        found = [t for t in found if t is not None]
+        if not found:
+            raise ConfigError(f"{type(target).__name__} has no transformer to install lvsa on")
+        return found
+    return [target]
+
+
+def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = True) -> LVSAHandle:
+    """Install lvsa on a diffusers pipeline or transformer; returns the handle (``handle.remove()`` undoes).
+
+    ``settings`` defaults to :func:`lvsa.get_settings`; the model fills what it leaves unset (the reference
+    horizon, the VAE's temporal factor). With ``sparse=False`` only the step tracking and RIFLEx (when
+    ``settings.riflex``) are installed and attention stays the model's own."""
+    from ..settings import get_settings
+
+    transformers = transformers_of(target)
+    for transformer in transformers:
+        previous = getattr(transformer, _HANDLE_ATTRIBUTE, None)
+        if previous is not None:
+            log.info(f"lvsa was already installed on {type(transformer).__name__}: replacing it")
+            previous.remove()
+    adapter = adapter_for(transformers[0])
+    for other in transformers[1:]:
+        if not adapter.handles(other):
+            raise ConfigError(f"{type(other).__name__} and {type(transformers[0]).__name__} need different adapters")
+    family = adapter.family(transformers[0])
+    settings = settings if settings is not None else get_settings()
+    if (settings.reference_latent_frames is not None
+            and settings.reference_latent_frames != family.reference_latent_frames):
+        log.logger.warning(
+            "[LVSA] reference_latent_frames=%d (%s) differs from the model's %d (%s); keep it only if this "
+            "checkpoint was trained on another length", settings.reference_latent_frames,
+            settings.source_of("reference_latent_frames"), family.reference_latent_frames, family.name,
+        )
+    settings = settings.with_model_defaults(reference_latent_frames=family.reference_latent_frames)
+    vae_temporal = getattr(target, "vae_scale_factor_temporal", None) or family.vae_temporal_factor
+    runtime = LVSARuntime(settings, family, vae_temporal, adapter.name)
+    handle = LVSAHandle(runtime, adapter, transformers)
+
+    def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden_states = adapter.forward_argument("hidden_states", args, kwargs)
+        grid: LatentGrid = adapter.latent_grid(module, hidden_states)
+        runtime.begin_forward(grid, adapter.forward_argument("timestep", args, kwargs))
+
+    try:
+        for index, transformer in enumerate(transformers):
+            prefix = _TRANSFORMER_ATTRIBUTES[index] + "." if len(transformers) > 1 else ""
+            handle._hooks.append(transformer.register_forward_pre_hook(before_forward, with_kwargs=True))
+            if settings.riflex:
+                handle._hooks.extend(adapter.install_riflex(transformer, runtime))
+            if not sparse:
+                continue
+            for name, module in adapter.self_attention_layers(transformer).items():
+                qualified = prefix + name
+                handle._originals[qualified] = module.processor
+                module.set_processor(adapter.make_processor(module.processor, runtime, qualified))
+                handle.layers[qualified] = module
+        for transformer in transformers:
+            setattr(transformer, _HANDLE_ATTRIBUTE, handle)
+    except Exception:
+        handle.remove()
+        raise
+    what = f"{len(handle.layers)} self-attention layers" if sparse else "no attention layer (sparse=False)"
+    extras = " + RIFLEx" if settings.riflex else ""
+    log.info(f"installed on {what} of {', '.join(type(t).__name__ for t in transformers)}{extras} "
+             f"(model {family.name}, reference_latent_frames={runtime.knobs.reference_latent_frames}, "
+             f"backend={settings.backend})")
+    return handle
+
+
+def remove(target: Any) -> bool:
+    """Undo :func:`apply` on a pipeline or transformer; ``False`` when lvsa was not installed."""
+    removed = False
+    for transformer in transformers_of(target):
+        handle = getattr(transformer, _HANDLE_ATTRIBUTE, None)
+        if handle is not None:
+            handle.remove()
+            removed = True
+    return removed
+
+
+def handle_of(target: Any) -> LVSAHandle | None:
+    for transformer in transformers_of(target):
+        handle = getattr(transformer, _HANDLE_ATTRIBUTE, None)
+        if handle is not None:
+            return handle
+    return None
+
+
+__all__ = ["LVSAHandle", "ModelAdapter", "adapter_for", "adapter_named", "adapters", "apply", "handle_of",
+           "remove", "transformers_of"]

@@ -1,0 +1,90 @@
+"""The model adapter contract: everything lvsa must know about one family of diffusers video transformers.
+
+An adapter says which transformer classes it handles, where their self-attention layers are, how to read
+the latent grid and the timestep off a forward call, how the family's RoPE is laid out (for RIFLEx), and
+builds the processor that runs a layer through lvsa. The example scripts also ask it how to build a small
+random-weight pipeline and how to call one without a text encoder. Adapters are found through the
+``lvsa.adapters`` entry points, so a third-party package adds a model without touching lvsa; nothing here
+imports diffusers until a model is in hand."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..geometry import ModelFamily
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..riflex import TemporalRope
+    from .runtime import LVSARuntime
+
+
+@dataclass(frozen=True)
+class LatentGrid:
+    """The transformer input of one forward, in patches: ``latent_frames x patches_per_frame`` tokens."""
+
+    latent_frames: int
+    patches_per_frame: int
+
+
+class ModelAdapter(ABC):
+    name: ClassVar[str]
+    #: class names (diffusers' or subclasses') of the transformers this adapter handles
+    transformer_classes: ClassVar[tuple[str, ...]]
+    #: the pipeline class the example script builds
+    pipeline_class: ClassVar[str]
+
+    def handles(self, transformer: Any) -> bool:
+        return any(cls.__name__ in self.transformer_classes for cls in type(transformer).__mro__)
+
+    # -- the model ---------------------------------------------------------------------------------
+    @abstractmethod
+    def family(self, transformer: Any) -> ModelFamily:
+        """The family defaults (reference horizon, VAE factors) that fit this transformer's config."""
+
+    @abstractmethod
+    def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
+        """``{qualified name: attention module}`` of every self-attention layer (cross-attention excluded)."""
+
+    @abstractmethod
+    def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
+        """Latent frames and patches per frame of the transformer's ``hidden_states`` input."""
+
+    @abstractmethod
+    def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
+        """A processor that runs one self-attention layer through lvsa (``original`` serves fallbacks)."""
+
+    #: position of ``hidden_states`` and ``timestep`` among the transformer's positional arguments
+    forward_positions: ClassVar[dict[str, int]] = {"hidden_states": 0, "timestep": 1}
+
+    def forward_argument(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        index = self.forward_positions[name]
+        return args[index] if index < len(args) else None
+
+    # -- RIFLEx ------------------------------------------------------------------------------------
+    @abstractmethod
+    def temporal_rope(self, transformer: Any) -> TemporalRope | None:
+        """The temporal RoPE layout, or ``None`` for a model without RoPE."""
+
+    @abstractmethod
+    def install_riflex(self, transformer: Any, runtime: LVSARuntime) -> list[Any]:
+        """Hook RIFLEx into the model's rotary tables; returns the hook handles to remove on undo."""
+
+    # -- the example scripts -----------------------------------------------------------------------
+    @abstractmethod
+    def tiny_pipeline(self) -> Any:
+        """A small pipeline of this architecture with random weights (no text encoder, no download)."""
+
+    @abstractmethod
+    def pipeline_inputs(self, pipe: Any, prompt: str | None, seed: int) -> dict[str, Any]:
+        """Prompt arguments for a pipeline call: the prompt when the pipeline has a text encoder, else
+        random prompt embeddings of the right shape."""
+
+    def call_arguments(self, pipe: Any, guidance: float) -> dict[str, Any]:
+        """Family-specific pipeline call arguments (guidance, ...)."""
+        return {"guidance_scale": guidance}

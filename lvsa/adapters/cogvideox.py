@@ -1,0 +1,136 @@
+"""CogVideoX (2B, 5B, 1.5): ``CogVideoXTransformer3DModel``.
+
+Joint attention in ``transformer_blocks[i].attn1``: the text tokens come first, then the video tokens.
+The stock processor calls ``F.scaled_dot_product_attention`` directly, so diffusers' attention backends
+never see it; lvsa replaces the processor. RoPE (5B and 1.5 only) is computed by the pipeline and passed
+to the transformer as ``image_rotary_emb``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..geometry import FAMILIES, ModelFamily
+from ..riflex import TemporalRope
+from .base import LatentGrid, ModelAdapter
+
+if TYPE_CHECKING:
+    import torch
+
+    from .runtime import LVSARuntime
+
+_COG_ROPE_THETA = 10000.0  # get_3d_rotary_pos_embed's default, which the pipeline uses
+
+
+class CogVideoXLVSAProcessor:
+    def __init__(self, original: Any, runtime: LVSARuntime, layer: str) -> None:
+        self.original = original
+        self.runtime = runtime
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text = encoder_hidden_states.size(1)
+        plan = None
+        if attention_mask is None:
+            plan = self.runtime.plan_for(self.layer, hidden_states.shape[1] + text, text_tokens=text,
+                                         text_position="before")
+        else:
+            self.runtime.unsupported(self.layer, "attention_mask", hidden_states.shape[1] + text,
+                                     "CogVideoX was given a full attention mask")
+        if plan is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch = hidden_states.shape[0]
+        query, key, value = (proj(hidden_states).view(batch, -1, attn.heads, attn.inner_dim // attn.heads)
+                             for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = torch.cat([query[:, :text], apply_rotary_emb(query[:, text:], image_rotary_emb,
+                                                                 sequence_dim=1)], dim=1)
+            key = torch.cat([key[:, :text], apply_rotary_emb(key[:, text:], image_rotary_emb, sequence_dim=1)],
+                            dim=1)
+        out = self.runtime.attention(query, key, value, plan)
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3)))
+        text_out, video = out.split([text, out.size(1) - text], dim=1)
+        return video, text_out
+
+
+class CogVideoXAdapter(ModelAdapter):
+    name = "cogvideox"
+    transformer_classes = ("CogVideoXTransformer3DModel",)
+    pipeline_class = "CogVideoXPipeline"
+    forward_positions: ClassVar[dict[str, int]] = {"hidden_states": 0, "timestep": 2}
+
+    def family(self, transformer: Any) -> ModelFamily:
+        return FAMILIES["cogvideox"]
+
+    def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
+        return {f"transformer_blocks.{i}.attn1": b.attn1 for i, b in enumerate(transformer.transformer_blocks)}
+
+    def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
+        _, frames, _, height, width = hidden_states.shape  # CogVideoX latents are [B, F, C, H, W]
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t or 1
+        return LatentGrid(-(-frames // p_t), (height // p) * (width // p))
+
+    def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
+        return CogVideoXLVSAProcessor(original, runtime, layer)
+
+    def temporal_rope(self, transformer: Any) -> TemporalRope | None:
+        if not transformer.config.use_rotary_positional_embeddings:
+            return None
+        return TemporalRope(_COG_ROPE_THETA, transformer.config.attention_head_dim // 4)
+
+    def install_riflex(self, transformer: Any, runtime: LVSARuntime) -> list[Any]:
+        rope = self.temporal_rope(transformer)
+        if rope is None:
+            from ..errors import ConfigError
+
+            raise ConfigError("RIFLEx needs RoPE, and this CogVideoX model has none "
+                              "(use_rotary_positional_embeddings=False, e.g. CogVideoX-2B)")
+
+        def rewrite(_module: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+            tables = kwargs.get("image_rotary_emb")
+            if tables is None:
+                return None
+            return args, {**kwargs, "image_rotary_emb": runtime.riflex_tables(*tables, rope)}
+
+        return [transformer.register_forward_pre_hook(rewrite, with_kwargs=True)]
+
+    # -- the example script ------------------------------------------------------------------------
+    def tiny_pipeline(self) -> Any:
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler
+
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=2,
+            text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=49, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+        )
+        vae = AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+        )
+        return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                 scheduler=DDIMScheduler())
+
+    def pipeline_inputs(self, pipe: Any, prompt: str | None, seed: int) -> dict[str, Any]:
+        if pipe.text_encoder is not None:
+            return {"prompt": prompt or "", "negative_prompt": ""}
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        config = pipe.transformer.config
+        return {name: torch.randn(1, config.max_text_seq_length, config.text_embed_dim, generator=generator)
+                for name in ("prompt_embeds", "negative_prompt_embeds")}

@@ -1,0 +1,149 @@
+"""HunyuanVideo 1.5 (T2V, I2V): ``HunyuanVideo15Transformer3DModel``.
+
+Joint attention in ``transformer_blocks[i].attn``: the sequence is the video tokens followed by the text
+tokens (image, byT5 and Qwen embeddings, valid ones first); the layer gets a ``[batch, text]`` padding
+mask, which lvsa honours on the text keys. The text-only refiner attention stays as it is."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..geometry import FAMILIES, ModelFamily
+from ..riflex import TemporalRope
+from .base import LatentGrid, ModelAdapter
+
+if TYPE_CHECKING:
+    import torch
+
+    from .runtime import LVSARuntime
+
+
+class HunyuanVideo15LVSAProcessor:
+    def __init__(self, original: Any, runtime: LVSARuntime, layer: str) -> None:
+        self.original = original
+        self.runtime = runtime
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        plan = self.runtime.plan_for(self.layer, hidden_states.shape[1] + text, text_tokens=text,
+                                     text_position="after")
+        if plan is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        heads = attn.heads
+        query, key, value = (proj(hidden_states).unflatten(2, (heads, -1))
+                             for proj in (attn.to_q, attn.to_k, attn.to_v))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        padding = None
+        if text:
+            import torch
+
+            text_q, text_k, text_v = (proj(encoder_hidden_states).unflatten(2, (heads, -1))
+                                      for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query, key, value = (torch.cat(pair, dim=1) for pair in
+                                 ((query, text_q), (key, text_k), (value, text_v)))
+            if attention_mask is not None:
+                padding = attention_mask[:, -text:].bool()
+        out = self.runtime.attention(query, key, value, plan, key_padding_mask=padding)
+        out = out.flatten(2, 3).to(query.dtype)
+        if not text:
+            return attn.to_out[1](attn.to_out[0](out)), encoder_hidden_states
+        video, text_out = out[:, :-text], out[:, -text:]
+        if getattr(attn, "to_out", None) is not None:
+            video = attn.to_out[1](attn.to_out[0](video))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return video, text_out
+
+
+class HunyuanVideo15Adapter(ModelAdapter):
+    name = "hunyuan"
+    transformer_classes = ("HunyuanVideo15Transformer3DModel",)
+    pipeline_class = "HunyuanVideo15Pipeline"
+
+    def family(self, transformer: Any) -> ModelFamily:
+        return FAMILIES["hunyuan"]
+
+    def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
+        return {f"transformer_blocks.{i}.attn": block.attn for i, block in enumerate(transformer.transformer_blocks)}
+
+    def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
+        _, _, frames, height, width = hidden_states.shape
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        return LatentGrid(frames // p_t, (height // p) * (width // p))
+
+    def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
+        return HunyuanVideo15LVSAProcessor(original, runtime, layer)
+
+    def temporal_rope(self, transformer: Any) -> TemporalRope:
+        return TemporalRope(float(transformer.rope.theta), transformer.rope.rope_dim[0])
+
+    def install_riflex(self, transformer: Any, runtime: LVSARuntime) -> list[Any]:
+        rope = self.temporal_rope(transformer)
+
+        def rewrite(_module: Any, _args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
+            return runtime.riflex_tables(*output, rope)
+
+        return [transformer.rope.register_forward_hook(rewrite)]
+
+    # -- the example script ------------------------------------------------------------------------
+    def tiny_pipeline(self) -> Any:
+        from diffusers import (
+            AutoencoderKLHunyuanVideo15,
+            FlowMatchEulerDiscreteScheduler,
+            HunyuanVideo15Pipeline,
+            HunyuanVideo15Transformer3DModel,
+        )
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        transformer = HunyuanVideo15Transformer3DModel(
+            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+            text_embed_2_dim=32, image_embed_dim=12, rope_axes_dim=(8, 4, 4), target_size=16, task_type="t2v",
+        )
+        vae = AutoencoderKLHunyuanVideo15(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 16, 16, 16),
+            layers_per_block=1, spatial_compression_ratio=16, temporal_compression_ratio=4,
+            downsample_match_channel=False, upsample_match_channel=False,
+        )
+        return HunyuanVideo15Pipeline(
+            transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+            text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+            guider=ClassifierFreeGuidance(guidance_scale=6.0),
+        )
+
+    def pipeline_inputs(self, pipe: Any, prompt: str | None, seed: int) -> dict[str, Any]:
+        if pipe.text_encoder is not None:
+            return {"prompt": prompt or "", "negative_prompt": ""}
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        config = pipe.transformer.config
+        inputs: dict[str, Any] = {}
+        # 12 text tokens of which 9 valid, 8 byT5 tokens of which 5 valid: the padding mask matters
+        for prefix in ("", "negative_"):
+            inputs[f"{prefix}prompt_embeds"] = torch.randn(1, 12, config.text_embed_dim, generator=generator)
+            inputs[f"{prefix}prompt_embeds_mask"] = (torch.arange(12) < 9).long()[None]
+            inputs[f"{prefix}prompt_embeds_2"] = torch.randn(1, 8, config.text_embed_2_dim, generator=generator)
+            inputs[f"{prefix}prompt_embeds_mask_2"] = (torch.arange(8) < 5).long()[None]
+        return inputs
+
+    def call_arguments(self, pipe: Any, guidance: float) -> dict[str, Any]:
+        pipe.guider.guidance_scale = guidance  # HunyuanVideo 1.5 takes guidance from its guider, not the call
+        return {}

@@ -1,0 +1,179 @@
+"""What the lvsa layers of one pipeline share: the denoising step, the step's plans, and the fallbacks.
+
+A forward pre-hook on each transformer tells the runtime the latent grid and the timestep of the call.
+The step advances when the timestep goes down (diffusers' schedulers count down; the CFG branches and the
+second transformer of Wan 2.2 see the same timestep), and starts again at 0 when it goes up (a new
+generation). Each step's plan is built once, on the first layer that asks, and then shared by every layer
+of every forward of that step."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from .. import log
+from ..errors import GeometryError
+from ..geometry import ModelFamily, patches_per_frame
+from ..plan import PatternKnobs, SparsePlan, build_plan, keyframe_interval, resolve_knobs
+from ..riflex import TemporalRope, rewrite_tables
+from .base import LatentGrid
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..settings import LVSASettings
+
+
+@dataclass
+class RuntimeStats:
+    steps: int = 0  # denoising steps seen (forwards at a new timestep)
+    plan_builds: int = 0
+    sparse_calls: int = 0  # layer calls that ran through an lvsa driver
+    fallback_calls: int = 0  # layer calls handed back to the model's own attention
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class LVSARuntime:
+    def __init__(self, settings: LVSASettings, family: ModelFamily, vae_temporal_factor: int,
+                 adapter_name: str) -> None:
+        self.settings = settings
+        self.family = family
+        self.adapter_name = adapter_name
+        self.vae_temporal_factor = settings.vae_temporal_factor or vae_temporal_factor
+        self.knobs: PatternKnobs = resolve_knobs(settings, family, self.vae_temporal_factor)
+        self.stats = RuntimeStats()
+        self.grid: LatentGrid | None = None
+        self.step = 0
+        self.last_plan: SparsePlan | None = None
+        self._last_timestep: float | None = None
+        self._plans: dict[tuple[Any, ...], SparsePlan] = {}
+        self._warned: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+
+    # -- per forward -------------------------------------------------------------------------------
+    def begin_forward(self, grid: LatentGrid, timestep: Any) -> None:
+        value = _timestep_value(timestep)
+        with self._lock:
+            if value is not None and value != self._last_timestep:
+                if self._last_timestep is None or value > self._last_timestep:
+                    self.step = 0
+                else:
+                    self.step += 1
+                self.stats.steps += 1
+                self._last_timestep = value
+            self.grid = grid
+
+    def set_step(self, step: int) -> None:
+        """For custom denoising loops: the step that the next forwards belong to."""
+        with self._lock:
+            self.step = step
+            self._last_timestep = None
+
+    def reset(self) -> None:
+        with self._lock:
+            self.step, self._last_timestep, self.grid = 0, None, None
+            self._plans.clear()
+
+    # -- per layer ---------------------------------------------------------------------------------
+    def plan_for(self, origin: str, seq_len: int, text_tokens: int = 0,
+                 text_position: Literal["before", "after"] = "after") -> SparsePlan | None:
+        """The plan of this step for a ``seq_len`` sequence, or ``None`` after a loud fallback."""
+        grid = self.grid
+        if grid is None:
+            self.unsupported(origin, "no_t_lat", seq_len, "the transformer's forward hook did not run "
+                             "(was the layer called outside the transformer?)")
+            return None
+        ppf = self._planned_patches_per_frame(grid)
+        if grid.latent_frames * ppf + text_tokens != seq_len:
+            known = sorted({ppf, grid.patches_per_frame})
+            self.unsupported(
+                origin, "geometry_detect", seq_len,
+                f"{grid.latent_frames} latent frames x {ppf} tokens + {text_tokens} text tokens != {seq_len}",
+                known_ppf=known,
+            )
+            return None
+        step = self.step if self._rotates(grid.latent_frames) else 0
+        key = (grid.latent_frames, ppf, text_tokens, text_position, step)
+        plan = self._plans.get(key)
+        if plan is None:
+            with self._lock:
+                plan = self._plans.get(key)
+                if plan is None:
+                    plan = build_plan(grid.latent_frames, ppf, self.knobs, text_tokens=text_tokens,
+                                      text_position=text_position, step=step)
+                    if len(self._plans) > 64:  # plans of past steps are never asked for again
+                        self._plans.clear()
+                    self._plans[key] = plan
+                    self.stats.plan_builds += 1
+                    self.last_plan = plan
+        self.stats.sparse_calls += 1
+        return plan
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: SparsePlan,
+                  key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        from ..dispatch import sparse_attention
+
+        return sparse_attention(query, key, value, plan, key_padding_mask=key_padding_mask, settings=self.settings)
+
+    def unsupported(self, origin: str, reason: str, seq_len: int, detail: str, **fields: Any) -> None:
+        """A layer lvsa cannot plan: an error under ``fallback=error``, else one loud line per kind of
+        problem and the model's own attention."""
+        if "known_ppf" not in fields and self.grid is not None:
+            fields["known_ppf"] = [self.grid.patches_per_frame]
+        if self.settings.fallback == "error":
+            raise GeometryError(
+                f"[LVSA-FALLBACK] origin={origin} reason={reason} seq_len={seq_len}: {detail}. "
+                "Check the geometry overrides (LVSA_PATCHES_PER_FRAME, LVSA_VIDEO_HEIGHT/WIDTH, "
+                "LVSA_VAE_SPATIAL_FACTOR, LVSA_PATCH_SIZE), or set LVSA_FALLBACK=warn to run such layers "
+                "with the model's dense attention"
+            )
+        with self._lock:
+            self.stats.fallback_calls += 1
+            self.stats.fallback_reasons[reason] = self.stats.fallback_reasons.get(reason, 0) + 1
+            first = (reason, seq_len) not in self._warned
+            self._warned.add((reason, seq_len))
+        if first:
+            log.fallback(origin, reason, seq_len=seq_len, **fields, detail=detail)
+
+    # -- RIFLEx ------------------------------------------------------------------------------------
+    def riflex_factor(self, latent_frames: int) -> float:
+        if self.settings.riflex_s is not None:
+            return self.settings.riflex_s
+        return max(1.0, latent_frames / self.knobs.reference_latent_frames)
+
+    def riflex_tables(self, cos: torch.Tensor, sin: torch.Tensor, rope: TemporalRope) -> tuple[Any, Any]:
+        grid = self.grid
+        if grid is None:
+            raise GeometryError("RIFLEx: the rotary tables were built before the transformer's forward hook ran")
+        s = self.riflex_factor(grid.latent_frames)
+        return rewrite_tables(cos, sin, grid.latent_frames, rope, self.knobs.reference_latent_frames, s)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _planned_patches_per_frame(self, grid: LatentGrid) -> int:
+        s = self.settings
+        if s.patches_per_frame is not None:
+            return s.patches_per_frame
+        if s.video_height is not None or s.video_width is not None:
+            spatial = (s.vae_spatial_factor or self.family.vae_spatial_factor)
+            patch = s.patch_size or self.family.patch_size
+            try:
+                return patches_per_frame(s.video_height or self.family.default_height,
+                                         s.video_width or self.family.default_width, spatial, patch)
+            except GeometryError:
+                return 0  # reported by the caller as a geometry mismatch, with the numbers
+        return grid.patches_per_frame
+
+    def _rotates(self, latent_frames: int) -> bool:
+        sparse = keyframe_interval(latent_frames, self.knobs) > 1
+        return sparse if self.knobs.rotate is None else bool(self.knobs.rotate) and sparse
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    if timestep is None:
+        return None
+    if hasattr(timestep, "numel"):
+        if timestep.numel() == 0:
+            return None
+        return float(timestep.detach().max())
+    return float(timestep)
