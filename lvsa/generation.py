@@ -130,8 +130,14 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
 
     timing_hooks = [t.register_forward_hook(after_forward) for t in transformers_of(pipe)]
     device_module.reset_peak()
+    prompt_inputs = {  # random embeddings are made on the CPU: give them the model's device and dtype
+        key: value.to(device, dtype) if torch.is_floating_point(value) else value.to(device)
+        for key, value in adapter.pipeline_inputs(pipe, args.prompt, args.seed).items()
+        if torch.is_tensor(value)
+    }
     call = {
         **adapter.pipeline_inputs(pipe, args.prompt, args.seed),
+        **prompt_inputs,
         **adapter.call_arguments(pipe, args.guidance),
         "height": height, "width": width, "num_frames": frames, "num_inference_steps": steps,
         "generator": torch.Generator(device="cpu").manual_seed(args.seed),
@@ -194,7 +200,7 @@ def _load_pipeline(adapter: Any, path: str, dtype: Any) -> Any:
     absent = {name: None for name, value in config.items()
               if isinstance(value, list) and len(value) == 2 and value[0] is None}
     pipeline_class = getattr(diffusers, config.get("_class_name", adapter.pipeline_class))
-    pipe = pipeline_class.from_pretrained(folder, torch_dtype=dtype, **absent)
+    pipe = pipeline_class.from_pretrained(folder, dtype=dtype, **absent)
     log.info(f"loaded {pipeline_class.__name__} from {folder}")
     return pipe
 

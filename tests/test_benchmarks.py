@@ -23,3 +23,19 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
     methods = {(r["case"], r["method"]) for r in rows}
     assert ("wan-4x (321 frames)", "sdpa (split)") in methods and ("wan-4x (321 frames)", "dense SDPA") in methods
     assert all(r["rel_error"] is None or r["rel_error"] < 1e-4 for r in rows)
+
+
+def test_pipeline_benchmark_runs_on_cpu(tmp_path):
+    report = tmp_path / "pipeline.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pipeline.py"), "--device", "cpu", "--small", "--repeats", "1",
+         "--frames", "81", "161", "--hunyuan-frames", "161", "--methods", "sdpa", "--json", str(report)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(report.read_text())
+    by_key = {(r["model"], r["frames"], r["method"]): r for r in rows}
+    assert by_key[("wan-small", 81, "sdpa")]["density"] == 1.0  # at the horizon the plan is dense
+    assert by_key[("wan-small", 161, "sdpa")]["density"] < 0.6  # 2x: about half the frames
+    assert by_key[("hunyuan-small", 161, "dense")]["speedup"] == 1.0
+    assert all(r["ms"] > 0 and r["peak_gib"] > 0 for r in rows)

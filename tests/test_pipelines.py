@@ -1,0 +1,246 @@
+"""lvsa inside real diffusers pipelines (Wan, HunyuanVideo 1.5, CogVideoX), on small random-weight models.
+
+Each family's model is built from a config, saved with ``save_pretrained`` and loaded back through the
+example scripts' loader (the path ``--model`` takes), so the real loading code runs. Pipelines run in
+float32 on the CPU with ``output_type="latent"`` unless the test is about the decoded video."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import lvsa  # noqa: E402
+from lvsa.adapters import adapter_named, handle_of  # noqa: E402
+from lvsa.adapters import runtime as runtime_module  # noqa: E402
+from lvsa.generation import _load_pipeline, main  # noqa: E402
+
+FAMILIES = ["wan", "hunyuan", "cogvideox"]
+#: video frames at the training horizon (T = reference) and about twice beyond it
+AT_HORIZON = {"wan": 81, "hunyuan": 129, "cogvideox": 49}
+BEYOND = {"wan": 161, "hunyuan": 257, "cogvideox": 97}
+ROPE_ARGUMENT = {"wan": "rotary_emb", "hunyuan": "image_rotary_emb", "cogvideox": "image_rotary_emb"}
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    folders = {}
+    for name in FAMILIES:
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(name)
+        adapter_named(name).tiny_pipeline().save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+def load(saved_models, name):
+    pipe = _load_pipeline(adapter_named(name), str(saved_models[name]), torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, name, frames, steps=2, **overrides):
+    adapter = adapter_named(name)
+    call = {**adapter.pipeline_inputs(pipe, None, seed=0), **adapter.call_arguments(pipe, 5.0),
+            "height": 64, "width": 64, "num_frames": frames, "num_inference_steps": steps,
+            "generator": torch.Generator().manual_seed(0), "output_type": "latent", **overrides}
+    with torch.inference_mode():
+        return pipe(**call).frames
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_at_the_horizon_lvsa_equals_dense(saved_models, name, caplog):
+    pipe = load(saved_models, name)
+    dense = generate(pipe, name, AT_HORIZON[name])
+    caplog.set_level(logging.INFO, logger="lvsa")
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(sparsity_scale=1.0))
+    sparse = generate(pipe, name, AT_HORIZON[name])
+    plan = handle.runtime.last_plan
+    assert plan.kfi == 1 and plan.density == 1.0
+    assert handle.stats.sparse_calls > 0 and handle.stats.fallback_calls == 0
+    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+    assert f"attended_per_frame={plan.latent_frames}/{plan.latent_frames}" in caplog.text
+
+
+def test_hunyuan_padding_mask_is_honoured(saved_models):
+    """The small HunyuanVideo inputs carry padded text tokens: dropping the mask changes the output."""
+    pipe = load(saved_models, "hunyuan")
+    inputs = adapter_named("hunyuan").pipeline_inputs(pipe, None, seed=0)
+    assert not inputs["prompt_embeds_mask"].bool().all()
+    dense = generate(pipe, "hunyuan", AT_HORIZON["hunyuan"])
+    lvsa.apply(pipe, lvsa.LVSASettings())
+    honoured = generate(pipe, "hunyuan", AT_HORIZON["hunyuan"])
+    torch.testing.assert_close(honoured, dense, rtol=1e-4, atol=1e-4)
+    unmasked = {k: torch.ones_like(v) if "mask" in k else v for k, v in inputs.items()}
+    ignored = generate(pipe, "hunyuan", AT_HORIZON["hunyuan"], **unmasked)
+    assert (ignored - dense).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_beyond_the_horizon_the_plan_engages(saved_models, name, caplog):
+    pipe = load(saved_models, name)
+    dense = generate(pipe, name, BEYOND[name])
+    caplog.set_level(logging.INFO, logger="lvsa")
+    handle = lvsa.apply(pipe, lvsa.LVSASettings())
+    sparse = generate(pipe, name, BEYOND[name])
+    plan = handle.runtime.last_plan
+    assert plan.kfi > 1 and plan.density < 1
+    assert f"[LVSA] kfi={plan.kfi} global_count={len(plan.globals)}" in caplog.text
+    assert "extension_ratio=" in caplog.text
+    assert (sparse - dense).abs().max() > 1e-3
+    handle.remove()
+    torch.testing.assert_close(generate(pipe, name, BEYOND[name]), dense)  # remove() restores the model
+
+
+def test_rotation_advances_once_per_step(saved_models, monkeypatch):
+    """Wan runs the two CFG branches as two forwards per step; the plan is still built once per step."""
+    built = []
+    real_build = runtime_module.build_plan
+
+    def counting_build(*args, **kwargs):
+        built.append(kwargs["step"])
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(runtime_module, "build_plan", counting_build)
+    pipe = load(saved_models, "wan")
+    forwards = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
+    handle = lvsa.apply(pipe, lvsa.LVSASettings())
+    generate(pipe, "wan", BEYOND["wan"], steps=4)
+    assert len(forwards) == 8  # two per step: the rotation must not follow forwards
+    assert built == [0, 1, 2, 3]
+    assert handle.stats.steps == 4 and handle.stats.plan_builds == 4
+    generate(pipe, "wan", BEYOND["wan"], steps=4)  # a new generation starts again at step 0
+    assert handle.runtime.step == 3 and built == [0, 1, 2, 3]  # same steps: plans are reused, not rebuilt
+
+
+def test_without_rotation_one_plan_serves_every_step(saved_models, monkeypatch):
+    pipe = load(saved_models, "wan")
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(rotate_keyframes=False))
+    generate(pipe, "wan", BEYOND["wan"], steps=3)
+    assert handle.stats.plan_builds == 1 and not handle.runtime.last_plan.rotating
+
+
+def test_wrong_geometry_falls_back_loudly_or_fails(saved_models, monkeypatch, caplog):
+    pipe = load(saved_models, "wan")
+    dense = generate(pipe, "wan", BEYOND["wan"])
+    monkeypatch.setenv("LVSA_PATCHES_PER_FRAME", "7")
+    monkeypatch.setenv("LVSA_FALLBACK", "warn")
+    caplog.set_level(logging.INFO, logger="lvsa")
+    handle = lvsa.apply(pipe)
+    out = generate(pipe, "wan", BEYOND["wan"])
+    seq_len = 41 * 16
+    assert (f"[LVSA-FALLBACK] origin=blocks.0.attn1 reason=geometry_detect seq_len={seq_len} known_ppf=[7,16]"
+            in caplog.text)
+    assert caplog.text.count("[LVSA-FALLBACK]") == 1  # loud once, not once per layer call
+    assert handle.stats.fallback_calls > 0 and handle.stats.sparse_calls == 0
+    torch.testing.assert_close(out, dense)  # the fallback is the model's own attention
+    monkeypatch.setenv("LVSA_FALLBACK", "error")
+    lvsa.apply(pipe)
+    with pytest.raises(lvsa.GeometryError, match="reason=geometry_detect seq_len=656"):
+        generate(pipe, "wan", BEYOND["wan"])
+
+
+def test_a_reference_that_disagrees_with_the_model_is_warned_about(saved_models, caplog):
+    pipe = load(saved_models, "hunyuan")
+    caplog.set_level(logging.INFO, logger="lvsa")
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(reference_latent_frames=21))
+    assert "reference_latent_frames=21 (code) differs from the model's 33" in caplog.text
+    assert handle.runtime.knobs.reference_latent_frames == 21  # warned, not overridden
+
+
+def test_wan_2_2_pipelines_get_lvsa_on_both_transformers(saved_models):
+    from diffusers import WanPipeline
+
+    pipe = load(saved_models, "wan")
+    second = type(pipe.transformer).from_pretrained(saved_models["wan"] / "transformer")
+    two = WanPipeline(tokenizer=None, text_encoder=None, transformer=pipe.transformer, transformer_2=second,
+                      vae=pipe.vae, scheduler=pipe.scheduler, boundary_ratio=0.5)
+    two.set_progress_bar_config(disable=True)
+    dense = generate(two, "wan", AT_HORIZON["wan"], steps=4)
+    handle = lvsa.apply(two)
+    assert {"transformer.blocks.0.attn1", "transformer_2.blocks.1.attn1"} <= set(handle.layers)
+    out = generate(two, "wan", AT_HORIZON["wan"], steps=4)
+    torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-4)
+    assert handle.stats.steps == 4  # one step counter across both transformers
+    assert lvsa.remove(two) and handle_of(two) is None
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_riflex_changes_exactly_one_temporal_frequency(saved_models, name, monkeypatch):
+    pipe = load(saved_models, name)
+    adapter = adapter_named(name)
+    processor_class = type(adapter.make_processor(None, None, "probe"))
+    seen = []
+    real_call = processor_class.__call__
+
+    @functools.wraps(real_call)  # diffusers reads the processor's signature to pass its arguments
+    def spy(self, attn, hidden_states, *args, **kwargs):
+        names = list(real_call.__code__.co_varnames[3:real_call.__code__.co_argcount])
+        values = dict(zip(names, args)) | kwargs
+        seen.append(values[ROPE_ARGUMENT[name]])
+        return real_call(self, attn, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(processor_class, "__call__", spy)
+    tables = {}
+    for label, settings in {"plain": lvsa.LVSASettings(), "s1": lvsa.LVSASettings(riflex=True, riflex_s=1.0),
+                            "s2": lvsa.LVSASettings(riflex=True, riflex_s=2.0)}.items():
+        seen.clear()
+        lvsa.apply(pipe, settings)
+        generate(pipe, name, BEYOND[name], steps=1)
+        tables[label] = [t.reshape(-1, t.shape[-1]).clone() for t in seen[0]]
+    t_dim = adapter.temporal_rope(pipe.transformer).t_dim
+    for plain, same, changed in zip(tables["plain"], tables["s1"], tables["s2"]):
+        torch.testing.assert_close(same, plain, rtol=0, atol=0)  # s = 1: no change at all
+        columns = ((changed - plain).abs().amax(dim=0) > 1e-6).nonzero().flatten().tolist()
+        assert len(columns) == 2 and columns[1] == columns[0] + 1 and columns[0] % 2 == 0  # one frequency
+        assert columns[1] < t_dim  # and it is a temporal one
+
+
+def test_the_example_writes_an_mp4_with_every_frame(saved_models, tmp_path, monkeypatch, capsys):
+    imageio = pytest.importorskip("imageio")
+    monkeypatch.chdir(tmp_path)
+    code = main("wan", ["--model", str(saved_models["wan"]), "--num-frames", "17", "--steps", "2",
+                        "--lvsa", "--output-dir", "videos", "--output-name", "clip"])
+    assert code == 0
+    target = tmp_path / "videos" / "clip.mp4"
+    out = capsys.readouterr().out
+    assert f"output: {target}" in out and "s/step" in out and "memory:" in out
+    with imageio.get_reader(target) as reader:
+        assert reader.count_frames() == 17
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_example_saves_a_loadable_latent(saved_models, name, tmp_path):
+    code = main(name, ["--model", str(saved_models[name]), "--num-frames", str(AT_HORIZON[name]), "--steps", "1",
+                       "--lvsa", "--output-latent", "--output-dir", str(tmp_path), "--output-name", "latent",
+                       "--sparsity-scale", "0.5"])
+    assert code == 0
+    record = torch.load(tmp_path / "latent.pt")
+    assert record["num_frames"] == AT_HORIZON[name]
+    assert record["latent"].ndim == 5 and torch.isfinite(record["latent"]).all()
+    assert record["settings"]["sparsity_scale"] == 0.5 and record["settings"]["enabled"] is True
+
+
+def test_the_example_reads_lvsa_variables_and_rejects_bad_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LVSA_SPARSITY_SCALE", "-1")
+    assert main("cogvideox", ["--lvsa", "--steps", "1", "--num-frames", "9"]) == 2
+    assert "LVSA_SPARSITY_SCALE" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path):
+    from lvsa.files import atomic_write
+
+    def broken(path):
+        path.write_bytes(b"half a video")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "out.mp4", broken)
+    assert list(tmp_path.iterdir()) == []
