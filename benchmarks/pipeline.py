@@ -77,7 +77,8 @@ def hunyuan_case(small: bool, device: str, dtype: torch.dtype, frames: int, heig
     T = (frames - 1) // 4 + 1
     text, byt5 = 256, 64  # padded lengths; about two thirds valid, as in a real prompt
     inputs = {
-        "hidden_states": torch.randn(1, config["in_channels"], T, height // 16, width // 16, device=device, dtype=dtype),
+        "hidden_states": torch.randn(1, config["in_channels"], T, height // 16, width // 16, device=device,
+                                     dtype=dtype),
         "timestep": torch.tensor([999.0], device=device, dtype=dtype),  # its time embedder takes the model dtype
         "encoder_hidden_states": torch.randn(1, text, config["text_embed_dim"], device=device, dtype=dtype),
         "encoder_attention_mask": (torch.arange(text, device=device) < 170).long()[None],

@@ -12,12 +12,10 @@ import logging
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-
-import lvsa  # noqa: E402
-from lvsa.adapters import adapter_named, handle_of  # noqa: E402
-from lvsa.adapters import runtime as runtime_module  # noqa: E402
-from lvsa.generation import _load_pipeline, main  # noqa: E402
+import lvsa
+from lvsa.adapters import adapter_named, handle_of
+from lvsa.adapters import runtime as runtime_module
+from lvsa.generation import _load_pipeline, main
 
 FAMILIES = ["wan", "hunyuan", "cogvideox"]
 #: video frames at the training horizon (T = reference) and about twice beyond it
@@ -181,7 +179,7 @@ def test_riflex_changes_exactly_one_temporal_frequency(saved_models, name, monke
     @functools.wraps(real_call)  # diffusers reads the processor's signature to pass its arguments
     def spy(self, attn, hidden_states, *args, **kwargs):
         names = list(real_call.__code__.co_varnames[3:real_call.__code__.co_argcount])
-        values = dict(zip(names, args)) | kwargs
+        values = dict(zip(names, args, strict=False)) | kwargs
         seen.append(values[ROPE_ARGUMENT[name]])
         return real_call(self, attn, hidden_states, *args, **kwargs)
 
@@ -194,7 +192,7 @@ def test_riflex_changes_exactly_one_temporal_frequency(saved_models, name, monke
         generate(pipe, name, BEYOND[name], steps=1)
         tables[label] = [t.reshape(-1, t.shape[-1]).clone() for t in seen[0]]
     t_dim = adapter.temporal_rope(pipe.transformer).t_dim
-    for plain, same, changed in zip(tables["plain"], tables["s1"], tables["s2"]):
+    for plain, same, changed in zip(tables["plain"], tables["s1"], tables["s2"], strict=True):
         torch.testing.assert_close(same, plain, rtol=0, atol=0)  # s = 1: no change at all
         columns = ((changed - plain).abs().amax(dim=0) > 1e-6).nonzero().flatten().tolist()
         assert len(columns) == 2 and columns[1] == columns[0] + 1 and columns[0] % 2 == 0  # one frequency
@@ -202,7 +200,7 @@ def test_riflex_changes_exactly_one_temporal_frequency(saved_models, name, monke
 
 
 def test_the_example_writes_an_mp4_with_every_frame(saved_models, tmp_path, monkeypatch, capsys):
-    imageio = pytest.importorskip("imageio")
+    import imageio
     monkeypatch.chdir(tmp_path)
     code = main("wan", ["--model", str(saved_models["wan"]), "--num-frames", "17", "--steps", "2",
                         "--lvsa", "--output-dir", "videos", "--output-name", "clip"])
