@@ -30,6 +30,25 @@ class LatentGrid:
     patches_per_frame: int
 
 
+class LVSAProcessor:
+    """Base of the adapters' attention processors: the layer's name, the shared runtime, and the model's own
+    processor, which runs whatever lvsa cannot plan (after a loud fallback)."""
+
+    def __init__(self, original: Any, runtime: LVSARuntime, layer: str) -> None:
+        self.original = original
+        self.runtime = runtime
+        self.layer = layer
+
+
+def rewrite_rope_output(rope_module: Any, runtime: LVSARuntime, rope: TemporalRope) -> Any:
+    """RIFLEx for a model whose rope module returns ``(cos, sin)``: rewrite them as they come out."""
+
+    def rewrite(_module: Any, _args: Any, output: tuple[Any, Any]) -> Any:
+        return runtime.riflex_tables(*output, rope)
+
+    return rope_module.register_forward_hook(rewrite)
+
+
 class ModelAdapter(ABC):
     name: ClassVar[str]
     #: class names (diffusers' or subclasses') of the transformers this adapter handles

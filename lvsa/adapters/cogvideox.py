@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..geometry import FAMILIES, ModelFamily
 from ..riflex import TemporalRope
-from .base import LatentGrid, ModelAdapter
+from .base import LatentGrid, LVSAProcessor, ModelAdapter
 
 if TYPE_CHECKING:
     import torch
@@ -21,11 +21,7 @@ if TYPE_CHECKING:
 _COG_ROPE_THETA = 10000.0  # get_3d_rotary_pos_embed's default, which the pipeline uses
 
 
-class CogVideoXLVSAProcessor:
-    def __init__(self, original: Any, runtime: LVSARuntime, layer: str) -> None:
-        self.original = original
-        self.runtime = runtime
-        self.layer = layer
+class CogVideoXLVSAProcessor(LVSAProcessor):
 
     def __call__(
         self,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..geometry import FAMILIES, ModelFamily
 from ..riflex import TemporalRope
-from .base import LatentGrid, ModelAdapter
+from .base import LatentGrid, LVSAProcessor, ModelAdapter, rewrite_rope_output
 
 if TYPE_CHECKING:
     import torch
@@ -18,11 +18,7 @@ if TYPE_CHECKING:
     from .runtime import LVSARuntime
 
 
-class HunyuanVideo15LVSAProcessor:
-    def __init__(self, original: Any, runtime: LVSARuntime, layer: str) -> None:
-        self.original = original
-        self.runtime = runtime
-        self.layer = layer
+class HunyuanVideo15LVSAProcessor(LVSAProcessor):
 
     def __call__(
         self,
@@ -95,12 +91,7 @@ class HunyuanVideo15Adapter(ModelAdapter):
         return TemporalRope(float(transformer.rope.theta), transformer.rope.rope_dim[0])
 
     def install_riflex(self, transformer: Any, runtime: LVSARuntime) -> list[Any]:
-        rope = self.temporal_rope(transformer)
-
-        def rewrite(_module: Any, _args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
-            return runtime.riflex_tables(*output, rope)
-
-        return [transformer.rope.register_forward_hook(rewrite)]
+        return [rewrite_rope_output(transformer.rope, runtime, self.temporal_rope(transformer))]
 
     # -- the example script ------------------------------------------------------------------------
     def tiny_pipeline(self) -> Any:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..geometry import FAMILIES, ModelFamily
 from ..riflex import TemporalRope
-from .base import LatentGrid, ModelAdapter
+from .base import LatentGrid, LVSAProcessor, ModelAdapter, rewrite_rope_output
 
 if TYPE_CHECKING:
     import torch
@@ -39,13 +39,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out.type_as(x)
 
 
-class WanLVSAProcessor:
+class WanLVSAProcessor(LVSAProcessor):
     """Wan self-attention through lvsa; anything lvsa cannot plan goes to the original processor."""
-
-    def __init__(self, original: Any, runtime: LVSARuntime, layer: str) -> None:
-        self.original = original
-        self.runtime = runtime
-        self.layer = layer
 
     def __call__(
         self,
@@ -99,12 +94,7 @@ class WanAdapter(ModelAdapter):
         return TemporalRope(_WAN_ROPE_THETA, transformer.rope.t_dim)
 
     def install_riflex(self, transformer: Any, runtime: LVSARuntime) -> list[Any]:
-        rope = self.temporal_rope(transformer)
-
-        def rewrite(_module: Any, _args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
-            return runtime.riflex_tables(*output, rope)
-
-        return [transformer.rope.register_forward_hook(rewrite)]
+        return [rewrite_rope_output(transformer.rope, runtime, self.temporal_rope(transformer))]
 
     # -- the example script ------------------------------------------------------------------------
     def tiny_pipeline(self) -> Any:
