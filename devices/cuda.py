@@ -30,6 +30,11 @@ class CudaDevice(Device):
 
         torch.cuda.synchronize(index)
 
+    def set_device(self, index: int) -> None:
+        import torch
+
+        torch.cuda.set_device(index)
+
     def memory(self, index: int | None = None) -> MemoryStats:
         import torch
 

@@ -44,6 +44,9 @@ class NpuDevice(Device):
     def synchronize(self, index: int | None = None) -> None:
         torch_npu_module().npu.synchronize(index)
 
+    def set_device(self, index: int) -> None:
+        torch_npu_module().npu.set_device(index)
+
     def memory(self, index: int | None = None) -> MemoryStats:
         npu = torch_npu_module().npu
         return MemoryStats(

@@ -46,6 +46,11 @@ class Device(ABC):
     @abstractmethod
     def synchronize(self, index: int | None = None) -> None: ...
 
+    def set_device(self, index: int) -> None:
+        """Make device ``index`` this process's current one (one process per device under torchrun); a
+        device with one current device for all (the CPU) has nothing to do."""
+        return None
+
     @abstractmethod
     def memory(self, index: int | None = None) -> MemoryStats: ...
 

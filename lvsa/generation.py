@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,8 @@ def build_parser(adapter_name: str) -> argparse.ArgumentParser:
     out.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=True,
                      help="tiled and sliced VAE decoding where the VAE supports it")
     out.add_argument("--show-mask", action="store_true", help="print the frame mask of the first step")
+    run.add_argument("--ulysses-degree", type=int, default=1,
+                     help="context parallelism over N processes (torchrun --nproc-per-node N ... --ulysses-degree N)")
     add_cli_arguments(parser.add_argument_group("lvsa settings (each also read from its LVSA_* variable)"))
     return parser
 
@@ -83,24 +86,45 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
 
     import lvsa
 
+    from . import registry
+    from .adapters import transformers_of
     from .memory import MemorySampler, memory_report, summary_lines, write_report
 
     device_type, device = _pick_device(args.device)
+    rank, world = 0, 1
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.ulysses_degree > 1 or launched > 1:
+        if args.ulysses_degree != launched:
+            raise LVSAError(f"launched with {launched} process(es) but --ulysses-degree {args.ulysses_degree}: "
+                            f"use torchrun --nproc-per-node N ... --ulysses-degree N")
+        from .parallel import init_distributed
+
+        rank, world, local_rank = init_distributed(device_type)
+        if device_type != "cpu":
+            device = f"{device_type}:{local_rank}"
+    say = print if rank == 0 else _silent  # one process speaks and writes; every process computes
     dtype = getattr(torch, args.dtype or ("float32" if device_type == "cpu" else "bfloat16"))
     tiny = args.model is None
     frames = args.num_frames or (TINY_FRAMES if tiny else MODEL_FRAMES)[adapter.name]
     steps = args.steps or (TINY_DEFAULTS["steps"] if tiny else 50)
 
+    torch.manual_seed(args.seed)  # the small model's random weights: the same on every rank
     pipe = adapter.tiny_pipeline() if tiny else _load_pipeline(adapter, args.model, dtype)
     if tiny:
-        print(f"{PRINT_PREFIX} no --model given: using a small {type(pipe.transformer).__name__} with RANDOM "
-              "weights (the video is noise; pass --model PATH for real weights)")
+        say(f"{PRINT_PREFIX} no --model given: using a small {type(pipe.transformer).__name__} with RANDOM "
+            "weights (the video is noise; pass --model PATH for real weights)")
     if tiny and dtype != torch.float32:
         pipe.to(dtype=dtype)  # a loaded checkpoint got its dtype from from_pretrained
     pipe.to(device)
-    pipe.set_progress_bar_config(desc="denoising", disable=False)
+    pipe.set_progress_bar_config(desc="denoising", disable=rank != 0)
     if args.vae_tiling and not args.output_latent:
         _enable_vae_tiling(pipe.vae)
+    if world > 1:
+        from .parallel import enable_context_parallel
+
+        enable_context_parallel(pipe, args.ulysses_degree)
+        say(f"{PRINT_PREFIX} context parallel: Ulysses over {world} processes "
+            f"({registry.get_device(device_type).collective_backend})")
 
     family: ModelFamily = adapter.family(pipe.transformer)
     height = args.height or (TINY_DEFAULTS["height"] if tiny else family.default_height)
@@ -114,12 +138,10 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
     handle = None
     if settings.enabled or settings.riflex:
         handle = lvsa.apply(pipe, settings, sparse=settings.enabled)
-        _print_plan(handle, pipe, family, frames, height, width, args.show_mask)
+        if rank == 0:
+            _print_plan(handle, pipe, family, frames, height, width, args.show_mask)
     else:
-        print(f"{PRINT_PREFIX} dense attention (the model's own); add --lvsa for sparse attention")
-
-    from . import registry
-    from .adapters import transformers_of
+        say(f"{PRINT_PREFIX} dense attention (the model's own); add --lvsa for sparse attention")
 
     device_module = registry.get_device(device_type) or registry.get_device("cpu")
     forward_ends: list[float] = []
@@ -152,24 +174,42 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
     for hook in timing_hooks:
         hook.remove()
 
+    report = memory_report(device_module, sampler)
+    reports = _gather_reports(report, world)  # every rank's memory, for the report rank 0 writes
+    if rank != 0:
+        return 0
     if args.output_latent:
         atomic_write(target, lambda path: torch.save(_latent_record(result, frames, height, width, settings,
-                                                                        adapter.name, args.model), path))
+                                                                       adapter.name, args.model), path))
     else:
         _write_mp4(result[0], target, args.fps)
-    report = memory_report(device_module, sampler)
-    report_path = write_report(report, target.with_suffix(".memory.json"))
+    report_path = write_report(report if world == 1 else {"ranks": reports}, target.with_suffix(".memory.json"))
     if handle is not None:
         stats = handle.stats
-        print(f"{PRINT_PREFIX} lvsa: {stats.sparse_calls} layer calls sparse, {stats.fallback_calls} fell back, "
-              f"{stats.plan_builds} plans built over {stats.steps} steps")
-    print(f"{PRINT_PREFIX} output: {target}")
-    print(f"{PRINT_PREFIX} wall time {wall:.1f} s, {denoise / max(steps, 1):.2f} s/step over {steps} steps "
-          f"({mode}, {device}, {str(dtype).removeprefix('torch.')})")
-    for line in summary_lines(report):
-        print(f"{PRINT_PREFIX} {line}")
-    print(f"{PRINT_PREFIX} memory report: {report_path}")
+        say(f"{PRINT_PREFIX} lvsa: {stats.sparse_calls} layer calls sparse, {stats.fallback_calls} fell back, "
+            f"{stats.plan_builds} plans built over {stats.steps} steps")
+    say(f"{PRINT_PREFIX} output: {target}")
+    say(f"{PRINT_PREFIX} wall time {wall:.1f} s, {denoise / max(steps, 1):.2f} s/step over {steps} steps "
+        f"({mode}, {device}{f' x {world} processes' if world > 1 else ''}, {str(dtype).removeprefix('torch.')})")
+    for index, each in enumerate(reports):
+        for line in summary_lines(each):
+            say(f"{PRINT_PREFIX} {f'rank {index}: ' if world > 1 else ''}{line}")
+    say(f"{PRINT_PREFIX} memory report: {report_path}")
     return 0
+
+
+def _silent(*_: Any, **__: Any) -> None:
+    pass
+
+
+def _gather_reports(report: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    if world == 1:
+        return [report]
+    import torch.distributed as dist
+
+    reports: list[Any] = [None] * world
+    dist.all_gather_object(reports, report)
+    return reports
 
 
 def _pick_device(requested: str | None) -> tuple[str, str]:

@@ -11,6 +11,19 @@ import sys
 logger = logging.getLogger("lvsa")
 
 
+class _RankZeroOnly(logging.Filter):
+    """Under torch.distributed only rank 0 logs: one set of [LVSA] lines per run, not one per GPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        distributed = sys.modules.get("torch.distributed")
+        if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+            return True
+        return distributed.get_rank() == 0
+
+
+logger.addFilter(_RankZeroOnly())
+
+
 def info(message: str) -> None:
     logger.info("[LVSA] %s", message)
 

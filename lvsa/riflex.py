@@ -47,23 +47,30 @@ def rewrite_tables(
     rope: TemporalRope,
     training_length: int,
     s: float,
+    *,
+    total_tokens: int | None = None,
+    token_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the ``(cos, sin)`` tables with RIFLEx applied (new tensors; the inputs are left alone).
 
     ``cos``/``sin`` hold one row per video token (any leading or middle singleton axes, last axis the head
-    dimension), frame-major: token ``i`` sits at temporal position ``i // (tokens / latent_frames)``."""
+    dimension), frame-major: token ``i`` sits at temporal position ``i // (tokens / latent_frames)``. A
+    table that holds only a shard of the tokens (context parallelism) gives ``total_tokens`` and the index
+    of its first row, ``token_offset``."""
     if s <= 0:
         raise ConfigError(f"riflex_s={s}: must be > 0")
     if s == 1:
         return cos, sin
     head_dim = cos.shape[-1]
     tokens = cos.numel() // head_dim
-    if tokens % latent_frames:
-        raise ConfigError(f"RIFLEx: {tokens} rotary rows do not split into {latent_frames} latent frames")
+    total = total_tokens or tokens
+    if total % latent_frames:
+        raise ConfigError(f"RIFLEx: {total} rotary rows do not split into {latent_frames} latent frames")
     k = frequency_index(rope, training_length)
     import torch
 
-    positions = torch.arange(tokens, device=cos.device, dtype=torch.float64) // (tokens // latent_frames)
+    rows = torch.arange(token_offset, token_offset + tokens, device=cos.device, dtype=torch.float64)
+    positions = rows // (total // latent_frames)
     angle = positions * new_frequency(training_length, s)
     shape = cos.shape
     cos, sin = cos.reshape(tokens, head_dim).clone(), sin.reshape(tokens, head_dim).clone()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import log
 from ..errors import ConfigError
+from ..parallel import ulysses_group_of
 from .base import LatentGrid, ModelAdapter
 from .runtime import LVSARuntime, RuntimeStats
 
@@ -117,7 +118,7 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         hidden_states = adapter.forward_argument("hidden_states", args, kwargs)
         grid: LatentGrid = adapter.latent_grid(module, hidden_states)
-        runtime.begin_forward(grid, adapter.forward_argument("timestep", args, kwargs))
+        runtime.begin_forward(grid, adapter.forward_argument("timestep", args, kwargs), ulysses_group_of(module))
 
     try:
         for index, transformer in enumerate(transformers):

@@ -85,6 +85,21 @@ class ModelAdapter(ABC):
         index = self.forward_positions[name]
         return args[index] if index < len(args) else None
 
+    # -- context parallelism -----------------------------------------------------------------------
+    def cp_plan(self, transformer: Any) -> dict[str, Any] | None:
+        """diffusers' sharding plan for ``enable_parallelism``: ``None`` keeps the model's own ``_cp_plan``."""
+        return None
+
+    def check_context_parallel(self, transformer: Any, degree: int) -> None:
+        from ..errors import ConfigError
+
+        heads = transformer.config.num_attention_heads
+        if heads % degree:
+            raise ConfigError(f"{type(transformer).__name__} has {heads} attention heads, which do not split over "
+                              f"ulysses_degree={degree}; use a degree that divides {heads}")
+        if self.cp_plan(transformer) is None and getattr(transformer, "_cp_plan", None) is None:
+            raise ConfigError(f"{type(transformer).__name__} has no context-parallel plan")
+
     # -- RIFLEx ------------------------------------------------------------------------------------
     @abstractmethod
     def temporal_rope(self, transformer: Any) -> TemporalRope | None:

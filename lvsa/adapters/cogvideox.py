@@ -31,35 +31,35 @@ class CogVideoXLVSAProcessor(LVSAProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
         from diffusers.models.embeddings import apply_rotary_emb
 
         text = encoder_hidden_states.size(1)
+        runtime = self.runtime
+        seq_len = runtime.video_tokens(hidden_states.shape[1]) + text
         plan = None
         if attention_mask is None:
-            plan = self.runtime.plan_for(self.layer, hidden_states.shape[1] + text, text_tokens=text,
-                                         text_position="before")
+            plan = runtime.plan_for(self.layer, seq_len, text_tokens=text, text_position="before")
         else:
-            self.runtime.unsupported(self.layer, "attention_mask", hidden_states.shape[1] + text,
-                                     "CogVideoX was given a full attention mask")
+            runtime.unsupported(self.layer, "attention_mask", seq_len, "CogVideoX was given a full attention mask")
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch = hidden_states.shape[0]
-        query, key, value = (proj(hidden_states).view(batch, -1, attn.heads, attn.inner_dim // attn.heads)
-                             for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        head_dim = attn.inner_dim // attn.heads
+
+        def project(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            batch = states.shape[0]
+            q, k, v = (proj(states).view(batch, -1, attn.heads, head_dim) for proj in (attn.to_q, attn.to_k, attn.to_v))
+            if attn.norm_q is not None:
+                q = attn.norm_q(q)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+            return q, k, v
+
+        video_q, video_k, video_v = project(hidden_states)
         if image_rotary_emb is not None:
-            query = torch.cat([query[:, :text], apply_rotary_emb(query[:, text:], image_rotary_emb,
-                                                                 sequence_dim=1)], dim=1)
-            key = torch.cat([key[:, :text], apply_rotary_emb(key[:, text:], image_rotary_emb, sequence_dim=1)],
-                            dim=1)
-        out = self.runtime.attention(query, key, value, plan)
-        out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3)))
-        text_out, video = out.split([text, out.size(1) - text], dim=1)
+            video_q = apply_rotary_emb(video_q, image_rotary_emb, sequence_dim=1)
+            video_k = apply_rotary_emb(video_k, image_rotary_emb, sequence_dim=1)
+        video, text_out = runtime.attention((video_q, video_k, video_v), project(encoder_hidden_states), plan)
+        video, text_out = (attn.to_out[1](attn.to_out[0](t.flatten(2, 3))) for t in (video, text_out))
         return video, text_out
 
 
@@ -82,6 +82,20 @@ class CogVideoXAdapter(ModelAdapter):
 
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         return CogVideoXLVSAProcessor(original, runtime, layer)
+
+    def cp_plan(self, transformer: Any) -> dict[str, Any]:
+        # diffusers ships none for this model: shard the video tokens and the rotary tables the pipeline
+        # passes in, keep the text whole on every rank, gather after the last projection
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        plan: dict[str, Any] = {
+            "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
+        if transformer.config.use_rotary_positional_embeddings:
+            rows = ContextParallelInput(split_dim=0, expected_dims=2)
+            plan[""] = {"image_rotary_emb": [rows, rows]}
+        return plan
 
     def temporal_rope(self, transformer: Any) -> TemporalRope | None:
         if not transformer.config.use_rotary_positional_embeddings:
@@ -109,7 +123,7 @@ class CogVideoXAdapter(ModelAdapter):
         from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler
 
         transformer = CogVideoXTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=2,
+            num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=2,
             text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=49, patch_size=2,
             temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
         )

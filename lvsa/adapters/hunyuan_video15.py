@@ -31,8 +31,9 @@ class HunyuanVideo15LVSAProcessor(LVSAProcessor):
         from diffusers.models.embeddings import apply_rotary_emb
 
         text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        plan = self.runtime.plan_for(self.layer, hidden_states.shape[1] + text, text_tokens=text,
-                                     text_position="after")
+        runtime = self.runtime
+        plan = runtime.plan_for(self.layer, runtime.video_tokens(hidden_states.shape[1]) + text, text_tokens=text,
+                                text_position="after")
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         heads = attn.heads
@@ -42,27 +43,24 @@ class HunyuanVideo15LVSAProcessor(LVSAProcessor):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        padding = None
+        text_qkv, padding = None, None
         if text:
-            import torch
-
             text_q, text_k, text_v = (proj(encoder_hidden_states).unflatten(2, (heads, -1))
                                       for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             if attn.norm_added_q is not None:
                 text_q = attn.norm_added_q(text_q)
             if attn.norm_added_k is not None:
                 text_k = attn.norm_added_k(text_k)
-            query, key, value = (torch.cat(pair, dim=1) for pair in
-                                 ((query, text_q), (key, text_k), (value, text_v)))
+            text_qkv = (text_q, text_k, text_v)
             if attention_mask is not None:
                 padding = attention_mask[:, -text:].bool()
-        out = self.runtime.attention(query, key, value, plan, key_padding_mask=padding)
-        out = out.flatten(2, 3).to(query.dtype)
-        if not text:
-            return attn.to_out[1](attn.to_out[0](out)), encoder_hidden_states
-        video, text_out = out[:, :-text], out[:, -text:]
+        video, text_out = runtime.attention((query, key, value), text_qkv, plan, key_padding_mask=padding)
+        video = video.flatten(2, 3).to(query.dtype)
         if getattr(attn, "to_out", None) is not None:
             video = attn.to_out[1](attn.to_out[0](video))
+        if text_out is None:
+            return video, encoder_hidden_states
+        text_out = text_out.flatten(2, 3).to(query.dtype)
         if getattr(attn, "to_add_out", None) is not None:
             text_out = attn.to_add_out(text_out)
         return video, text_out
@@ -87,6 +85,18 @@ class HunyuanVideo15Adapter(ModelAdapter):
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         return HunyuanVideo15LVSAProcessor(original, runtime, layer)
 
+    def cp_plan(self, transformer: Any) -> dict[str, Any]:
+        # diffusers ships none for this model: shard the video tokens and their rotary tables, keep the text
+        # whole on every rank (lvsa's processor takes its heads), gather after the last projection
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        rows = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+        return {
+            "rope": {0: rows, 1: rows},
+            "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
+
     def temporal_rope(self, transformer: Any) -> TemporalRope:
         return TemporalRope(float(transformer.rope.theta), transformer.rope.rope_dim[0])
 
@@ -104,7 +114,7 @@ class HunyuanVideo15Adapter(ModelAdapter):
         from diffusers.guiders import ClassifierFreeGuidance
 
         transformer = HunyuanVideo15Transformer3DModel(
-            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            in_channels=9, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
             num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
             text_embed_2_dim=32, image_embed_dim=12, rope_axes_dim=(8, 4, 4), target_size=16, task_type="t2v",
         )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import log
 from ..errors import GeometryError
 from ..geometry import ModelFamily, patches_per_frame
+from ..parallel import UlyssesGroup, gather_heads, heads_to_sequence, local_heads, sequence_to_heads
 from ..plan import PatternKnobs, SparsePlan, build_plan, keyframe_interval, resolve_knobs
 from ..riflex import TemporalRope, rewrite_tables
 from .base import LatentGrid
@@ -32,6 +33,7 @@ class RuntimeStats:
     sparse_calls: int = 0  # layer calls that ran through an lvsa driver
     fallback_calls: int = 0  # layer calls handed back to the model's own attention
     fallback_reasons: dict[str, int] = field(default_factory=dict)
+    ulysses_degree: int = 1  # the context-parallel degree of the last forward
 
 
 class LVSARuntime:
@@ -44,6 +46,7 @@ class LVSARuntime:
         self.knobs: PatternKnobs = resolve_knobs(settings, family, self.vae_temporal_factor)
         self.stats = RuntimeStats()
         self.grid: LatentGrid | None = None
+        self.ulysses: UlyssesGroup | None = None  # set while the transformer runs context-parallel
         self.step = 0
         self.last_plan: SparsePlan | None = None
         self._last_timestep: float | None = None
@@ -52,7 +55,12 @@ class LVSARuntime:
         self._lock = threading.Lock()
 
     # -- per forward -------------------------------------------------------------------------------
-    def begin_forward(self, grid: LatentGrid, timestep: Any) -> None:
+    def begin_forward(self, grid: LatentGrid, timestep: Any, ulysses: UlyssesGroup | None = None) -> None:
+        if ulysses is not None:
+            ulysses.check_tokens(grid.latent_frames * grid.patches_per_frame, grid.latent_frames,
+                                 grid.patches_per_frame)
+        self.ulysses = ulysses
+        self.stats.ulysses_degree = ulysses.degree if ulysses else 1
         value = _timestep_value(timestep)
         with self._lock:
             if value is not None and value != self._last_timestep:
@@ -110,18 +118,56 @@ class LVSARuntime:
         self.stats.sparse_calls += 1
         return plan
 
-    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: SparsePlan,
-                  key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def video_tokens(self, local_tokens: int) -> int:
+        """The whole video's token count from a layer's (possibly sequence-sharded) share of it."""
+        return local_tokens * (self.ulysses.degree if self.ulysses else 1)
+
+    def attention(
+        self,
+        video: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        plan: SparsePlan,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the video (and text) ``[B, S, H, D]`` queries, keys and values under ``plan``; returns
+        the video and text outputs. Under Ulysses the video arrives and leaves as sequence shards and the
+        text whole; in between every rank runs the whole sequence for its heads."""
+        import torch
+
         from ..dispatch import sparse_attention
 
-        return sparse_attention(query, key, value, plan, key_padding_mask=key_padding_mask, settings=self.settings)
+        ulysses = self.ulysses
+        if ulysses is not None:
+            ulysses.check_heads(video[0].shape[2], self.adapter_name)
+            video = tuple(sequence_to_heads(t, ulysses) for t in video)
+            if text is not None:
+                text = tuple(local_heads(t, ulysses) for t in text)
+        video_len = video[0].shape[1]
+        if text is None:
+            q, k, v = video
+        else:
+            first, second = (video, text) if plan.text_position == "after" else (text, video)
+            q, k, v = (torch.cat([a, b], dim=1) for a, b in zip(first, second, strict=True))
+        out = sparse_attention(q, k, v, plan, key_padding_mask=key_padding_mask, settings=self.settings)
+        text_out = None
+        if text is None:
+            video_out = out
+        elif plan.text_position == "after":
+            video_out, text_out = out[:, :video_len], out[:, video_len:]
+        else:
+            text_out, video_out = out[:, :-video_len], out[:, -video_len:]
+        if ulysses is not None:
+            video_out = heads_to_sequence(video_out, ulysses)
+            text_out = gather_heads(text_out, ulysses) if text_out is not None else None
+        return video_out, text_out
 
     def unsupported(self, origin: str, reason: str, seq_len: int, detail: str, **fields: Any) -> None:
         """A layer lvsa cannot plan: an error under ``fallback=error``, else one loud line per kind of
         problem and the model's own attention."""
         if "known_ppf" not in fields and self.grid is not None:
             fields["known_ppf"] = [self.grid.patches_per_frame]
-        if self.settings.fallback == "error":
+        # under context parallelism the model's own attention would see lvsa's sharding: never fall back there
+        if self.settings.fallback == "error" or self.ulysses is not None:
             raise GeometryError(
                 f"[LVSA-FALLBACK] origin={origin} reason={reason} seq_len={seq_len}: {detail}. "
                 "Check the geometry overrides (LVSA_PATCHES_PER_FRAME, LVSA_VIDEO_HEIGHT/WIDTH, "
@@ -147,7 +193,13 @@ class LVSARuntime:
         if grid is None:
             raise GeometryError("RIFLEx: the rotary tables were built before the transformer's forward hook ran")
         s = self.riflex_factor(grid.latent_frames)
-        return rewrite_tables(cos, sin, grid.latent_frames, rope, self.knobs.reference_latent_frames, s)
+        total = grid.latent_frames * grid.patches_per_frame
+        rows = cos.numel() // cos.shape[-1]
+        offset = 0
+        if rows != total and self.ulysses is not None and rows * self.ulysses.degree == total:
+            offset = self.ulysses.rank * rows  # this rank's sequence shard of the table
+        return rewrite_tables(cos, sin, grid.latent_frames, rope, self.knobs.reference_latent_frames, s,
+                              total_tokens=total, token_offset=offset)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _planned_patches_per_frame(self, grid: LatentGrid) -> int:

@@ -53,7 +53,7 @@ class WanLVSAProcessor(LVSAProcessor):
     ) -> torch.Tensor:
         plan = None
         if encoder_hidden_states is None and attention_mask is None:
-            plan = self.runtime.plan_for(self.layer, hidden_states.shape[1])
+            plan = self.runtime.plan_for(self.layer, self.runtime.video_tokens(hidden_states.shape[1]))
         else:
             self.runtime.unsupported(self.layer, "unexpected_inputs", hidden_states.shape[1],
                                      "attn1 was called with encoder states or a mask")
@@ -64,7 +64,7 @@ class WanLVSAProcessor(LVSAProcessor):
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
-        out = self.runtime.attention(query, key, value, plan)
+        out, _ = self.runtime.attention((query, key, value), None, plan)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -103,7 +103,7 @@ class WanAdapter(ModelAdapter):
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])
         transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=16, out_channels=16,
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=16, out_channels=16,
             text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
         )
