@@ -39,3 +39,23 @@ def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     assert by_key[("wan-small", 161, "sdpa")]["density"] < 0.6  # 2x: about half the frames
     assert by_key[("hunyuan-small", 161, "dense")]["speedup"] == 1.0
     assert all(r["ms"] > 0 and r["peak_gib"] > 0 for r in rows)
+
+
+def test_multi_device_benchmark_runs_on_two_cpu_processes(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    report = tmp_path / "multi.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(port), str(BENCHMARKS / "multi_device.py"), "--device", "cpu", "--small",
+         "--cases", "wan@161", "--repeats", "1", "--json", str(report)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(report.read_text())
+    assert {(r["devices"], r["method"]) for r in rows} == {(1, "dense"), (1, "lvsa sdpa"), (2, "dense"),
+                                                           (2, "lvsa sdpa")}
+    assert all(r["ulysses_degree"] == r["devices"] for r in rows)  # the 2-process rows really ran sharded
