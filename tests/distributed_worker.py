@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 import lvsa
 from lvsa.adapters import adapter_named
@@ -30,6 +31,7 @@ def main(models: Path, out: Path, families: list[str], backends: list[str], fram
                 latent = pipe(**call).frames
             if rank == 0:
                 torch.save({"latent": latent, "ulysses_degree": handle.stats.ulysses_degree,
+                            "collective_backend": torch.distributed.get_backend(),
                             "sparse_calls": handle.stats.sparse_calls, "density": handle.runtime.last_plan.density},
                            out / f"{name}-{backend}.pt")
 

@@ -63,6 +63,7 @@ def test_context_parallel_equals_one_process(saved_models, tmp_path, processes):
             parallel = torch.load(tmp_path / f"{name}-{backend}.pt")
             assert parallel["ulysses_degree"] == processes and parallel["sparse_calls"] > 0
             assert parallel["density"] < 1
+            assert parallel["collective_backend"] == "gloo"  # chosen by the cpu device module
             expected = single_process(saved_models, name, backend)
             torch.testing.assert_close(parallel["latent"], expected, rtol=1e-4, atol=1e-4,
                                        msg=lambda m, n=name, b=backend: f"{n} with {b}: {m}")
