@@ -153,12 +153,11 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
     timing_hooks = [t.register_forward_hook(after_forward) for t in transformers_of(pipe)]
     device_module.reset_peak()
     prompt_inputs = {  # random embeddings are made on the CPU: give them the model's device and dtype
-        key: value.to(device, dtype) if torch.is_floating_point(value) else value.to(device)
+        key: (value.to(device, dtype) if torch.is_floating_point(value) else value.to(device))
+        if torch.is_tensor(value) else value
         for key, value in adapter.pipeline_inputs(pipe, args.prompt, args.seed).items()
-        if torch.is_tensor(value)
     }
     call = {
-        **adapter.pipeline_inputs(pipe, args.prompt, args.seed),
         **prompt_inputs,
         **adapter.call_arguments(pipe, args.guidance),
         "height": height, "width": width, "num_frames": frames, "num_inference_steps": steps,

@@ -242,3 +242,16 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(OSError):
         atomic_write(tmp_path / "out.mp4", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_custom_loop_can_set_the_step(saved_models):
+    from lvsa.adapters.base import LatentGrid
+
+    handle = lvsa.apply(load(saved_models, "wan"))
+    runtime = handle.runtime
+    runtime.set_step(5)
+    runtime.begin_forward(LatentGrid(41, 16), torch.tensor([500.0]))
+    assert runtime.step == 5  # the timestep seen after set_step does not restart the count
+    runtime.begin_forward(LatentGrid(41, 16), torch.tensor([400.0]))
+    assert runtime.step == 6
+    assert runtime.plan_for("probe", 41 * 16).step == 6

@@ -50,6 +50,9 @@ class LVSARuntime:
         self.step = 0
         self.last_plan: SparsePlan | None = None
         self._last_timestep: float | None = None
+        self._step_pinned = False
+        self._planned_ppf = 0
+        self._plan_step = 0
         self._plans: dict[tuple[Any, ...], SparsePlan] = {}
         self._warned: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
@@ -64,23 +67,29 @@ class LVSARuntime:
         value = _timestep_value(timestep)
         with self._lock:
             if value is not None and value != self._last_timestep:
-                if self._last_timestep is None or value > self._last_timestep:
+                if self._step_pinned:
+                    self._step_pinned = False  # set_step chose this step: this timestep is its reference
+                elif self._last_timestep is None or value > self._last_timestep:
                     self.step = 0
                 else:
                     self.step += 1
                 self.stats.steps += 1
                 self._last_timestep = value
             self.grid = grid
+            # what every layer of this forward asks: worked out once here, not per layer call
+            self._planned_ppf = self._planned_patches_per_frame(grid)
+            self._plan_step = self.step if self._rotates(grid.latent_frames) else 0
 
     def set_step(self, step: int) -> None:
         """For custom denoising loops: the step that the next forwards belong to."""
         with self._lock:
             self.step = step
             self._last_timestep = None
+            self._step_pinned = True
 
     def reset(self) -> None:
         with self._lock:
-            self.step, self._last_timestep, self.grid = 0, None, None
+            self.step, self._last_timestep, self.grid, self._step_pinned = 0, None, None, False
             self._plans.clear()
 
     # -- per layer ---------------------------------------------------------------------------------
@@ -92,7 +101,7 @@ class LVSARuntime:
             self.unsupported(origin, "no_t_lat", seq_len, "the transformer's forward hook did not run "
                              "(was the layer called outside the transformer?)")
             return None
-        ppf = self._planned_patches_per_frame(grid)
+        ppf = self._planned_ppf
         if grid.latent_frames * ppf + text_tokens != seq_len:
             known = sorted({ppf, grid.patches_per_frame})
             self.unsupported(
@@ -101,7 +110,7 @@ class LVSARuntime:
                 known_ppf=known,
             )
             return None
-        step = self.step if self._rotates(grid.latent_frames) else 0
+        step = self._plan_step
         key = (grid.latent_frames, ppf, text_tokens, text_position, step)
         plan = self._plans.get(key)
         if plan is None:
