@@ -7,20 +7,43 @@ needs each partial result's log-sum-exp. FIA returns it directly (``softmax_lse_
 ``npu_fusion_attention`` is the training op and returns the softmax max and sum in 8-wide blocks instead.
 Neither op takes a block-sparse mask, and a token mask at video lengths (S x S) would not fit.
 
-The op's traps, handled here: layout BSND is diffusers' ``[batch, seq, heads, head_dim]`` as is; inputs
-must be contiguous; ``scale`` defaults to 1.0, so 1/sqrt(head_dim) is always passed; ``atten_mask``
-marks what is **excluded** (True = not computed), the opposite of lvsa's key_padding_mask (True = keep),
-so the padding mask is inverted once, in :func:`excluded_keys`; a fully excluded row would be garbage, so
-masked calls ask for the op's invalid-row correction (``inner_precise=2``).
+The op's contract, kept here (sources: Ascend op-plugin ``docs/zh/custom_APIs/torch_npu/
+torch_npu-npu_fused_infer_attention_score.md``, its binding schema ``op_plugin/config/op_plugin_functions.yaml``,
+ops-transformer ``aclnnFusedInferAttentionScoreV4.md``; ``tests/fakes/torch_npu.py`` enforces each rule):
 
-Not verified on Ascend hardware: tested against a CPU emulation of the op's documented semantics
+- layout BSND is diffusers' ``[batch, seq, heads, head_dim]`` as is; inputs must be contiguous;
+- ``scale`` defaults to 1.0, so 1/sqrt(head_dim) is always passed;
+- ``atten_mask`` marks what is **excluded** (True = not computed), the opposite of lvsa's key_padding_mask
+  (True = keep), so the padding mask is inverted once, in :func:`excluded_keys`, and shaped for the branch:
+  ``(B, 1, Q_S, KV_S)`` when Q_S > 1 (prompt branch), ``(B, KV_S)`` when Q_S == 1 (single-query branch);
+- ``inner_precise`` is 2 (row correction) for masked calls with Q_S > 1, and 0 when Q_S == 1, the only
+  values that branch accepts besides 1;
+- a sample whose keys are all masked (an empty negative prompt padded to the text length) is not attended
+  at all: :func:`fused_attention` gives its rows ``lse = -inf`` and zeros from the mask alone, whatever the op
+  returns for them (``+inf`` under the row correction; undefined in the single-query branch);
+- at most 65536 batch entries per call (B axis limit): the frame chunks of the window calls are capped.
+
+Why not ``npu_block_sparse_attention`` (CANN 9.0, Atlas A2/A3) for the video part: it takes an int8 mask of
+(query block x key block) cells with a block shape whose key side is a multiple of 128, head dim 64 or 128,
+and returns the log-sum-exp; it has no token-level mask inside a block. lvsa's plans are frame-aligned, and
+a frame is P tokens (Wan 480p: 1560 = 12 x 128 + 24; HunyuanVideo 1.5: 1590): a key block that straddles a
+frame boundary holds keys of an attended and of a non-attended frame, so a block mask can only over-attend
+(a superset of the plan) or drop attended keys. Making it exact would need each frame padded to a multiple
+of 128 keys, and the padded keys would still be attended (no per-token mask, and ``actual_seq_lengths_kv``
+cuts only the end of each batch entry), or the boundary blocks computed a second time by FIA and merged,
+which costs what the block-sparse op would save and doubles the code that no Ascend host here can check.
+The exact path therefore stays the FIA split. The block-sparse op would be worth it for plans whose P is a
+multiple of 128, and the default resolutions give none (Wan 480p 1560, 720p 3600; CogVideoX 1350;
+HunyuanVideo 1.5 480p 1590).
+
+Not verified on Ascend hardware: tested against a strict CPU emulation of the op's documented contract
 (``tests/fakes/torch_npu.py``); ``tox -e npu`` runs the same parity matrix on a real host."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,6 +51,9 @@ from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.plan import SparsePlan
 
 from . import partial, split
+
+#: the op's B axis limit ("各轴取值范围速查": B <= 65536)
+MAX_BATCH = 65536
 
 INSTALL_HINT = "pip install 'lvsa[npu]' on a host with the CANN toolkit, then source its set_env.sh"
 
@@ -41,29 +67,41 @@ class NpuPrepared:
 
 
 def excluded_keys(key_mask: torch.Tensor, queries: int) -> torch.Tensor:
-    """lvsa's ``[B, L]`` keep-mask as FIA's ``atten_mask``: ``(B, 1, Q_S, KV_S)`` bool, True = excluded."""
+    """lvsa's ``[B, L]`` keep-mask as FIA's ``atten_mask`` (bool, True = excluded), in the shape the op's
+    branch takes: ``(B, 1, Q_S, KV_S)`` for the prompt branch (Q_S > 1), ``(B, KV_S)`` for the single-query
+    branch (Q_S == 1), which documents only ``(B, KV_S)``-style masks."""
+    excluded = ~key_mask.bool()
+    if queries == 1:
+        return excluded.contiguous()
     B, L = key_mask.shape
-    return (~key_mask.bool())[:, None, None, :].expand(B, 1, queries, L).contiguous()
+    return excluded[:, None, None, :].expand(B, 1, queries, L).contiguous()
 
 
 def fused_attention(q, k, v, key_mask=None, scale=None):
-    """FIA over ``[B, S, H, D]`` tensors (GQA allowed): ``(out [B, S, Hq, D], lse [B, Hq, S])``."""
+    """FIA over ``[B, S, H, D]`` tensors (GQA allowed): ``(out [B, S, Hq, D], lse [B, Hq, S])``.
+
+    A sample whose keys are all masked has no attention over this key set: its rows come back with
+    ``lse = -inf`` and a zero output, so that the log-sum-exp merge gives them no weight. The op's own value
+    for such rows is not used: under the row correction (``inner_precise=2``, Q_S > 1) it is the documented
+    ``+inf`` ("invalid data"), which the merge would read as all the weight; the single-query branch (Q_S ==
+    1) has no row correction (``inner_precise`` only 0 or 1 there) and leaves such rows undefined."""
     import torch_npu
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    Hq, D = q.shape[2], q.shape[3]
+    queries, Hq, D = q.shape[1], q.shape[2], q.shape[3]
+    masked = key_mask is not None
     out, lse = torch_npu.npu_fused_infer_attention_score(
         q, k, v,
-        atten_mask=None if key_mask is None else excluded_keys(key_mask, q.shape[1]),
+        atten_mask=excluded_keys(key_mask, queries) if masked else None,
         num_heads=Hq,
         num_key_value_heads=k.shape[2],
         input_layout="BSND",
         scale=scale if scale is not None else 1.0 / math.sqrt(D),
         sparse_mode=0,
-        inner_precise=2 if key_mask is not None else 0,
+        inner_precise=2 if masked and queries > 1 else 0,
         softmax_lse_flag=True,
     )
-    return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2])
+    return partial.without_empty_samples(out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]), key_mask)
 
 
 class NpuDriver(Driver):
@@ -110,6 +148,8 @@ class NpuDriver(Driver):
         index = None
         if not plan.is_dense:
             index = split.build_index(plan, problem, self.gather_budget_bytes, expanded_heads=False)
+            # the window calls batch B x frames-per-chunk entries; the op takes at most MAX_BATCH
+            index = replace(index, frames_per_chunk=max(1, min(index.frames_per_chunk, MAX_BATCH // problem.batch)))
         return NpuPrepared(plan, index, video, text)
 
     def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):

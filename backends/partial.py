@@ -121,6 +121,24 @@ def _flash(qt, kt, vt, bias, scale):
 _CUDA_KERNELS = {"cudnn": _cudnn, "efficient": _efficient, "flash": _flash}
 
 
+def without_empty_samples(
+    out: torch.Tensor, lse: torch.Tensor, key_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partial over a masked key set, with the samples that kept no key made empty: ``lse = -inf`` and a
+    zero output, so that :func:`merge` gives them no weight.
+
+    Kernels disagree on such rows (torch's CPU and CUDA kernels: -inf or NaN with NaN outputs; Ascend's
+    fused-infer op: +inf under its row correction, undefined without it), and a padded text part of a CFG
+    batch (an empty negative prompt) is exactly this case. ``key_mask`` is ``[B, keys]``, True = keep; the
+    check stays on the device (no host synchronisation)."""
+    if key_mask is None:
+        return out, lse
+    has_keys = key_mask.bool().any(dim=1)  # [B]
+    lse = torch.where(has_keys[:, None, None], lse, float("-inf"))
+    out = torch.where(has_keys[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out, lse
+
+
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> None:
     """Write into ``out`` the attention over the union of disjoint key sets, from each set's output
     ``[B, S, H, D]`` and log-sum-exp ``[B, H, S]``: a softmax over the log-sum-exps weights the outputs

@@ -127,7 +127,9 @@ def attend_with_lse(q, k, v, key_mask, scale):
     """The split's kernel on torch: fused attention returning log-sum-exp (GQA expanded first)."""
     heads = q.shape[2]
     bias = None if key_mask is None else partial.key_bias(key_mask, q.dtype)
-    return partial.attention_with_lse(q, partial.expand_heads(k, heads), partial.expand_heads(v, heads), bias, scale)
+    out, lse = partial.attention_with_lse(q, partial.expand_heads(k, heads), partial.expand_heads(v, heads), bias,
+                                          scale)
+    return partial.without_empty_samples(out, lse, key_mask)
 
 
 def dense_attention(q, k, v, key_mask=None, scale=None):

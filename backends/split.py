@@ -19,7 +19,8 @@ from lvsa.plan import SparsePlan
 from . import partial
 
 #: ``attend(q, k, v, key_mask, scale) -> (out [B, S, Hq, D], lse [B, Hq, S])``: q ``[B, S, Hq, D]``, k/v
-#: ``[B, L, Hkv, D]`` (GQA allowed), key_mask ``[B, L]`` bool (True = keep) or None.
+#: ``[B, L, Hkv, D]`` (GQA allowed), key_mask ``[B, L]`` bool (True = keep) or None. A sample that keeps no
+#: key must come back with lse -inf and a zero output (:func:`partial.without_empty_samples`).
 Attend = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float | None],
     tuple[torch.Tensor, torch.Tensor],

@@ -111,3 +111,41 @@ def test_excluded_keys_shape_and_polarity():
     mask = excluded_keys(keep, 3)
     assert mask.shape == (2, 1, 3, 2) and mask.is_contiguous()
     assert torch.equal(mask[:, 0, 1], ~keep)
+
+
+def test_single_text_token_uses_the_single_query_branch_contract(npu_emulation):
+    """One text token: its query rows form a Q_S == 1 call, which takes a (B, KV_S) mask and inner_precise 0."""
+    plan, q, k, v, _ = _case(text=1)
+    mask = torch.tensor([[False], [True]])  # sample 0's only text token padded
+    out = lvsa.sparse_attention(q, k, v, plan, backend="npu", key_padding_mask=mask)
+    assert (out.double() - reference_attention(q, k, v, plan, mask)).abs().max() < 3e-2
+    single = [c for c in npu_emulation.calls if c["query"].shape[1] == 1 and c["atten_mask"] is not None]
+    assert single, "the text query never reached the op as a single-query call"
+    for call in single:
+        assert call["inner_precise"] in (0, 1) and call["atten_mask"].shape == (2, call["key"].shape[1])
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["split", "dense"])
+def test_sample_with_every_text_key_padded(npu_emulation, dense):
+    """An empty negative prompt in a CFG batch: the op returns +inf log-sum-exp for its text part."""
+    plan, q, k, v, _ = _case(text=4)
+    if dense:
+        plan = build_plan(5, 4, PatternKnobs(21, 1.0, 1, 1, None, None), text_tokens=4)
+        q, k, v = (t[:, : plan.seq_len].contiguous() for t in (q, k, v))
+    mask = torch.tensor([[True, True, False, False], [False] * 4])
+    out = lvsa.sparse_attention(q, k, v, plan, backend="npu", key_padding_mask=mask)
+    assert torch.isfinite(out.float()).all()
+    assert (out.double() - reference_attention(q, k, v, plan, mask)).abs().max() < 3e-2
+    # the op really was given a sample with no computed key (else this test would prove nothing)
+    assert any(c["atten_mask"].reshape(2, -1).all(dim=1).any() for c in npu_emulation.calls
+               if c["atten_mask"] is not None)
+
+
+def test_window_chunks_respect_the_batch_limit(npu_emulation, monkeypatch):
+    import lvsa.backends.npu as npu_module
+
+    monkeypatch.setattr(npu_module, "MAX_BATCH", 6)
+    plan, q, k, v, mask = _case(batch=2)
+    out = lvsa.sparse_attention(q, k, v, plan, backend="npu", key_padding_mask=mask)
+    assert (out.double() - reference_attention(q, k, v, plan, mask)).abs().max() < 3e-2
+    assert max(c["query"].shape[0] for c in npu_emulation.calls) <= 6

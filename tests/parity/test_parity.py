@@ -32,6 +32,7 @@ class Case:
     text: int = 0
     position: str = "after"
     padding: bool = False
+    empty_sample: bool = False  # the last sample's text keys all padded (an empty negative prompt under CFG)
     batch: int = 1
     q_heads: int = 2
     kv_heads: int = 2
@@ -52,6 +53,16 @@ CASES = [
          q_heads=4, kv_heads=1, step=5),
     Case("manual-interval-no-text", T=15, P=4, kfi=3, W=1, n_first=2, head_dim=64),
     Case("default-window-long", T=24, P=4, ref=8, W=3, text=4, padding=True, q_heads=3, kv_heads=1, step=7),
+    # padding edge cases: a single text token (single-query calls with a mask), a sample with no valid text
+    # key (split and dense plans, text before and after), one token per frame (single-query window calls)
+    Case("one-text-token-padded", T=10, P=4, text=1, padding=True, batch=2, step=2),
+    Case("text-after-one-sample-empty", T=10, P=4, text=5, padding=True, empty_sample=True, batch=2, step=1),
+    Case("text-before-one-sample-empty-gqa", T=9, P=4, ref=3, text=6, position="before", padding=True,
+         empty_sample=True, batch=2, q_heads=4, kv_heads=2, step=4),
+    Case("dense-one-sample-empty", T=6, P=4, ref=21, text=3, padding=True, empty_sample=True, batch=2,
+         expect_sparse=False),
+    Case("one-token-per-frame", T=12, P=1, text=2, padding=True, batch=2, step=3),
+    Case("one-token-per-frame-one-text-before", T=12, P=1, text=1, position="before", padding=True, batch=2),
 ]
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -70,6 +81,8 @@ def _make(case: Case, device: str, dtype: torch.dtype, seed: int = 0):
         valid = torch.randint(1, case.text + 1, (case.batch,), generator=gen)
         mask = torch.arange(case.text)[None, :] < valid[:, None]  # valid text first, padding last
         mask[0, -1] = False  # at least one padded key
+        if case.empty_sample:
+            mask[-1] = False
     to = dict(device=device, dtype=dtype)
     return plan, q.to(**to), k.to(**to), v.to(**to), None if mask is None else mask.to(device)
 
