@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = lvsa.LVSASettings.from_cli(args)
         model = family(args.model)
         geometry = resolve_video_geometry(args.num_frames, settings, model, args.height, args.width)
-        plan = lvsa.make_plan(geometry.latent_frames, geometry.patches_per_frame, settings=settings, model=model)
+        plan = lvsa.make_plan(geometry.token_frames, geometry.patches_per_frame, settings=settings, model=model)
     except lvsa.LVSAError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

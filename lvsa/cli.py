@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import LVSAError
-from .geometry import FAMILIES, family, resolve_video_geometry
+from .geometry import FAMILIES, family, resolve_video_geometry, token_frames
 from .log import setup_logging
 from .plan import make_plan
 from .settings import LVSASettings, add_cli_arguments
@@ -65,14 +65,14 @@ def _plan(args: argparse.Namespace) -> int:
     settings = LVSASettings.from_cli(args)
     model = family(args.model) if args.model else None
     if args.latent_frames is not None:
-        T = args.latent_frames
+        T = token_frames(args.latent_frames, model.temporal_patch if model else 1)
         if settings.patches_per_frame is not None:
             P = settings.patches_per_frame
         else:
             P = resolve_video_geometry(1, settings, model, args.height, args.width).patches_per_frame
     elif args.num_frames is not None:
         geometry = resolve_video_geometry(args.num_frames, settings, model, args.height, args.width)
-        T, P = geometry.latent_frames, geometry.patches_per_frame
+        T, P = geometry.token_frames, geometry.patches_per_frame
     else:
         raise LVSAError("give --num-frames (with --model or the geometry flags) or --latent-frames")
     position = args.text_position or (model.text_position if model and model.text_position else "after")

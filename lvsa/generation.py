@@ -268,7 +268,7 @@ def _print_plan(handle: Any, pipe: Any, family: ModelFamily, frames: int, height
     except LVSAError as error:
         print(f"{PRINT_PREFIX} cannot preview the plan: {error}")
         return
-    plan = build_plan(geometry.latent_frames, geometry.patches_per_frame, runtime.knobs)
+    plan = build_plan(geometry.token_frames, geometry.patches_per_frame, runtime.knobs)
     # without the [LVSA] tag: the log lines come from the run itself, once, and grep should see them once
     print(f"{PRINT_PREFIX} plan: {plan.summary().removeprefix('[LVSA] ')}; "
           f"{plan.extension_line().removeprefix('[LVSA] ')}")

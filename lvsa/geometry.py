@@ -28,6 +28,13 @@ class ModelFamily:
     text_position: TextPosition | None  # where joint-attention text tokens sit; None: self-attn is video only
     default_height: int
     default_width: int
+    #: latent frames per token frame: the transformer's temporal patch (CogVideoX 1.5: 2). The plan's frames
+    #: are token frames, the sequence's own unit; every frame count is converted through this factor.
+    temporal_patch: int = 1
+
+    def video_frames_per_plan_frame(self, vae_temporal_factor: int | None = None) -> int:
+        """Video frames per frame of the plan (a token frame): VAE temporal factor x temporal patch."""
+        return (vae_temporal_factor or self.vae_temporal_factor) * self.temporal_patch
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -35,6 +42,9 @@ FAMILIES: dict[str, ModelFamily] = {
     "wan-ti2v-5b": ModelFamily("wan-ti2v-5b", 31, 4, 16, 2, None, 704, 1280),
     "hunyuan": ModelFamily("hunyuan", 33, 4, 16, 1, "after", 480, 832),
     "cogvideox": ModelFamily("cogvideox", 13, 4, 8, 2, "before", 480, 720),
+    # documented for 16N+1 frames, N <= 10: 161 frames = 41 latent frames (the pipeline pads to 42 = 21 token
+    # frames), all within the horizon
+    "cogvideox-1.5": ModelFamily("cogvideox-1.5", 41, 4, 8, 2, "before", 768, 1360, temporal_patch=2),
 }
 
 
@@ -57,6 +67,11 @@ def video_frames_to_latent(count: int, vae_temporal_factor: int) -> int:
     return count // vae_temporal_factor
 
 
+def token_frames(latent_frames: int, temporal_patch: int) -> int:
+    """Token frames of ``latent_frames`` under a temporal patch (the pipelines pad to a multiple of it)."""
+    return -(-latent_frames // temporal_patch)
+
+
 def patches_per_frame(height: int, width: int, vae_spatial_factor: int, patch_size: int) -> int:
     """``P = (height / vae_spatial / patch) * (width / vae_spatial / patch)``; sizes must divide exactly."""
     step = vae_spatial_factor * patch_size
@@ -74,6 +89,12 @@ class VideoGeometry:
     latent_frames: int
     patches_per_frame: int
     vae_temporal_factor: int
+    temporal_patch: int = 1
+
+    @property
+    def token_frames(self) -> int:
+        """The frames of the plan: latent frames grouped by the transformer's temporal patch."""
+        return token_frames(self.latent_frames, self.temporal_patch)
 
 
 def resolve_video_geometry(
@@ -107,4 +128,4 @@ def resolve_video_geometry(
         vs = pick("vae_spatial_factor", model.vae_spatial_factor if model else None)
         ps = pick("patch_size", model.patch_size if model else None)
         ppf = patches_per_frame(h, w, vs, ps)
-    return VideoGeometry(latent_frames(num_frames, vt), ppf, vt)
+    return VideoGeometry(latent_frames(num_frames, vt), ppf, vt, model.temporal_patch if model else 1)

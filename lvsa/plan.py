@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
+from . import log
 from .errors import ConfigError, GeometryError
-from .geometry import FAMILIES, ModelFamily, TextPosition, video_frames_to_latent
+from .geometry import FAMILIES, ModelFamily, TextPosition, token_frames, video_frames_to_latent
 
 if TYPE_CHECKING:
     from .settings import LVSASettings
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PatternKnobs:
-    """The knobs of the pattern, already in latent frames."""
+    """The knobs of the pattern, already in frames of the plan (token frames: latent frames grouped by the
+    transformer's temporal patch; without temporal patching, latent frames). Only the reference horizon is
+    kept in latent frames, the unit users set it in."""
 
     reference_latent_frames: int
     sparsity_scale: float
@@ -37,10 +40,16 @@ class PatternKnobs:
     n_first: int
     key_frame_interval: int | None  # None: derive from the budget (auto keyframes)
     rotate: bool | None  # None: rotate whenever the plan is sparse
+    temporal_patch: int = 1  # latent frames per frame of the plan
+
+    @property
+    def reference_frames(self) -> int:
+        """The reference horizon in frames of the plan."""
+        return token_frames(self.reference_latent_frames, self.temporal_patch)
 
     @property
     def scaled_reference(self) -> int:
-        return max(self.n_first + 1, int(self.reference_latent_frames * self.sparsity_scale))
+        return max(self.n_first + 1, int(self.reference_frames * self.sparsity_scale))
 
 
 def keyframe_interval(T: int, knobs: PatternKnobs) -> int:
@@ -117,6 +126,8 @@ class SparsePlan:
     rotating: bool
     globals: tuple[int, ...]
     windows: tuple[tuple[int, int], ...] = field(repr=False)  # inclusive (lo, hi) per query frame
+    #: latent frames per frame of the plan: its frames are token frames when the transformer patches time
+    temporal_patch: int = 1
 
     # ---- frame level -----------------------------------------------------------------------------
     @property
@@ -187,19 +198,29 @@ class SparsePlan:
 
     # ---- what users read -------------------------------------------------------------------------
     def summary(self) -> str:
-        """``[LVSA] kfi=6 global_count=14 attended_per_frame=21/81``."""
-        return (
+        """``[LVSA] kfi=6 global_count=14 attended_per_frame=21/81`` (frames of the plan: with temporal
+        patching, token frames, which the line then names)."""
+        line = (
             f"[LVSA] kfi={self.kfi} global_count={len(self.globals)} "
             f"attended_per_frame={self.attended_per_frame}/{self.latent_frames}"
         )
+        if self.temporal_patch > 1:
+            line += f" (token frames of {self.temporal_patch} latent frames)"
+        return line
 
     def extension_line(self) -> str:
-        """``[LVSA] reference_latent_frames=33 target_latent_frames=49 extension_ratio=1.48x``."""
-        ratio = self.latent_frames / self.reference_latent_frames
-        return (
+        """``[LVSA] reference_latent_frames=33 target_latent_frames=49 extension_ratio=1.48x``; with temporal
+        patching the ratio is over token frames, and the token frames are stated."""
+        reference = token_frames(self.reference_latent_frames, self.temporal_patch)
+        ratio = self.latent_frames / reference
+        line = (
             f"[LVSA] reference_latent_frames={self.reference_latent_frames} "
-            f"target_latent_frames={self.latent_frames} extension_ratio={ratio:.2f}x"
+            f"target_latent_frames={self.latent_frames * self.temporal_patch} extension_ratio={ratio:.2f}x"
         )
+        if self.temporal_patch > 1:
+            line += (f" reference_token_frames={reference} target_token_frames={self.latent_frames} "
+                     f"({self.temporal_patch} latent frames per token frame)")
+        return line
 
     def log_lines(self) -> list[str]:
         return [self.extension_line(), self.summary()]
@@ -228,8 +249,18 @@ class SparsePlan:
 def resolve_knobs(
     settings: LVSASettings, model: ModelFamily | None = None, vae_temporal_factor: int | None = None
 ) -> PatternKnobs:
-    """Convert the settings' video-frame knobs to latent frames, filling the model's defaults."""
-    vt = vae_temporal_factor or settings.vae_temporal_factor or (model.vae_temporal_factor if model else 4)
+    """Convert the settings' video-frame knobs to frames of the plan (latent frames, or token frames for a
+    transformer that patches time), filling the model's defaults. The VAE factor: ``vae_temporal_factor``
+    (what the caller resolved), else the setting, else the model's."""
+    temporal_patch = model.temporal_patch if model else 1
+    vae = vae_temporal_factor or settings.vae_temporal_factor or (model.vae_temporal_factor if model else 4)
+    vt = vae * temporal_patch  # video frames per frame of the plan
+    unit = "latent frame" if temporal_patch == 1 else f"token frame ({temporal_patch} latent frames)"
+    if settings.window_size % vt and settings.source_of("window_size") != "default":
+        log.logger.warning(
+            "[LVSA] window_size=%d video frames is not a multiple of %d video frames per %s: using %d video "
+            "frames (LVSA_WINDOW_SIZE, --window-size)", settings.window_size, vt, unit,
+            settings.window_size // vt * vt)
     reference = settings.reference_latent_frames or (model.reference_latent_frames if model else None)
     if reference is None:
         raise ConfigError(
@@ -242,10 +273,13 @@ def resolve_knobs(
         kfi = video_frames_to_latent(settings.key_frame_interval, vt)
         if kfi < 1:
             raise ConfigError(
-                f"key_frame_interval={settings.key_frame_interval} video frames is less than one latent "
-                f"frame (vae_temporal_factor={vt}); use at least {vt} (LVSA_KEY_FRAME_INTERVAL, "
-                "--key-frame-interval)"
+                f"key_frame_interval={settings.key_frame_interval} video frames is less than one {unit} "
+                f"({vt} video frames); use at least {vt} (LVSA_KEY_FRAME_INTERVAL, --key-frame-interval)"
             )
+        if settings.key_frame_interval % vt:
+            log.logger.warning(
+                "[LVSA] key_frame_interval=%d video frames is not a multiple of %d video frames per %s: "
+                "using %d video frames", settings.key_frame_interval, vt, unit, kfi * vt)
     return PatternKnobs(
         reference_latent_frames=reference,
         sparsity_scale=settings.sparsity_scale,
@@ -253,6 +287,7 @@ def resolve_knobs(
         n_first=-(-settings.n_first_frames // vt),  # any part of a latent frame makes it a leading frame
         key_frame_interval=kfi,
         rotate=settings.rotate_keyframes,
+        temporal_patch=temporal_patch,
     )
 
 
@@ -303,6 +338,7 @@ def build_plan(
         rotating=rotating,
         globals=globals_,
         windows=windows,
+        temporal_patch=knobs.temporal_patch,
     )
 
 

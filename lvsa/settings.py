@@ -90,9 +90,10 @@ class LVSASettings(BaseSettings):
     # the sparse pattern (spec section 2)
     reference_latent_frames: int | None = Field(
         None, gt=0, description="training horizon in latent frames (default: the model's: Wan 21, "
-        "Wan 2.2 TI2V-5B 31, HunyuanVideo 1.5 33, CogVideoX 13)"
+        "Wan 2.2 TI2V-5B 31, HunyuanVideo 1.5 33, CogVideoX 13, CogVideoX 1.5 41)"
     )
-    sparsity_scale: float = Field(1.0, gt=0, description="multiplier on the per-query budget; lower is sparser")
+    sparsity_scale: float = Field(1.0, gt=0, allow_inf_nan=False,
+                                  description="multiplier on the per-query budget; lower is sparser")
     window_size: int = Field(12, ge=0, description="half-width of the local window, in video frames")
     n_first_frames: int = Field(4, ge=0, description="leading video frames that are always global")
     key_frame_interval: int = Field(

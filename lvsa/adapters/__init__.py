@@ -101,7 +101,7 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     for other in transformers[1:]:
         if not adapter.handles(other):
             raise ConfigError(f"{type(other).__name__} and {type(transformers[0]).__name__} need different adapters")
-    family = adapter.family(transformers[0])
+    family = adapter.model_family(transformers[0])
     settings = settings if settings is not None else get_settings()
     if (settings.reference_latent_frames is not None
             and settings.reference_latent_frames != family.reference_latent_frames):

@@ -10,7 +10,7 @@ imports diffusers until a model is in hand."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..geometry import ModelFamily
@@ -64,13 +64,31 @@ class ModelAdapter(ABC):
     def family(self, transformer: Any) -> ModelFamily:
         """The family defaults (reference horizon, VAE factors) that fit this transformer's config."""
 
+    def temporal_patch(self, transformer: Any) -> int:
+        """Latent frames per token frame, read off the config (``patch_size_t``, or the first entry of a 3-d
+        ``patch_size``): the one source of the frame unit, so a model that patches time is planned in token
+        frames without a special case. :meth:`latent_grid` must count frames in the same unit."""
+        config = transformer.config
+        value = getattr(config, "patch_size_t", None)
+        if value is None:
+            patch = getattr(config, "patch_size", None)
+            value = patch[0] if isinstance(patch, (tuple, list)) and len(patch) == 3 else 1
+        return int(value)
+
+    def model_family(self, transformer: Any) -> ModelFamily:
+        """:meth:`family` with the transformer's own temporal patch."""
+        found = self.family(transformer)
+        patch = self.temporal_patch(transformer)
+        return found if found.temporal_patch == patch else replace(found, temporal_patch=patch)
+
     @abstractmethod
     def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
         """``{qualified name: attention module}`` of every self-attention layer (cross-attention excluded)."""
 
     @abstractmethod
     def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
-        """Latent frames and patches per frame of the transformer's ``hidden_states`` input."""
+        """Frames (token frames: latent frames over :meth:`temporal_patch`) and patches per frame of the
+        transformer's ``hidden_states`` input."""
 
     @abstractmethod
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..geometry import FAMILIES, ModelFamily
+from ..geometry import FAMILIES, ModelFamily, token_frames
 from ..riflex import TemporalRope
 from .base import LatentGrid, LVSAProcessor, ModelAdapter
 
@@ -70,15 +70,16 @@ class CogVideoXAdapter(ModelAdapter):
     forward_positions: ClassVar[dict[str, int]] = {"hidden_states": 0, "timestep": 2}
 
     def family(self, transformer: Any) -> ModelFamily:
-        return FAMILIES["cogvideox"]
+        # CogVideoX 1.5 is the variant that patches time, with its own (longer) documented horizon
+        return FAMILIES["cogvideox-1.5" if self.temporal_patch(transformer) > 1 else "cogvideox"]
 
     def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
         return {f"transformer_blocks.{i}.attn1": b.attn1 for i, b in enumerate(transformer.transformer_blocks)}
 
     def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
         _, frames, _, height, width = hidden_states.shape  # CogVideoX latents are [B, F, C, H, W]
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t or 1
-        return LatentGrid(-(-frames // p_t), (height // p) * (width // p))
+        p = transformer.config.patch_size
+        return LatentGrid(token_frames(frames, self.temporal_patch(transformer)), (height // p) * (width // p))
 
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         return CogVideoXLVSAProcessor(original, runtime, layer)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..geometry import FAMILIES, ModelFamily
+from ..geometry import FAMILIES, ModelFamily, token_frames
 from ..riflex import TemporalRope
 from .base import LatentGrid, LVSAProcessor, ModelAdapter, rewrite_rope_output
 
@@ -79,8 +79,8 @@ class HunyuanVideo15Adapter(ModelAdapter):
 
     def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
         _, _, frames, height, width = hidden_states.shape
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        return LatentGrid(frames // p_t, (height // p) * (width // p))
+        p = transformer.config.patch_size
+        return LatentGrid(token_frames(frames, self.temporal_patch(transformer)), (height // p) * (width // p))
 
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         return HunyuanVideo15LVSAProcessor(original, runtime, layer)

@@ -195,7 +195,7 @@ class LVSARuntime:
     def riflex_factor(self, latent_frames: int) -> float:
         if self.settings.riflex_s is not None:
             return self.settings.riflex_s
-        return max(1.0, latent_frames / self.knobs.reference_latent_frames)
+        return max(1.0, latent_frames / self.knobs.reference_frames)
 
     def riflex_tables(self, cos: torch.Tensor, sin: torch.Tensor, rope: TemporalRope) -> tuple[Any, Any]:
         grid = self.grid
@@ -207,7 +207,7 @@ class LVSARuntime:
         offset = 0
         if rows != total and self.ulysses is not None and rows * self.ulysses.degree == total:
             offset = self.ulysses.rank * rows  # this rank's sequence shard of the table
-        return rewrite_tables(cos, sin, grid.latent_frames, rope, self.knobs.reference_latent_frames, s,
+        return rewrite_tables(cos, sin, grid.latent_frames, rope, self.knobs.reference_frames, s,
                               total_tokens=total, token_offset=offset)
 
     # -- helpers -----------------------------------------------------------------------------------

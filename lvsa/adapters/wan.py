@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..geometry import FAMILIES, ModelFamily
+from ..geometry import FAMILIES, ModelFamily, token_frames
 from ..riflex import TemporalRope
 from .base import LatentGrid, LVSAProcessor, ModelAdapter, rewrite_rope_output
 
@@ -84,8 +84,8 @@ class WanAdapter(ModelAdapter):
 
     def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
         _, _, frames, height, width = hidden_states.shape
-        p_t, p_h, p_w = transformer.config.patch_size
-        return LatentGrid(frames // p_t, (height // p_h) * (width // p_w))
+        _, p_h, p_w = transformer.config.patch_size
+        return LatentGrid(token_frames(frames, self.temporal_patch(transformer)), (height // p_h) * (width // p_w))
 
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         return WanLVSAProcessor(original, runtime, layer)
