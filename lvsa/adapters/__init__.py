@@ -113,6 +113,8 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     settings = settings.with_model_defaults(reference_latent_frames=family.reference_latent_frames)
     vae_temporal = getattr(target, "vae_scale_factor_temporal", None) or family.vae_temporal_factor
     runtime = LVSARuntime(settings, family, vae_temporal, adapter.name)
+    if hasattr(target, "components"):
+        runtime.schedule.add(target)  # the pipeline's schedule gives the exact denoising step
     handle = LVSAHandle(runtime, adapter, transformers)
 
     def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:

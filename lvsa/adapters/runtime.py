@@ -1,10 +1,9 @@
 """What the lvsa layers of one pipeline share: the denoising step, the step's plans, and the fallbacks.
 
 A forward pre-hook on each transformer tells the runtime the latent grid and the timestep of the call.
-The step advances when the timestep goes down (diffusers' schedulers count down; the CFG branches and the
-second transformer of Wan 2.2 see the same timestep), and starts again at 0 when it goes up (a new
-generation). Each step's plan is built once, on the first layer that asks, and then shared by every layer
-of every forward of that step."""
+The step comes from the pipeline's schedule where lvsa was applied to a pipeline, else from the timestep
+(see :mod:`.steps`). Each step's plan is built once, on the first layer that asks, and then shared by every
+layer of every forward of that step."""
 
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ from ..parallel import UlyssesGroup, gather_heads, heads_to_sequence, local_head
 from ..plan import PatternKnobs, SparsePlan, build_plan, keyframe_interval, resolve_knobs
 from ..riflex import TemporalRope, rewrite_tables
 from .base import LatentGrid
+from .steps import ScheduleSteps
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,8 @@ class LVSARuntime:
         self.last_plan: SparsePlan | None = None
         self._last_timestep: float | None = None
         self._step_pinned = False
+        self.schedule = ScheduleSteps()  # the pipelines' own step, where lvsa was applied to a pipeline
+        self._position: tuple[int, int] | None = None
         self._planned_ppf = 0
         self._plan_step = 0
         self._plans: dict[tuple[Any, ...], SparsePlan] = {}
@@ -64,9 +66,18 @@ class LVSARuntime:
                                  grid.patches_per_frame)
         self.ulysses = ulysses
         self.stats.ulysses_degree = ulysses.degree if ulysses else 1
-        value = _timestep_value(timestep)
+        position = self.schedule.current()
+        value = _timestep_value(timestep) if position is None else None
+        if position is None:
+            self._warn_low_precision(timestep)
         with self._lock:
-            if value is not None and value != self._last_timestep:
+            if position is not None:
+                if position != self._position:
+                    self._position = position
+                    self.step = position[1]
+                    self.stats.steps += 1
+                self._last_timestep = None
+            elif value is not None and value != self._last_timestep:
                 if self._step_pinned:
                     self._step_pinned = False  # set_step chose this step: this timestep is its reference
                 elif self._last_timestep is None or value > self._last_timestep:
@@ -82,14 +93,30 @@ class LVSARuntime:
 
     def set_step(self, step: int) -> None:
         """For custom denoising loops: the step that the next forwards belong to."""
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r}: must be an integer >= 0")
         with self._lock:
             self.step = step
             self._last_timestep = None
             self._step_pinned = True
 
+    def _warn_low_precision(self, timestep: Any) -> None:
+        dtype = getattr(timestep, "dtype", None)
+        if dtype is None or getattr(dtype, "is_floating_point", False) is False or dtype.itemsize > 2:
+            return
+        if ("timestep_dtype", 0) in self._warned:
+            return
+        self._warned.add(("timestep_dtype", 0))
+        log.logger.warning(
+            "[LVSA] the timestep reaches the transformer in %s, where neighbouring steps can round to the "
+            "same value and the keyframe rotation would skip a step: apply lvsa to the pipeline "
+            "(lvsa.apply(pipe)), which reads the step off the pipeline's schedule, or call "
+            "handle.runtime.set_step(i) in a custom loop", str(dtype).removeprefix("torch."))
+
     def reset(self) -> None:
         with self._lock:
             self.step, self._last_timestep, self.grid, self._step_pinned = 0, None, None, False
+            self._position = None
             self._plans.clear()
 
     # -- per layer ---------------------------------------------------------------------------------
