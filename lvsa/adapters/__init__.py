@@ -32,20 +32,36 @@ class LVSAHandle:
     adapter: ModelAdapter
     transformers: list[Any]
     layers: dict[str, Any] = field(default_factory=dict)  # qualified name -> attention module
+    #: where it was installed, for messages: "transformer, transformer_2 of WanPipeline"
+    target: str = ""
     _originals: dict[str, Any] = field(default_factory=dict)
+    _installed: dict[str, Any] = field(default_factory=dict)  # qualified name -> lvsa's processor
     _hooks: list[Any] = field(default_factory=list)
 
     @property
     def stats(self) -> RuntimeStats:
         return self.runtime.stats
 
+    def replaced_layers(self) -> list[str]:
+        """Layers whose processor is no longer lvsa's (``set_attn_processor`` and the like after apply)."""
+        return [name for name, module in self.layers.items()
+                if getattr(module, "processor", None) is not self._installed[name]]
+
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        kept = []
         for name, module in self.layers.items():
-            module.set_processor(self._originals[name])
+            if getattr(module, "processor", None) is self._installed[name]:
+                module.set_processor(self._originals[name])
+            else:
+                kept.append(name)  # the user put another processor there since: theirs stays
+        if kept:
+            log.info(f"remove: {len(kept)} layers had another processor installed after apply and keep it "
+                     f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})")
         self.layers.clear()
+        self._installed.clear()
         for transformer in self.transformers:
             if getattr(transformer, _HANDLE_ATTRIBUTE, None) is self:
                 delattr(transformer, _HANDLE_ATTRIBUTE)
@@ -91,12 +107,7 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     ``settings.riflex``) are installed and attention stays the model's own."""
     from ..settings import get_settings
 
-    transformers = transformers_of(target)
-    for transformer in transformers:
-        previous = getattr(transformer, _HANDLE_ATTRIBUTE, None)
-        if previous is not None:
-            log.info(f"lvsa was already installed on {type(transformer).__name__}: replacing it")
-            previous.remove()
+    transformers = [_unwrap_compiled(t) for t in transformers_of(target)]
     adapter = adapter_for(transformers[0])
     for other in transformers[1:]:
         if not adapter.handles(other):
@@ -111,13 +122,20 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
             settings.source_of("reference_latent_frames"), family.reference_latent_frames, family.name,
         )
     settings = settings.with_model_defaults(reference_latent_frames=family.reference_latent_frames)
+    shared = _previous_handles(target, transformers, settings, sparse)
+    if shared is not None:
+        return shared
     vae_temporal = getattr(target, "vae_scale_factor_temporal", None) or family.vae_temporal_factor
     runtime = LVSARuntime(settings, family, vae_temporal, adapter.name)
     if hasattr(target, "components"):
         runtime.schedule.add(target)  # the pipeline's schedule gives the exact denoising step
-    handle = LVSAHandle(runtime, adapter, transformers)
+    handle = LVSAHandle(runtime, adapter, transformers, target=_describe(target, transformers))
 
     def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        if handle.layers:
+            replaced = handle.replaced_layers()
+            if replaced:
+                runtime.processors_replaced(replaced)
         hidden_states = adapter.forward_argument("hidden_states", args, kwargs)
         grid: LatentGrid = adapter.latent_grid(module, hidden_states)
         runtime.begin_forward(grid, adapter.forward_argument("timestep", args, kwargs), ulysses_group_of(module))
@@ -133,8 +151,10 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
             for name, module in adapter.self_attention_layers(transformer).items():
                 qualified = prefix + name
                 handle._originals[qualified] = module.processor
-                module.set_processor(adapter.make_processor(module.processor, runtime, qualified))
+                processor = adapter.make_processor(module.processor, runtime, qualified)
+                module.set_processor(processor)
                 handle.layers[qualified] = module
+                handle._installed[qualified] = processor
         for transformer in transformers:
             setattr(transformer, _HANDLE_ATTRIBUTE, handle)
     except Exception:
@@ -148,10 +168,61 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     return handle
 
 
+def _describe(target: Any, transformers: list[Any]) -> str:
+    if hasattr(target, "components"):
+        names = [name for name in _TRANSFORMER_ATTRIBUTES if getattr(target, name, None) is not None]
+        return f"{', '.join(names)} of {type(target).__name__}"
+    return type(transformers[0]).__name__
+
+
+def _unwrap_compiled(module: Any) -> Any:
+    """The module inside ``torch.compile(module)``: lvsa installs on the model's own layers, which the
+    compiled wrapper runs (compiling after apply, or applying after compiling, both end up the same)."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if inner is not None and hasattr(module, "_orig_mod") else module
+
+
+def _previous_handles(target: Any, transformers: list[Any], settings: Any, sparse: bool) -> LVSAHandle | None:
+    """Resolve lvsa already installed on some of ``transformers``.
+
+    A handle whose modules all belong to this target is replaced (re-applying with new settings). A handle
+    that also owns modules outside this target (a transformer shared with another pipeline, such as Wan
+    2.2's ``transformer`` in a second pipeline) is never cut in half: with the same settings it is shared
+    (returned, and this pipeline's schedule added to it), else this is an error naming the modules."""
+    seen: list[LVSAHandle] = []
+    for transformer in transformers:
+        previous = getattr(transformer, _HANDLE_ATTRIBUTE, None)
+        if previous is not None and not any(previous is h for h in seen):
+            seen.append(previous)
+    for previous in seen:
+        outside = [t for t in previous.transformers if not any(t is mine for mine in transformers)]
+        if not outside:
+            log.info(f"lvsa was already installed on {previous.target}: replacing it")
+            previous.remove()
+            continue
+        inside_all = all(any(t is theirs for theirs in previous.transformers) for t in transformers)
+        same = (previous.runtime.settings.model_dump() == settings.model_dump()
+                and bool(previous.layers) == sparse)
+        if inside_all and same and len(seen) == 1:
+            if hasattr(target, "components"):
+                previous.runtime.schedule.add(target)
+            log.info(f"lvsa is already installed on {previous.target}, which shares "
+                     f"{_describe(target, transformers)}: using the same installation")
+            return previous
+        names = ", ".join(type(t).__name__ for t in outside)
+        raise ConfigError(
+            f"lvsa is installed on {previous.target}, which shares modules with {_describe(target, transformers)}; "
+            f"applying here {'with other settings ' if inside_all else ''}would leave {names} "
+            "of the first installation without lvsa. Remove it first (lvsa.remove on the first pipeline), then "
+            "apply to each pipeline, or apply with the same settings to share it"
+        )
+    return None
+
+
 def remove(target: Any) -> bool:
     """Undo :func:`apply` on a pipeline or transformer; ``False`` when lvsa was not installed."""
     removed = False
-    for transformer in transformers_of(target):
+    for transformer in map(_unwrap_compiled, transformers_of(target)):
         handle = getattr(transformer, _HANDLE_ATTRIBUTE, None)
         if handle is not None:
             handle.remove()
@@ -160,7 +231,7 @@ def remove(target: Any) -> bool:
 
 
 def handle_of(target: Any) -> LVSAHandle | None:
-    for transformer in transformers_of(target):
+    for transformer in map(_unwrap_compiled, transformers_of(target)):
         handle = getattr(transformer, _HANDLE_ATTRIBUTE, None)
         if handle is not None:
             return handle

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import log
-from ..errors import GeometryError
+from ..errors import ConfigError, GeometryError
 from ..geometry import ModelFamily, patches_per_frame
 from ..parallel import UlyssesGroup, gather_heads, heads_to_sequence, local_heads, sequence_to_heads
 from ..plan import PatternKnobs, SparsePlan, build_plan, keyframe_interval, resolve_knobs
@@ -217,6 +217,29 @@ class LVSARuntime:
             self._warned.add((reason, seq_len))
         if first:
             log.fallback(origin, reason, seq_len=seq_len, **fields, detail=detail)
+
+    def processors_replaced(self, layers: list[str]) -> None:
+        """Some of lvsa's layers were given another processor after apply: they no longer run through lvsa.
+        An error under ``fallback=error``; else a loud line, once per set of layers, and counted."""
+        detail = (f"{len(layers)} layers no longer run lvsa's processor (set_attn_processor or similar after "
+                  f"lvsa.apply): {', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}")
+        if self.settings.fallback == "error":
+            raise ConfigError(
+                f"[LVSA-FALLBACK] origin={layers[0]} reason=processor_replaced: {detail}. Call lvsa.apply again "
+                "after changing processors, or lvsa.remove first; LVSA_FALLBACK=warn runs them as they are")
+        with self._lock:
+            self.stats.fallback_calls += len(layers)
+            reasons = self.stats.fallback_reasons
+            reasons["processor_replaced"] = reasons.get("processor_replaced", 0) + len(layers)
+            first = ("processor_replaced", len(layers)) not in self._warned
+            self._warned.add(("processor_replaced", len(layers)))
+        if first:
+            log.fallback(layers[0], "processor_replaced", layers=len(layers), detail=detail)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a model with lvsa installed cannot be copied or pickled (its processors and hooks share one "
+            "runtime, which a copy would split): lvsa.remove(model), copy it, then lvsa.apply to each copy")
 
     # -- RIFLEx ------------------------------------------------------------------------------------
     def riflex_factor(self, latent_frames: int) -> float:
