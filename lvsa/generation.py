@@ -11,7 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,13 +24,16 @@ from . import log
 from .errors import LVSAError
 from .files import atomic_write
 from .geometry import ModelFamily, resolve_video_geometry
-from .settings import LVSASettings, add_cli_arguments
+from .settings import LVSASettings, add_cli_arguments, env_var, flag
 
 #: defaults of the small random-weight model: about 2x the training horizon, tiny frames, few steps
 TINY_DEFAULTS = {"height": 64, "width": 64, "steps": 4}
 TINY_FRAMES = {"wan": 161, "hunyuan": 257, "cogvideox": 97}
 MODEL_FRAMES = {"wan": 81, "hunyuan": 121, "cogvideox": 49}
 PRINT_PREFIX = "[lvsa example]"
+#: settings the example sets from its own flags (--height/--width), not from generated ones
+APPLICATION_GEOMETRY = ("video_height", "video_width")
+OUTPUT_SUFFIXES = (".mp4", ".pt")
 
 
 def build_parser(adapter_name: str) -> argparse.ArgumentParser:
@@ -63,22 +70,127 @@ def build_parser(adapter_name: str) -> argparse.ArgumentParser:
     out.add_argument("--show-mask", action="store_true", help="print the frame mask of the first step")
     run.add_argument("--ulysses-degree", type=int, default=1,
                      help="context parallelism over N processes (torchrun --nproc-per-node N ... --ulysses-degree N)")
-    add_cli_arguments(parser.add_argument_group("lvsa settings (each also read from its LVSA_* variable)"))
+    run.add_argument("--collective-timeout", type=float, default=float(os.environ.get("LVSA_COLLECTIVE_TIMEOUT", 600)),
+                     help="seconds a process waits for the others in a collective before the run fails "
+                          "(a stopped or stuck rank) [env: LVSA_COLLECTIVE_TIMEOUT]")
+    # the video's height and width are --height/--width here: the geometry overrides of the same quantities
+    # would be a second flag for one setting
+    add_cli_arguments(parser.add_argument_group("lvsa settings (each also read from its LVSA_* variable)"),
+                      exclude=APPLICATION_GEOMETRY)
     return parser
 
 
 def main(adapter_name: str, argv: list[str] | None = None) -> int:
     from .adapters import adapter_named
 
-    args = build_parser(adapter_name).parse_args(argv)
+    parser = build_parser(adapter_name)
+    args = parser.parse_args(argv)
     log.setup_logging()
     try:
         settings = LVSASettings.from_cli(args)
         adapter = adapter_named(adapter_name)
+        problem = check_arguments(args, adapter, settings)
+        if problem:  # one line naming the flag and the rule, exit status 2, before any model is loaded
+            print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+            return 2
+        _warn_unused_settings(settings)
+        terminate_on_sigterm()
         return _generate(adapter, args, settings)
     except LVSAError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def check_arguments(args: argparse.Namespace, adapter: Any, settings: LVSASettings) -> str | None:
+    """What is wrong with the command line, in one line naming the flag and the rule, or ``None``. Runs
+    before the model is loaded, with the family's factors (checked again against a loaded checkpoint)."""
+    family = adapter.family_defaults()
+    for option, value in (("--num-frames", args.num_frames), ("--steps", args.steps), ("--height", args.height),
+                          ("--width", args.width), ("--fps", args.fps), ("--ulysses-degree", args.ulysses_degree)):
+        if value is not None and value < 1:
+            return f"{option} {value}: must be a positive integer"
+    if not args.collective_timeout > 0:
+        return f"--collective-timeout {args.collective_timeout}: must be a positive number of seconds"
+    problem = geometry_problem(family, args.num_frames, args.height, args.width)
+    if problem:
+        return problem
+    for name in APPLICATION_GEOMETRY:
+        if settings.source_of(name) != "default":
+            return (f"{env_var(name)}={getattr(settings, name)} is set, but the example takes the video size from "
+                    "--height/--width: unset it")
+    return output_problem(args, adapter.name)
+
+
+def geometry_problem(family: ModelFamily, frames: int | None, height: int | None, width: int | None) -> str | None:
+    """The model's frame rule (``k * temporal factor + 1``) and resolution multiple, checked, never rounded."""
+    vt = family.vae_temporal_factor
+    if frames is not None and (frames - 1) % vt:
+        low = (frames - 1) // vt * vt + 1
+        return (f"--num-frames {frames}: {family.name} takes {vt}k+1 frames; use {low} or {low + vt}")
+    step = family.vae_spatial_factor * family.patch_size
+    for option, value in (("--height", height), ("--width", width)):
+        if value is not None and value % step:
+            low = value // step * step
+            return (f"{option} {value}: {family.name} takes multiples of {step} pixels (VAE x patch); use "
+                    f"{low or step} or {low + step}")
+    return None
+
+
+def output_name(args: argparse.Namespace, adapter_name: str, frames: int, mode: str) -> str:
+    """The file name: the user's, with the extension appended (a known extension is replaced)."""
+    name = args.output_name or f"{adapter_name}_{frames}f_{mode}"
+    for suffix in OUTPUT_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name + (".pt" if args.output_latent else ".mp4")
+
+
+def output_problem(args: argparse.Namespace, adapter_name: str) -> str | None:
+    """Where the output goes must be writable before the run starts, and the name must be a name."""
+    name = args.output_name
+    if name is not None and (not name or name in (".", "..") or "/" in name or os.sep in name):
+        return (f"--output-name {name!r}: give a file name, not a path (the folder is --output-dir)")
+    folder = output_folder(args)
+    if folder.exists() and not folder.is_dir():
+        return f"--output-dir {args.output_dir}: {folder} is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe, path = tempfile.mkstemp(prefix=".lvsa-probe.", dir=folder)
+        os.close(probe)
+        os.unlink(path)
+    except OSError as error:
+        return f"--output-dir {args.output_dir}: cannot write in {folder}: {error.strerror or error}"
+    target = folder / output_name(args, adapter_name, args.num_frames or 0, "x")
+    if args.output_name and target.is_dir():
+        return f"--output-name {name}: {target} is a folder"
+    return None
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    folder = Path(args.output_dir).expanduser()
+    return folder if folder.is_absolute() else Path.cwd() / folder
+
+
+def _warn_unused_settings(settings: LVSASettings) -> None:
+    """lvsa settings given (flag or variable) that a dense run ignores."""
+    if settings.enabled:
+        return
+    riflex_fields = {"riflex", "riflex_s", "enabled"}
+    ignored = [flag(name) for name in type(settings).model_fields
+               if name not in riflex_fields and not name.startswith("test")
+               and settings.source_of(name) in ("cli", "env")]
+    if ignored:
+        log.logger.warning("[LVSA] %s: no effect without --lvsa (LVSA_ENABLED=1); this run uses the model's dense "
+                           "attention", ", ".join(ignored))
+
+
+def terminate_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (SystemExit 143), so a file being written is removed, not left behind."""
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) -> int:
@@ -99,14 +211,17 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
                             f"use torchrun --nproc-per-node N ... --ulysses-degree N")
         from .parallel import init_distributed
 
-        rank, world, local_rank = init_distributed(device_type)
+        rank, world, local_rank = init_distributed(device_type, timeout=args.collective_timeout)
         if device_type != "cpu":
             device = f"{device_type}:{local_rank}"
     say = print if rank == 0 else _silent  # one process speaks and writes; every process computes
     dtype = getattr(torch, args.dtype or ("float32" if device_type == "cpu" else "bfloat16"))
     tiny = args.model is None
-    frames = args.num_frames or (TINY_FRAMES if tiny else MODEL_FRAMES)[adapter.name]
-    steps = args.steps or (TINY_DEFAULTS["steps"] if tiny else 50)
+    frames = args.num_frames if args.num_frames is not None else (TINY_FRAMES if tiny else MODEL_FRAMES)[adapter.name]
+    steps = args.steps if args.steps is not None else (TINY_DEFAULTS["steps"] if tiny else 50)
+    mode = "lvsa" if settings.enabled else "dense"
+    target = output_folder(args) / output_name(args, adapter.name, frames, mode)
+    say(f"{PRINT_PREFIX} the output will be written to {target}")
 
     torch.manual_seed(args.seed)  # the small model's random weights: the same on every rank
     pipe = adapter.tiny_pipeline() if tiny else _load_pipeline(adapter, args.model, dtype)
@@ -126,20 +241,20 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
         say(f"{PRINT_PREFIX} context parallel: Ulysses over {world} processes "
             f"({registry.get_device(device_type).collective_backend})")
 
-    family: ModelFamily = adapter.family(pipe.transformer)
-    height = args.height or (TINY_DEFAULTS["height"] if tiny else family.default_height)
-    width = args.width or (TINY_DEFAULTS["width"] if tiny else family.default_width)
-    mode = "lvsa" if settings.enabled else "dense"
-    name = args.output_name or f"{adapter.name}_{frames}f_{mode}"
-    output_dir = Path(args.output_dir).expanduser()
-    output_dir = output_dir if output_dir.is_absolute() else Path.cwd() / output_dir
-    target = (output_dir / name).with_suffix(".pt" if args.output_latent else ".mp4")
+    family: ModelFamily = adapter.model_family(pipe.transformer)
+    height = args.height if args.height is not None else (TINY_DEFAULTS["height"] if tiny else family.default_height)
+    width = args.width if args.width is not None else (TINY_DEFAULTS["width"] if tiny else family.default_width)
+    problem = geometry_problem(family, frames, height, width)  # the loaded checkpoint's own factors
+    if problem:
+        raise LVSAError(problem)
 
     handle = None
     if settings.enabled or settings.riflex:
         handle = lvsa.apply(pipe, settings, sparse=settings.enabled)
-        if rank == 0:
+        if rank == 0 and settings.enabled:
             _print_plan(handle, pipe, family, frames, height, width, args.show_mask)
+        elif not settings.enabled:
+            say(f"{PRINT_PREFIX} RIFLEx on the temporal RoPE; attention stays dense (add --lvsa for sparse)")
     else:
         say(f"{PRINT_PREFIX} dense attention (the model's own); add --lvsa for sparse attention")
 
@@ -182,7 +297,9 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
                                                                        adapter.name, args.model), path))
     else:
         _write_mp4(result[0], target, args.fps)
-    report_path = write_report(report if world == 1 else {"ranks": reports}, target.with_suffix(".memory.json"))
+    # named after the whole output name: a latent run and an mp4 run of one name keep their own reports
+    report_path = write_report(report if world == 1 else {"ranks": reports},
+                               target.with_name(target.name + ".memory.json"))
     if handle is not None:
         stats = handle.stats
         say(f"{PRINT_PREFIX} lvsa: {stats.sparse_calls} layer calls sparse, {stats.fallback_calls} fell back, "
@@ -235,6 +352,11 @@ def _load_pipeline(adapter: Any, path: str, dtype: Any) -> Any:
     if not index.is_file():
         raise LVSAError(f"--model {path}: no model_index.json there (expected a diffusers pipeline folder)")
     config = json.loads(index.read_text())
+    transformer = config.get("transformer")
+    if isinstance(transformer, list) and len(transformer) == 2 and transformer[1] is not None:
+        if transformer[1] not in adapter.transformer_classes:
+            raise LVSAError(f"--model {path}: its transformer is {transformer[1]}, not a {adapter.name} model "
+                            f"({', '.join(adapter.transformer_classes)}); use the example script of its family")
     # components saved as [null, null] (no text encoder in a test model) must be passed as None explicitly
     absent = {name: None for name, value in config.items()
               if isinstance(value, list) and len(value) == 2 and value[0] is None}
@@ -292,6 +414,42 @@ def _latent_record(latent: Any, frames: int, height: int, width: int, settings: 
 
 
 def _write_mp4(frames: Any, target: Path, fps: int) -> None:
-    from diffusers.utils import export_to_video
+    atomic_write(target, lambda path: encode_mp4(frames, path, fps))
 
-    atomic_write(target, lambda path: export_to_video(list(frames), str(path), fps=fps))
+
+def encode_mp4(frames: Any, path: Path, fps: int) -> None:
+    """H.264 mp4 of ``[F, H, W, 3]`` frames (floats in 0..1 or uint8) through imageio's bundled ffmpeg.
+
+    Raises when the encoder exits non-zero (a full disk, a file-size limit) or the file holds fewer frames
+    than were sent: the caller then leaves nothing under the final name."""
+    import imageio_ffmpeg
+    import numpy as np
+
+    video = np.asarray(frames)
+    if video.dtype != np.uint8:
+        video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+    count, height, width = video.shape[0], video.shape[1], video.shape[2]
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{width}x{height}", "-r", str(fps), "-i", "-", "-an", "-vf",
+               "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4", str(path)]
+    encoder = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        try:
+            for frame in video:
+                encoder.stdin.write(np.ascontiguousarray(frame).tobytes())
+            encoder.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass  # the encoder stopped: its exit status and message say why
+        status = encoder.wait()
+    except BaseException:
+        encoder.kill()
+        encoder.wait()
+        raise
+    message = encoder.stderr.read().decode(errors="replace").strip().splitlines()
+    encoder.stderr.close()
+    if status != 0:
+        raise LVSAError(f"writing the mp4 failed: ffmpeg exited with status {status}"
+                        f"{': ' + message[-1] if message else ''} (full disk or a file-size limit?)")
+    written = imageio_ffmpeg.count_frames_and_secs(str(path))[0]
+    if written != count:
+        raise LVSAError(f"writing the mp4 failed: {written} of {count} frames are in the file")

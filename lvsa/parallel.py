@@ -102,10 +102,14 @@ def gather_heads(x: torch.Tensor, ulysses: UlyssesGroup) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
-def init_distributed(device_type: str) -> tuple[int, int, int]:
+def init_distributed(device_type: str, timeout: float = 600.0) -> tuple[int, int, int]:
     """Join the process group that ``torchrun`` describes, with the device module's collective backend
-    (gloo on CPU, nccl on CUDA, hccl on NPU); returns ``(rank, world_size, local_rank)``."""
+    (gloo on CPU, nccl on CUDA, hccl on NPU); returns ``(rank, world_size, local_rank)``.
+
+    ``timeout`` (seconds) bounds every collective: a rank that stops or hangs makes the others fail with
+    torch's timeout error after that long, instead of torch's default 30 minutes."""
     import os
+    from datetime import timedelta
 
     import torch.distributed as dist
 
@@ -120,7 +124,7 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
             raise ConfigError("context parallelism needs several processes: launch with torchrun --nproc-per-node N")
         if device_type != "cpu":
             device.set_device(local_rank)
-        dist.init_process_group(backend=device.collective_backend)
+        dist.init_process_group(backend=device.collective_backend, timeout=timedelta(seconds=timeout))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 

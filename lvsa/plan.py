@@ -305,12 +305,12 @@ def build_plan(
         raise GeometryError(f"latent_frames={T!r}: must be an integer >= 1")
     if not isinstance(patches_per_frame, int) or patches_per_frame < 1:
         raise GeometryError(f"patches_per_frame={patches_per_frame!r}: must be an integer >= 1")
-    if text_tokens < 0:
-        raise GeometryError(f"text_tokens={text_tokens}: must be >= 0")
+    if not isinstance(text_tokens, int) or isinstance(text_tokens, bool) or text_tokens < 0:
+        raise GeometryError(f"text_tokens={text_tokens!r}: must be an integer >= 0")
     if text_position not in ("before", "after"):
         raise GeometryError(f"text_position={text_position!r}: must be 'before' or 'after'")
-    if step < 0:
-        raise GeometryError(f"step={step}: must be >= 0")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise GeometryError(f"step={step!r}: must be an integer >= 0")
     kfi = keyframe_interval(T, knobs)
     n_first = min(knobs.n_first, T)
     sparse = kfi > 1

@@ -289,10 +289,14 @@ def _warn_deprecated(settings: LVSASettings) -> None:
 # command-line flags derived from the fields
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def add_cli_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                      exclude: tuple[str, ...] = ()) -> None:
     """Add one flag per setting: ``--sparsity-scale 0.5``, ``--rotate-keyframes/--no-rotate-keyframes``.
-    Flags not given stay absent from the namespace, so the environment and code still apply."""
+    Flags not given stay absent from the namespace, so the environment and code still apply. ``exclude``:
+    settings the application sets from flags of its own (one flag per setting)."""
     for name, info in LVSASettings.model_fields.items():
+        if name in exclude:
+            continue
         annotation = _strip_optional(info.annotation)
         default = info.default
         shown = _UNSET_MEANS.get(name, "model's") if default is None else default

@@ -64,6 +64,12 @@ class ModelAdapter(ABC):
     def family(self, transformer: Any) -> ModelFamily:
         """The family defaults (reference horizon, VAE factors) that fit this transformer's config."""
 
+    def family_defaults(self) -> ModelFamily:
+        """The family of this adapter's default checkpoint, for checks made before a model is loaded."""
+        from ..geometry import FAMILIES
+
+        return FAMILIES[self.name]
+
     def temporal_patch(self, transformer: Any) -> int:
         """Latent frames per token frame, read off the config (``patch_size_t``, or the first entry of a 3-d
         ``patch_size``): the one source of the frame unit, so a model that patches time is planned in token
