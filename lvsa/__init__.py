@@ -18,6 +18,8 @@ from .errors import (
     LVSAError,
     UnsupportedProblem,
 )
+from . import log
+from .log import setup_logging
 from .plan import SparsePlan, make_plan
 from .settings import LVSASettings, configure, get_settings, reset_settings
 
@@ -54,6 +56,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "setup_logging",
     "AttentionProblem",
     "Availability",
     "BackendStatus",
