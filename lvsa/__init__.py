@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import log
 from .errors import (
     BackendUnavailable,
     ConfigError,
@@ -18,7 +19,6 @@ from .errors import (
     LVSAError,
     UnsupportedProblem,
 )
-from . import log
 from .log import setup_logging
 from .plan import SparsePlan, make_plan
 from .settings import LVSASettings, configure, get_settings, reset_settings
@@ -56,7 +56,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "setup_logging",
     "AttentionProblem",
     "Availability",
     "BackendStatus",
@@ -77,8 +76,10 @@ __all__ = [
     "available_backends",
     "configure",
     "get_settings",
+    "log",
     "make_plan",
     "remove",
     "reset_settings",
+    "setup_logging",
     "sparse_attention",
 ]
