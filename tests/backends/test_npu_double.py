@@ -209,3 +209,18 @@ def test_set_device(npu_emulation):
     registry.get_device("npu").set_device(0)  # what the device module calls before a collective
     with pytest.raises(RuntimeError, match="Invalid device id"):
         registry.get_device("npu").set_device(3)
+
+
+def test_layouts_and_kv_lengths(npu_emulation):
+    q, k, v = _qkv()
+    out, _ = _call(npu_emulation, q, k, v, actual_seq_lengths_kv=[11])
+    cut, _ = _call(npu_emulation, q, k[:, :11].contiguous(), v[:, :11].contiguous())
+    assert torch.allclose(out.float(), cut.float(), atol=1e-2)
+    with pytest.raises(RuntimeError, match="actual_seq_lengths_kv"):
+        _call(npu_emulation, q, k, v, actual_seq_lengths_kv=[13])
+    with pytest.raises(RuntimeError, match="actual_seq_lengths_kv"):
+        _call(npu_emulation, *_qkv(B=3), actual_seq_lengths_kv=[4, 4])
+    with pytest.raises(NotImplementedError, match="TND"):
+        _call(npu_emulation, q, k, v, input_layout="TND")
+    with pytest.raises(RuntimeError, match="4-d"):
+        _call(npu_emulation, q[0], k[0], v[0])
