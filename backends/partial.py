@@ -133,10 +133,9 @@ def without_empty_samples(
     check stays on the device (no host synchronisation)."""
     if key_mask is None:
         return out, lse
-    has_keys = key_mask.bool().any(dim=1)  # [B]
-    lse = torch.where(has_keys[:, None, None], lse, float("-inf"))
-    out = torch.where(has_keys[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out, lse
+    empty = ~key_mask.bool().any(dim=1)  # [B]
+    # in place on the kernel's fresh outputs: no second copy of the partial on the per-layer path
+    return out.masked_fill_(empty[:, None, None, None], 0), lse.masked_fill_(empty[:, None, None], float("-inf"))
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> None:

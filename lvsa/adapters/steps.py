@@ -60,6 +60,3 @@ class ScheduleSteps:
                 self._last = index
                 return self._schedule[0], index
         return None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_pipelines": [], "_schedule": None, "_timesteps": None, "_last": 0}
