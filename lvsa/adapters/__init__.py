@@ -8,12 +8,14 @@ restores the model exactly."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import log
 from ..errors import ConfigError
 from ..parallel import ulysses_group_of
+from . import ops
 from .base import LatentGrid, ModelAdapter
 from .runtime import LVSARuntime, RuntimeStats
 
@@ -131,19 +133,33 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
         runtime.schedule.add(target)  # the pipeline's schedule gives the exact denoising step
     handle = LVSAHandle(runtime, adapter, transformers, target=_describe(target, transformers))
 
-    def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    def start_forward(module: Any, hidden_states: Any, timestep: Any) -> None:
         if handle.layers:
             replaced = handle.replaced_layers()
             if replaced:
                 runtime.processors_replaced(replaced)
-        hidden_states = adapter.forward_argument("hidden_states", args, kwargs)
         grid: LatentGrid = adapter.latent_grid(module, hidden_states)
-        runtime.begin_forward(grid, adapter.forward_argument("timestep", args, kwargs), ulysses_group_of(module))
+        runtime.begin_forward(grid, timestep, ulysses_group_of(module))
+
+    def hook(index: int) -> Any:
+        def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+            hidden_states = adapter.forward_argument("hidden_states", args, kwargs)
+            timestep = adapter.forward_argument("timestep", args, kwargs)
+            if not ops.compiling():
+                start_forward(module, hidden_states, timestep)
+                return
+            # traced by dynamo: the step's state changes behind the op, so the graph holds no guard on it
+            ops.forward_start(runtime.ticket, hidden_states, ops.as_tensor(timestep), runtime.key, index)
+            if settings.riflex:  # the rotary hook reads the grid while dynamo traces (shapes only)
+                runtime.grid = adapter.latent_grid(module, hidden_states)
+
+        return before_forward
 
     try:
         for index, transformer in enumerate(transformers):
             prefix = _TRANSFORMER_ATTRIBUTES[index] + "." if len(transformers) > 1 else ""
-            handle._hooks.append(transformer.register_forward_pre_hook(before_forward, with_kwargs=True))
+            runtime.forward_callbacks.append(functools.partial(start_forward, transformer))
+            handle._hooks.append(transformer.register_forward_pre_hook(hook(index), with_kwargs=True))
             if settings.riflex:
                 handle._hooks.extend(adapter.install_riflex(transformer, runtime))
             if not sparse:

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..geometry import ModelFamily
+from .ops import DEFERRED, DeferredPlan, compiling
 
 if TYPE_CHECKING:
     import torch
 
+    from ..plan import SparsePlan
     from ..riflex import TemporalRope
     from .runtime import LVSARuntime
+
+QKV = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -32,12 +36,34 @@ class LatentGrid:
 
 class LVSAProcessor:
     """Base of the adapters' attention processors: the layer's name, the shared runtime, and the model's own
-    processor, which runs whatever lvsa cannot plan (after a loud fallback)."""
+    processor, which runs whatever lvsa cannot plan (after a loud fallback).
+
+    A processor asks :meth:`plan` first (``None``: call ``self.original``), projects, then :meth:`attend`.
+    Under ``torch.compile`` the plan is :data:`~.ops.DEFERRED`: planning and the attention run inside the
+    ``lvsa::attention`` op, which falls back to dense attention itself."""
 
     def __init__(self, original: Any, runtime: LVSARuntime, layer: str) -> None:
         self.original = original
         self.runtime = runtime
         self.layer = layer
+        #: the layer's name as data for the op: a string constant would make every block's graph its own
+        self.layer_key = runtime.layer_key(layer) if runtime is not None else None
+
+    def plan(self, video_tokens: int, text_tokens: int = 0,
+             text_position: Literal["before", "after"] = "after") -> SparsePlan | DeferredPlan | None:
+        """This step's plan for ``video_tokens`` (this rank's share under Ulysses) and ``text_tokens``."""
+        if compiling():
+            return DEFERRED
+        runtime = self.runtime
+        return runtime.plan_for(self.layer, runtime.video_tokens(video_tokens) + text_tokens, text_tokens=text_tokens,
+                                text_position=text_position)
+
+    def attend(self, video: QKV, text: QKV | None, plan: SparsePlan | DeferredPlan,
+               key_padding_mask: torch.Tensor | None = None,
+               text_position: Literal["before", "after"] = "after") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The video (and text) outputs ``[B, S, H, D]`` of this layer under ``plan``."""
+        return self.runtime.attention(video, text, plan, key_padding_mask, layer_key=self.layer_key,
+                                      text_position=text_position)
 
 
 def rewrite_rope_output(rope_module: Any, runtime: LVSARuntime, rope: TemporalRope) -> Any:

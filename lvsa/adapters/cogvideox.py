@@ -34,13 +34,12 @@ class CogVideoXLVSAProcessor(LVSAProcessor):
         from diffusers.models.embeddings import apply_rotary_emb
 
         text = encoder_hidden_states.size(1)
-        runtime = self.runtime
-        seq_len = runtime.video_tokens(hidden_states.shape[1]) + text
         plan = None
         if attention_mask is None:
-            plan = runtime.plan_for(self.layer, seq_len, text_tokens=text, text_position="before")
+            plan = self.plan(hidden_states.shape[1], text, "before")
         else:
-            runtime.unsupported(self.layer, "attention_mask", seq_len, "CogVideoX was given a full attention mask")
+            seq_len = self.runtime.video_tokens(hidden_states.shape[1]) + text
+            self.runtime.unsupported(self.layer, "attention_mask", seq_len, "CogVideoX was given a full attention mask")
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         head_dim = attn.inner_dim // attn.heads
@@ -58,7 +57,8 @@ class CogVideoXLVSAProcessor(LVSAProcessor):
         if image_rotary_emb is not None:
             video_q = apply_rotary_emb(video_q, image_rotary_emb, sequence_dim=1)
             video_k = apply_rotary_emb(video_k, image_rotary_emb, sequence_dim=1)
-        video, text_out = runtime.attention((video_q, video_k, video_v), project(encoder_hidden_states), plan)
+        video, text_out = self.attend((video_q, video_k, video_v), project(encoder_hidden_states), plan,
+                                      text_position="before")
         video, text_out = (attn.to_out[1](attn.to_out[0](t.flatten(2, 3))) for t in (video, text_out))
         return video, text_out
 

@@ -8,8 +8,11 @@ layer of every forward of that step."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+import torch
 
 from .. import log
 from ..errors import ConfigError, GeometryError
@@ -17,12 +20,12 @@ from ..geometry import ModelFamily, patches_per_frame
 from ..parallel import UlyssesGroup, gather_heads, heads_to_sequence, local_heads, sequence_to_heads
 from ..plan import PatternKnobs, SparsePlan, build_plan, keyframe_interval, resolve_knobs
 from ..riflex import TemporalRope, rewrite_tables
+from . import ops
 from .base import LatentGrid
+from .ops import DeferredPlan
 from .steps import ScheduleSteps
 
 if TYPE_CHECKING:
-    import torch
-
     from ..settings import LVSASettings
 
 
@@ -58,6 +61,19 @@ class LVSARuntime:
         self._plans: dict[tuple[Any, ...], SparsePlan] = {}
         self._warned: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
+        # what torch.compile'd transformers reach through the custom ops (see .ops)
+        self.key = ops.register(self)
+        with torch.inference_mode(False):  # mutated inside inference_mode and outside it alike
+            self.ticket = torch.zeros(1, dtype=torch.int64)
+        #: per transformer (in the handle's order): the forward pre-hook's work, called by lvsa::forward_start
+        self.forward_callbacks: list[Callable[[torch.Tensor, Any], None]] = []
+        self.layer_names: list[str] = []  # indexed by the layers' keys
+
+    def layer_key(self, name: str) -> torch.Tensor:
+        """A one-element tensor naming layer ``name`` for the ``lvsa::attention`` op."""
+        self.layer_names.append(name)
+        with torch.inference_mode(False):
+            return torch.tensor([len(self.layer_names) - 1], dtype=torch.int64)
 
     # -- per forward -------------------------------------------------------------------------------
     def begin_forward(self, grid: LatentGrid, timestep: Any, ulysses: UlyssesGroup | None = None) -> None:
@@ -162,14 +178,57 @@ class LVSARuntime:
         self,
         video: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-        plan: SparsePlan,
+        plan: SparsePlan | DeferredPlan,
         key_padding_mask: torch.Tensor | None = None,
+        *,
+        layer_key: torch.Tensor | None = None,
+        text_position: Literal["before", "after"] = "after",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of the video (and text) ``[B, S, H, D]`` queries, keys and values under ``plan``; returns
         the video and text outputs. Under Ulysses the video arrives and leaves as sequence shards and the
-        text whole; in between every rank runs the whole sequence for its heads."""
-        import torch
+        text whole; in between every rank runs the whole sequence for its heads. A :data:`DEFERRED` plan
+        (under torch.compile) is planned and run inside the ``lvsa::attention`` op."""
+        if isinstance(plan, DeferredPlan):
+            text_q, text_k, text_v = text if text is not None else (None, None, None)
+            if layer_key is None:
+                raise ValueError("a deferred plan needs the layer's key (LVSAProcessor.layer_key)")
+            video_out, text_out = ops.attention(self.ticket, layer_key, *video, text_q, text_k, text_v,
+                                                key_padding_mask, self.key, text_position)
+            return video_out, (text_out if text is not None else None)
+        return self._attend(video, text, plan, key_padding_mask)
 
+    def plan_and_attend(
+        self,
+        origin: str,
+        video: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        key_padding_mask: torch.Tensor | None,
+        text_position: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ``lvsa::attention`` op's work: this step's plan and the attention under it; a layer that cannot
+        be planned (after the loud fallback of :meth:`plan_for`) gets dense attention over the same tensors."""
+        if text_position not in ("before", "after"):
+            raise ValueError(f"text_position={text_position!r}: before or after")
+        text_tokens = 0 if text is None else text[0].shape[1]
+        seq_len = self.video_tokens(video[0].shape[1]) + text_tokens
+        plan = self.plan_for(origin, seq_len, text_tokens, text_position)  # type: ignore[arg-type]
+        video_out, text_out = self._attend(video, text, plan, key_padding_mask, text_position)
+        # an op's outputs have the strides its fake says (contiguous) and never share storage
+        if text_out is None:
+            return video_out.contiguous(), None
+        return video_out.clone(memory_format=torch.contiguous_format), text_out.clone(
+            memory_format=torch.contiguous_format)
+
+    def _attend(
+        self,
+        video: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        plan: SparsePlan | None,
+        key_padding_mask: torch.Tensor | None,
+        text_position: str = "after",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``plan=None``: dense attention over the joined sequence (a fallback inside the op)."""
+        from ..backends.sdpa import dense_attention
         from ..dispatch import sparse_attention
 
         ulysses = self.ulysses
@@ -178,17 +237,26 @@ class LVSARuntime:
             video = tuple(sequence_to_heads(t, ulysses) for t in video)
             if text is not None:
                 text = tuple(local_heads(t, ulysses) for t in text)
+        position = plan.text_position if plan is not None else text_position
         video_len = video[0].shape[1]
         if text is None:
             q, k, v = video
         else:
-            first, second = (video, text) if plan.text_position == "after" else (text, video)
+            first, second = (video, text) if position == "after" else (text, video)
             q, k, v = (torch.cat([a, b], dim=1) for a, b in zip(first, second, strict=True))
-        out = sparse_attention(q, k, v, plan, key_padding_mask=key_padding_mask, settings=self.settings)
+        if plan is not None:
+            out = sparse_attention(q, k, v, plan, key_padding_mask=key_padding_mask, settings=self.settings)
+        else:
+            key_mask = None
+            if key_padding_mask is not None:
+                keep_video = key_padding_mask.new_ones(key_padding_mask.shape[0], video_len)
+                parts = (keep_video, key_padding_mask) if position == "after" else (key_padding_mask, keep_video)
+                key_mask = torch.cat(parts, dim=1).bool()
+            out = dense_attention(q, k, v, key_mask)
         text_out = None
         if text is None:
             video_out = out
-        elif plan.text_position == "after":
+        elif position == "after":
             video_out, text_out = out[:, :video_len], out[:, video_len:]
         else:
             text_out, video_out = out[:, :-video_len], out[:, -video_len:]

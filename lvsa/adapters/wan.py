@@ -53,7 +53,7 @@ class WanLVSAProcessor(LVSAProcessor):
     ) -> torch.Tensor:
         plan = None
         if encoder_hidden_states is None and attention_mask is None:
-            plan = self.runtime.plan_for(self.layer, self.runtime.video_tokens(hidden_states.shape[1]))
+            plan = self.plan(hidden_states.shape[1])
         else:
             self.runtime.unsupported(self.layer, "unexpected_inputs", hidden_states.shape[1],
                                      "attn1 was called with encoder states or a mask")
@@ -64,7 +64,7 @@ class WanLVSAProcessor(LVSAProcessor):
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
-        out, _ = self.runtime.attention((query, key, value), None, plan)
+        out, _ = self.attend((query, key, value), None, plan)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
