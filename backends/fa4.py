@@ -32,6 +32,7 @@ import torch
 
 from lvsa import log
 from lvsa.driver import AttentionProblem, Availability, Driver
+from lvsa.errors import BackendUnavailable
 from lvsa.plan import SparsePlan
 
 #: what each missing piece is called in pip terms
@@ -42,6 +43,8 @@ _PACKAGES = {
 }
 _compiled: set[tuple[Any, ...]] = set()
 _lock = threading.Lock()
+#: kernels (shapes, masks) compiled per process before fa4 refuses
+_SHAPES_PER_PROCESS = 64
 
 
 @dataclass(frozen=True)
@@ -236,8 +239,23 @@ class Fa4Driver(Driver):
                 raise ValueError("fa4: prepared for a padding mask but called without one")
             prepared.keep[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask
         attention = _flex(self.compiled)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=prepared.block_mask,
-                        scale=scale, enable_gqa=q.shape[2] != k.shape[2], kernel_options=self.kernel_options)
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        kwargs = dict(block_mask=prepared.block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+                      kernel_options=self.kernel_options)
+        if not self.compiled:
+            return attention(*args, **kwargs).transpose(1, 2)
+        # every shape compiles its own kernel; past dynamo's default of 8 shapes it would silently run
+        # FlexAttention's unfused fallback (a full score matrix: slow, or out of memory): raise instead
+        with torch._dynamo.config.patch(recompile_limit=_SHAPES_PER_PROCESS, fail_on_recompile_limit_hit=True):
+            try:
+                out = attention(*args, **kwargs)
+            except Exception as error:
+                if "recompile" not in type(error).__name__.lower() and "RecompileLimit" not in str(error):
+                    raise
+                raise BackendUnavailable(
+                    f"fa4: more than {_SHAPES_PER_PROCESS} attention shapes were compiled in this process; "
+                    "FlexAttention would fall back to its unfused path. Use fewer distinct shapes per process, "
+                    "or another backend") from error
         return out.transpose(1, 2)
 
 

@@ -1,12 +1,14 @@
-"""Attention benchmark: dense SDPA (cuDNN on CUDA: the fastest dense kernel) against every lvsa driver, in
-one run, on the shapes of real long-video models.
+"""Attention benchmark: the two fastest dense kernels (cuDNN SDPA, and FlashAttention-4 where the fa4 driver is
+usable) against every lvsa driver, in one run, on the shapes of real long-video models.
 
     python benchmarks/attention.py                          # CUDA, full sizes, bf16
+    python benchmarks/attention.py --flashinfer-direct      # also FlashInfer's wrapper called directly
     python benchmarks/attention.py --device cpu --small     # CPU, small sizes (keeps the script alive in CI)
 
-For each case it prints dense ms, each driver's ms, effective TFLOP/s (the FLOPs the plan needs over the
-time), speedup over dense, the fraction of the ideal speedup (1 / density), peak extra memory, and the
-relative error against a float64 masked reference on sampled query rows. ``--json PATH`` writes it all."""
+For each case it prints every method's ms, effective TFLOP/s (the FLOPs the plan needs over the time), the
+speedup over dense cuDNN and over dense FA4, the fraction of the ideal speedup (1 / density) against each,
+peak extra memory, and the relative error against a float64 masked reference on sampled query rows.
+``--json PATH`` writes it all."""
 
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class Case:
     heads: int
     reference: int
     scale: float = 1.0
+    text: int = 0  # text tokens after the video (HunyuanVideo 1.5's joint attention), padded
+    valid_text: int = 0
 
 
 CASES = [
@@ -43,6 +47,8 @@ CASES = [
     Case("hunyuan-1.5x (193 frames)", 49, 1590, 16, 33),
     Case("hunyuan-2x (257 frames)", 65, 1590, 16, 33),
     Case("wan-14b-4x (40 heads)", 81, 1560, 40, 21),
+    # HunyuanVideo 1.5's joint attention: the prompt's text tokens after the video, about two thirds valid
+    Case("hunyuan-1.5x + 1000 text (padded)", 49, 1590, 16, 33, text=1000, valid_text=680),
 ]
 
 
@@ -57,6 +63,9 @@ class Row:
     peak_extra_gb: float | None
     rel_error: float | None
     prepare_ms: float | None = None
+    #: against dense FlashAttention-4 (None where FA4 is not usable)
+    speedup_fa4: float | None = None
+    fraction_of_ideal_fa4: float | None = None
 
 
 def sparse_flops(plan: lvsa.SparsePlan, heads: int, head_dim: int) -> float:
@@ -77,11 +86,11 @@ def timed(fn, device, warmup: int, repeats: int) -> tuple[float, torch.Tensor]:
     return statistics.median(times) * 1e3, out
 
 
-def sampled_reference(plan, q, k, v, frames, rows_per_frame):
+def sampled_reference(plan, q, k, v, frames, rows_per_frame, valid_text=None):
     """float64 attention of a few query rows of a few frames over exactly their attended keys."""
     P = plan.patches_per_frame
     refs, picks = [], []
-    text = list(range(plan.text_start, plan.text_start + plan.text_tokens))
+    text = list(range(plan.text_start, plan.text_start + (plan.text_tokens if valid_text is None else valid_text)))
     for f in frames:
         keys = [plan.video_start + g * P + i for g in plan.attended(f) for i in range(P)] + text
         keys_t = torch.tensor(keys, device=q.device)
@@ -95,25 +104,36 @@ def sampled_reference(plan, q, k, v, frames, rows_per_frame):
 
 
 def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
+    from lvsa.backends.sdpa import dense_attention
+
     P = 16 if args.small else case.tokens_per_frame
     heads = 2 if args.small else case.heads
+    text = min(case.text, 24) if args.small else case.text
+    valid = min(case.valid_text, 16) if args.small else case.valid_text
     settings = lvsa.LVSASettings(reference_latent_frames=case.reference, sparsity_scale=case.scale)
-    plan = lvsa.make_plan(case.frames, P, settings=settings)
+    plan = lvsa.make_plan(case.frames, P, text_tokens=text, settings=settings)
     shape = (1, plan.seq_len, heads, head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(args.device, dtype) for _ in range(3))
+    padding = (torch.arange(text) < valid)[None].to(args.device) if text else None
+    key_mask = None
+    if padding is not None:
+        key_mask = torch.ones(1, plan.seq_len, dtype=torch.bool, device=args.device)
+        key_mask[:, plan.text_start:] = padding
     frames = sorted({0, plan.latent_frames // 2, plan.latent_frames - 1})
-    picks, reference = sampled_reference(plan, q, k, v, frames, 32)
+    picks, reference = sampled_reference(plan, q, k, v, frames, 32, valid if text else None)
     flops = sparse_flops(plan, heads, head_dim)
     dense_flops = 4.0 * heads * head_dim * plan.seq_len**2
 
     def dense():
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         if args.device == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(qt, kt, vt)
-        return F.scaled_dot_product_attention(qt, kt, vt)
+            # cuDNN alone when it takes the call; with a padding mask, torch's order with cuDNN first
+            if key_mask is None:
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+                    return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+        return dense_attention(q, k, v, key_mask)
 
     allocator = device.memory().kind == "allocator"  # a process RSS peak cannot be reset per method
     base = device.memory().current or 0
@@ -121,38 +141,79 @@ def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
     def peak_extra() -> float | None:
         return (device.memory().peak - base) / 2**30 if allocator else None
 
-    print(f"\n{case.name}: {plan.latent_frames} frames x {P} tokens x {heads} heads, density {plan.density:.3f}, "
-          f"ideal {1 / plan.density:.2f}x   {plan.summary()}", flush=True)
+    print(f"\n{case.name}: {plan.latent_frames} frames x {P} tokens x {heads} heads + {text} text, density "
+          f"{plan.density:.3f}, ideal {1 / plan.density:.2f}x   {plan.summary()}", flush=True)
     device.reset_peak()
     dense_ms, _ = timed(dense, device, args.warmup, args.repeats)
     label = "dense cuDNN" if args.device == "cuda" else "dense SDPA"
     rows = [Row(case.name, label, dense_ms, dense_flops / dense_ms / 1e9, 1.0, None, peak_extra(), None)]
-    for name, driver in methods.items():
-        problem = lvsa.AttentionProblem.from_tensors(q, k, v, plan)
-        start = time.perf_counter()
-        prepared = driver.prepare(plan, problem)
-        device.synchronize()
-        prepare_ms = (time.perf_counter() - start) * 1e3
+
+    fa4_ms = None
+    if "fa4" in methods:  # FA4's dense kernel: the fa4 driver on the dense plan of the same geometry
+        dense_plan = lvsa.make_plan(case.frames, P, text_tokens=text,
+                                    settings=lvsa.LVSASettings(reference_latent_frames=case.frames))
+        driver = methods["fa4"]
+        prepared = driver.prepare(dense_plan, lvsa.AttentionProblem.from_tensors(q, k, v, dense_plan, padding))
         device.reset_peak()
-        ms, out = timed(lambda d=driver, p=prepared: d.run(p, q, k, v), device, args.warmup, args.repeats)
+        fa4_ms, _ = timed(lambda p=prepared: driver.run(p, q, k, v, padding), device, args.warmup, args.repeats)
+        rows.append(Row(case.name, "dense FA4", fa4_ms, dense_flops / fa4_ms / 1e9, dense_ms / fa4_ms, None,
+                        peak_extra(), None, None, 1.0, None))
+        del prepared
+
+    def measured(name, run, prepare_ms):
+        device.reset_peak()
+        ms, out = timed(run, device, args.warmup, args.repeats)
         peak = peak_extra()
         got = out[0, picks].double()
         rel = ((got - reference).norm() / reference.norm()).item()
         speedup = dense_ms / ms
-        rows.append(Row(case.name, name, ms, flops / ms / 1e9, speedup, speedup * plan.density, peak, rel, prepare_ms))
-        del out, prepared
+        vs_fa4 = None if fa4_ms is None else fa4_ms / ms
+        rows.append(Row(case.name, name, ms, flops / ms / 1e9, speedup, speedup * plan.density, peak, rel,
+                        prepare_ms, vs_fa4, None if vs_fa4 is None else vs_fa4 * plan.density))
+
+    for name, driver in methods.items():
+        problem = lvsa.AttentionProblem.from_tensors(q, k, v, plan, padding)
+        if driver.check(problem):
+            print(f"  ({name}: not measured: {'; '.join(driver.check(problem))})")
+            continue
+        start = time.perf_counter()
+        prepared = driver.prepare(plan, problem)
+        device.synchronize()
+        prepare_ms = (time.perf_counter() - start) * 1e3
+        measured(name, lambda d=driver, p=prepared: d.run(p, q, k, v, padding), prepare_ms)
+        del prepared
+    if args.flashinfer_direct and not text and "flashinfer" in methods:
+        for megabytes in (128, 512):
+            wrapper = flashinfer_direct(plan, q, megabytes)
+            measured(f"FI direct {megabytes}M", lambda w=wrapper: w.run(q[0], k[0], v[0])[None], None)
+            del wrapper
     return rows
 
 
+def flashinfer_direct(plan, q, workspace_mb: int):
+    """FlashInfer's block-sparse wrapper planned and called directly on the plan (no lvsa in between)."""
+    import flashinfer
+
+    heads, head_dim, P = q.shape[2], q.shape[3], plan.patches_per_frame
+    workspace = torch.empty(workspace_mb << 20, dtype=torch.uint8, device=q.device)
+    wrapper = flashinfer.BlockSparseAttentionWrapper(workspace)
+    wrapper.plan(torch.tensor(plan.indptr, dtype=torch.int32), torch.tensor(plan.indices, dtype=torch.int32),
+                 plan.video_tokens, plan.video_tokens, P, P, heads, heads, head_dim,
+                 q_data_type=q.dtype, kv_data_type=q.dtype, o_data_type=q.dtype)
+    return wrapper
+
+
 def print_case(rows: list[Row]) -> None:
-    print(f"  {'method':<14} {'ms':>9} {'TFLOP/s':>8} {'speedup':>8} {'of ideal':>9} {'+GB':>6} {'rel err':>9} "
-          f"{'prep ms':>8}")
+    print(f"  {'method':<16} {'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>9} {'of ideal':>9} {'vs FA4':>7} {'of ideal':>9} "
+          f"{'+GB':>6} {'rel err':>9} {'prep ms':>8}")
     for r in rows:
         gb = "-" if r.peak_extra_gb is None else f"{r.peak_extra_gb:.1f}"
         err = "-" if r.rel_error is None else f"{r.rel_error:.1e}"
         prep = "-" if r.prepare_ms is None else f"{r.prepare_ms:.0f}"
         ideal = "-" if r.fraction_of_ideal is None else f"{r.fraction_of_ideal:.0%}"
-        print(f"  {r.method:<14} {r.ms:>9.2f} {r.tflops:>8.1f} {r.speedup:>7.2f}x {ideal:>9} "
+        fa4 = "-" if r.speedup_fa4 is None else f"{r.speedup_fa4:.2f}x"
+        ideal_fa4 = "-" if r.fraction_of_ideal_fa4 is None else f"{r.fraction_of_ideal_fa4:.0%}"
+        print(f"  {r.method:<16} {r.ms:>9.2f} {r.tflops:>8.1f} {r.speedup:>8.2f}x {ideal:>9} {fa4:>7} {ideal_fa4:>9} "
               f"{gb:>6} {err:>9} {prep:>8}", flush=True)
 
 
@@ -167,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=None, help="comma-separated substrings of case names")
     parser.add_argument("--methods", default=None, help="comma-separated substrings of driver names to measure")
     parser.add_argument("--json", default=None, help="write every number to this file")
+    parser.add_argument("--flashinfer-direct", action="store_true",
+                        help="also time FlashInfer's wrapper called directly (128 and 512 MB workspaces)")
     args = parser.parse_args(argv)
 
     device = registry.get_device(args.device)
@@ -197,12 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": device.describe(), "torch": torch.__version__, "dtype": str(dtype)[6:], "head_dim": head_dim}
     if args.device == "cuda":
         env["cudnn"] = torch.backends.cudnn.version()
-    try:
-        import flashinfer
-
-        env["flashinfer"] = flashinfer.__version__
-    except Exception:
-        pass
+    for module in ("flashinfer", "flash_attn.cute"):
+        try:
+            env[module] = __import__(module, fromlist=["_"]).__version__
+        except Exception:
+            pass
     print("  ".join(f"{k}={v}" for k, v in env.items()))
 
     rows: list[Row] = []

@@ -1,10 +1,11 @@
 """One denoising forward of a real-size video transformer: dense attention vs each lvsa driver, in one run.
 
-    python benchmarks/pipeline.py                      # CUDA: Wan 2.1 1.3B at 81/161/321 frames + HunyuanVideo 1.5
+    python benchmarks/pipeline.py --dense-fa4          # CUDA: Wan 2.1 1.3B at 81/161/321 frames + HunyuanVideo 1.5
     python benchmarks/pipeline.py --small --device cpu # a small config on CPU (what the test suite runs)
 
 The transformers are built from their real configs with random weights (no download) in bfloat16. Dense
-is the model's own attention through diffusers with cuDNN SDPA (``_native_cudnn``) on CUDA. Each lvsa row
+is the model's own attention through diffusers with cuDNN SDPA (``_native_cudnn``) on CUDA; ``--dense-fa4``
+adds FlashAttention-4's dense kernel (the fa4 driver on a dense plan). Each lvsa row
 installs lvsa with ``lvsa.apply`` on the same transformer. Times are the median of ``--repeats`` forwards
 after one warm-up; "peak" is the allocator's peak during a forward and "extra" what it adds over the
 memory held before the forward. Speedup and memory ratios are against the dense row of the same length."""
@@ -127,6 +128,18 @@ def run_model(name: str, build: Any, args: argparse.Namespace, device_module: An
         _print(rows[-1])
         if dense_backend:
             model.reset_attention_backend()
+        if args.dense_fa4:  # FA4's dense kernel: the fa4 driver under a horizon that keeps the plan dense
+            clear_caches()
+            handle = lvsa.apply(model, lvsa.LVSASettings(backend="fa4", reference_latent_frames=T))
+            try:
+                ms, peak, before = measure(model, inputs, device_module, args.repeats)
+                rows.append(Row(name, frames, T, tokens, "dense FA4", None, 1.0, ms, dense_ms / ms, peak / 2**30,
+                                (peak - before) / 2**30, (peak - dense_peak) / max(dense_peak, 1)))
+                _print(rows[-1])
+            except lvsa.LVSAError as error:
+                print(f"  dense FA4: skipped: {error}".splitlines()[0])
+            finally:
+                handle.remove()
         for method in args.methods:
             backend, _, budget = method.partition("@")
             for scale in args.sparsity_scales:
@@ -174,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="build HunyuanVideo 1.5 with fewer of its 54 blocks (times scale with the count)")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--methods", nargs="+", default=["sdpa", "flashinfer"],
+    parser.add_argument("--dense-fa4", action="store_true", help="also time FA4's dense kernel (the fa4 driver)")
+    parser.add_argument("--methods", nargs="+", default=["sdpa", "flashinfer", "fa4"],
                         help="lvsa drivers; sdpa@MIB sets the sdpa driver's gather budget in MiB")
     parser.add_argument("--sparsity-scales", nargs="+", type=float, default=[1.0])
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU measurements recorded in docs/performance.md, in one device call, after the carries are unpacked:
+#   ../shared/device/prepare-carry.sh .carry && ../shared/device/prepare-fa4-carry.sh .fa4   (on the workstation)
+#   call 1, carry [".fa4/a"]:                     bash .fa4/a/stage.sh
+#   call 2, carry [".fa4/b", ".carry"]:           bash benchmarks/gpu.sh "$OUT" smoke parity attention
+#   call 3 (same machine):                        bash benchmarks/gpu.sh "$OUT" pipeline compiled
+# Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
+set -u
+out=${1:?usage: gpu.sh OUTDIR [smoke parity attention pipeline compiled]}
+shift
+parts=${*:-smoke parity attention pipeline compiled}
+export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0
+source .fa4/b/activate.sh || exit 3
+[ -d /tmp/site/flashinfer ] || bash .carry/unpack-carry.sh .carry >/dev/null
+python -m pip install -q --no-deps --no-build-isolation --target /tmp/lvsa --upgrade . >/dev/null
+export PYTHONPATH=/tmp/lvsa:/tmp/site:$PYTHONPATH
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+python -c "import torch, flashinfer, flash_attn.cute as f; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'flashinfer', flashinfer.__version__, 'fa4', getattr(f, '__version__', '?'))"
+python -c "import sys; from lvsa.cli import main; sys.exit(main(['backends', '--device', 'cuda']))" 2>&1 | tail -8
+for part in $parts; do
+  echo "=== $part"
+  case $part in
+    smoke) python benchmarks/attention.py --small --cases wan-2x,text --methods fa4 --repeats 2 2>&1 | tee "$out/smoke.txt" ;;
+    parity) LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16,float16 python -P -m pytest -q -p no:cacheprovider \
+              tests/parity tests/backends -k "fa4 or (flashinfer and bfloat16)" 2>&1 | tail -25 | tee "$out/parity.txt" ;;
+    attention) python benchmarks/attention.py --warmup 1 --flashinfer-direct --json "$out/attention.json" 2>&1 \
+                 | tee "$out/attention.txt" ;;
+    pipeline) python benchmarks/pipeline.py --models wan --frames 81 321 --dense-fa4 --json "$out/pipeline.json" 2>&1 \
+                | grep -v "should be kept in float32" | tee "$out/pipeline.txt" ;;
+    compiled) python benchmarks/compiled.py --frames 321 --layers 4 --steps 6 2>&1 \
+                | grep -v "should be kept in float32" | tee "$out/compiled.txt" ;;
+  esac
+done
