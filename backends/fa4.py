@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lvsa import log
+from lvsa import log, registry
 from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.errors import BackendUnavailable
 from lvsa.plan import SparsePlan
@@ -195,9 +195,11 @@ class Fa4Driver(Driver):
         if not _cutlass_libraries():
             return Availability.no("nvidia-cutlass-dsl's CUDA libraries are missing "
                                    "(pip install 'nvidia-cutlass-dsl-libs-cu13', or 'lvsa[fa4]')")
-        if not torch.cuda.is_available():
-            return Availability.no("no CUDA device visible")
-        major, minor = torch.cuda.get_device_capability()
+        cuda = registry.get_device("cuda")
+        present = cuda.is_available() if cuda is not None else Availability.no("no cuda device module")
+        if not present:
+            return present
+        major, minor = cuda.capability()
         if major not in (9, 10):
             return Availability.no(f"FA4 runs on Hopper (sm90) and Blackwell (sm100); this GPU is sm{major}{minor}")
         return Availability.yes(f"FlashAttention-4 block-sparse through FlexAttention (sm{major}{minor})")

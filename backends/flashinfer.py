@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 
-from lvsa import log
+from lvsa import log, registry
 from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.errors import BackendUnavailable, GeometryError
 from lvsa.plan import SparsePlan
 
-from . import partial
-from .sdpa import attend_with_lse, dense_attention
+from .attention_ops import attend_with_lse, dense_attention, lse_kernel_reason, merge, sequence_key_mask, text_keys
 
 _LN2 = math.log(2.0)
 _workspaces: dict[torch.device, torch.Tensor] = {}
@@ -58,9 +57,11 @@ class FlashInferDriver(Driver):
             return base
         if importlib.util.find_spec("flashinfer") is None:
             return Availability.no("flashinfer is not installed (pip install 'lvsa[flashinfer]')")
-        if not torch.cuda.is_available():
-            return Availability.no("no CUDA device visible")
-        major, minor = torch.cuda.get_device_capability()
+        cuda = registry.get_device("cuda")
+        present = cuda.is_available() if cuda is not None else Availability.no("no cuda device module")
+        if not present:
+            return present
+        major, minor = cuda.capability()
         if major < 8:
             return Availability.no(f"needs a GPU of compute capability 8.0 or newer; this one is {major}.{minor}")
         return Availability.yes(f"FlashInfer block-sparse attention (sm_{major}{minor})")
@@ -68,17 +69,15 @@ class FlashInferDriver(Driver):
     def check(self, problem: AttentionProblem) -> list[str]:
         reasons = super().check(problem)
         if problem.text_tokens:  # text keys are attended through torch's kernels with log-sum-exp
-            why = partial.lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
+            why = lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
             if why:
                 reasons.append(f"text tokens: {why}")
         return reasons
 
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> FlashInferPrepared:
-        text_keys = None
-        if plan.text_tokens:
-            text_keys = torch.arange(plan.text_start, plan.text_start + plan.text_tokens, device=problem.device)
+        text = text_keys(plan, problem.device)
         if plan.is_dense:
-            return FlashInferPrepared(plan, None, text_keys)
+            return FlashInferPrepared(plan, None, text)
         try:
             import flashinfer
         except Exception as error:  # installed but broken (CUDA mismatch, missing nvcc...)
@@ -111,15 +110,12 @@ class FlashInferDriver(Driver):
             elapsed = time.perf_counter() - start
             if elapsed > 5:
                 log.info(f"flashinfer: kernels ready after {elapsed:.0f} s")
-        return FlashInferPrepared(plan, wrapper, text_keys)
+        return FlashInferPrepared(plan, wrapper, text)
 
     def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
         plan = prepared.plan
-        B, S, _, D = q.shape
-        key_mask = None
-        if key_padding_mask is not None:
-            key_mask = torch.ones(B, S, dtype=torch.bool, device=q.device)
-            key_mask[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask.bool()
+        B, _, _, D = q.shape
+        key_mask = sequence_key_mask(plan, key_padding_mask, B, q.device)
         if prepared.wrapper is None:
             return dense_attention(q, k, v, key_mask, scale)
 
@@ -145,7 +141,7 @@ class FlashInferDriver(Driver):
                 q[b : b + 1, vs : vs + V], k_text[b : b + 1], v_text[b : b + 1],
                 None if text_mask is None else text_mask[b : b + 1], scale,
             )
-            partial.merge([(o_video[None], (lse2 * _LN2).t()[None]), (o_text, lse_text)], out[b : b + 1, vs : vs + V])
+            merge([(o_video[None], (lse2 * _LN2).t()[None]), (o_text, lse_text)], out[b : b + 1, vs : vs + V])
         return out
 
 

@@ -47,15 +47,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lvsa.devices.npu import INSTALL_HINT  # one install hint: the device module's
 from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.plan import SparsePlan
 
-from . import partial, split
+from . import split
+from .attention_ops import merge, sequence_key_mask, text_keys, without_empty_samples
 
 #: the op's B axis limit ("各轴取值范围速查": B <= 65536)
 MAX_BATCH = 65536
 
-INSTALL_HINT = "pip install 'lvsa[npu]' on a host with the CANN toolkit, then source its set_env.sh"
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def fused_attention(q, k, v, key_mask=None, scale=None):
         inner_precise=2 if masked and queries > 1 else 0,
         softmax_lse_flag=True,
     )
-    return partial.without_empty_samples(out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]), key_mask)
+    return without_empty_samples(out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]), key_mask)
 
 
 class NpuDriver(Driver):
@@ -111,7 +112,7 @@ class NpuDriver(Driver):
     dtypes = frozenset({torch.float16, torch.bfloat16})
 
     #: upper bound on the gathered keys and values of one chunk of query frames
-    gather_budget_bytes = 1 << 30
+    gather_budget_bytes = split.GATHER_BUDGET_BYTES
 
     def is_available(self, device_type: str) -> Availability:
         base = super().is_available(device_type)
@@ -141,9 +142,8 @@ class NpuDriver(Driver):
 
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> NpuPrepared:
         device = problem.device
-        text = video = None
+        text, video = text_keys(plan, device), None
         if plan.text_tokens:
-            text = torch.arange(plan.text_start, plan.text_start + plan.text_tokens, device=device)
             video = torch.arange(plan.video_start, plan.video_start + plan.video_tokens, device=device)
         index = None
         if not plan.is_dense:
@@ -154,11 +154,8 @@ class NpuDriver(Driver):
 
     def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
         plan = prepared.plan
-        B, S = q.shape[:2]
-        key_mask = None
-        if key_padding_mask is not None:
-            key_mask = torch.ones(B, S, dtype=torch.bool, device=q.device)
-            key_mask[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask.bool()
+        B = q.shape[0]
+        key_mask = sequence_key_mask(plan, key_padding_mask, B, q.device)
         if prepared.split is None:
             return self._dense_rows(prepared, q, k, v, key_padding_mask, scale)
         out = torch.empty_like(q)
@@ -180,5 +177,5 @@ class NpuDriver(Driver):
             fused_attention(q, k.index_select(1, text), v.index_select(1, text), key_padding_mask, scale),
         ]
         out = torch.empty_like(q)
-        partial.merge(parts, out)
+        merge(parts, out)
         return out

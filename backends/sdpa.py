@@ -14,7 +14,6 @@ against every key. The strategy is chosen at prepare time (``strategy="auto"``: 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from lvsa.driver import AttentionProblem, Availability, Driver
 from lvsa.plan import SparsePlan
 
-from . import partial, split
+from . import split
+from .attention_ops import attend_with_lse, dense_attention, lse_kernel_reason, sdpa, sequence_key_mask, text_keys
 
 Strategy = Literal["auto", "split", "gather"]
 
@@ -46,7 +46,7 @@ class SdpaDriver(Driver):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
     #: upper bound on the gathered keys and values of one chunk of query frames
-    gather_budget_bytes = 1 << 30
+    gather_budget_bytes = split.GATHER_BUDGET_BYTES
 
     def __init__(self, strategy: Strategy = "auto") -> None:
         if strategy not in ("auto", "split", "gather"):
@@ -61,7 +61,7 @@ class SdpaDriver(Driver):
     def check(self, problem: AttentionProblem) -> list[str]:
         reasons = super().check(problem)
         if self.strategy == "split":
-            why = partial.lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
+            why = lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
             if why:
                 reasons.append(why)
         return reasons
@@ -71,15 +71,14 @@ class SdpaDriver(Driver):
             return SdpaPrepared(plan, "dense")
         strategy = self.strategy
         if strategy == "auto":
-            why = partial.lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
+            why = lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
             strategy = "gather" if why else "split"
         if strategy == "split":
             index = split.build_index(plan, problem, self.gather_budget_bytes, expanded_heads=True)
             return SdpaPrepared(plan, "split", split=index)
         keys = split.frame_tokens(plan, split.attended_frames(plan))
         if plan.text_tokens:
-            text = torch.arange(plan.text_start, plan.text_start + plan.text_tokens)
-            keys = torch.cat([keys, text.expand(plan.latent_frames, -1)], dim=1)
+            keys = torch.cat([keys, text_keys(plan, "cpu").expand(plan.latent_frames, -1)], dim=1)
         item = torch.empty((), dtype=problem.dtype).element_size()
         per_frame = 2 * problem.batch * keys.shape[1] * problem.kv_heads * problem.head_dim * item
         frames_per_chunk = max(1, min(plan.latent_frames, self.gather_budget_bytes // max(per_frame, 1)))
@@ -87,12 +86,9 @@ class SdpaDriver(Driver):
 
     def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
         plan = prepared.plan
-        B, S, Hq, _ = q.shape
+        B, _, Hq, _ = q.shape
         gqa = Hq != k.shape[2]
-        key_mask = None
-        if key_padding_mask is not None:
-            key_mask = torch.ones(B, S, dtype=torch.bool, device=q.device)
-            key_mask[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask.bool()
+        key_mask = sequence_key_mask(plan, key_padding_mask, B, q.device)
         if prepared.strategy == "dense":
             return dense_attention(q, k, v, key_mask, scale)
 
@@ -101,7 +97,7 @@ class SdpaDriver(Driver):
             # text queries are dense rows: they attend every key
             ts, nt = plan.text_start, plan.text_tokens
             mask = None if key_mask is None else key_mask[:, None, None, :]
-            out[:, ts : ts + nt] = _sdpa(q[:, ts : ts + nt], k, v, mask, scale, gqa)
+            out[:, ts : ts + nt] = sdpa(q[:, ts : ts + nt], k, v, mask, scale, gqa)
         if prepared.strategy == "split":
             split.run_video_queries(prepared.split, plan, q, k, v, key_mask, scale, out, attend_with_lse)
         else:
@@ -118,44 +114,6 @@ def _run_gather(prepared, q, k, v, key_mask, scale, gqa, out):
         mask = None
         if key_mask is not None:
             mask = key_mask.index_select(1, index).view(qc.shape[0], 1, 1, -1)
-        chunk = _sdpa(qc, kc, vc, mask, scale, gqa)  # [B*n, P, Hq, D]
+        chunk = sdpa(qc, kc, vc, mask, scale, gqa)  # [B*n, P, Hq, D]
         del qc, kc, vc
         out[:, vs + f0 * P : vs + f1 * P] = chunk.reshape(B, (f1 - f0) * P, Hq, D)
-
-
-def attend_with_lse(q, k, v, key_mask, scale):
-    """The split's kernel on torch: fused attention returning log-sum-exp (GQA expanded first)."""
-    heads = q.shape[2]
-    bias = None if key_mask is None else partial.key_bias(key_mask, q.dtype)
-    out, lse = partial.attention_with_lse(q, partial.expand_heads(k, heads), partial.expand_heads(v, heads), bias,
-                                          scale)
-    return partial.without_empty_samples(out, lse, key_mask)
-
-
-def dense_attention(q, k, v, key_mask=None, scale=None):
-    """Plain SDPA over the whole sequence; ``key_mask`` ``[B, S]`` (True = keep) masks keys."""
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return _sdpa(q, k, v, mask, scale, q.shape[2] != k.shape[2])
-
-
-def _sdpa(q, k, v, mask, scale, gqa):
-    """SDPA on ``[B, S, H, D]`` tensors (torch wants heads before sequence), cuDNN first on CUDA."""
-    with _prefer_cudnn(q.device.type):
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=gqa
-        )
-    return out.transpose(1, 2)
-
-
-def _prefer_cudnn(device_type: str):
-    """On CUDA, try cuDNN attention before flash (faster on Hopper); other devices keep torch's order."""
-    if device_type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-             SDPBackend.MATH]
-    try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:  # torch without set_priority: keep its own order
-        return contextlib.nullcontext()

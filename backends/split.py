@@ -3,7 +3,7 @@
 Every video query attends the same global frames and text tokens, so that part is one large call over all
 queries; each frame's window (its non-global frames, the same count for every frame) is gathered into a
 ``[frames, window tokens]`` batch and attended in one batched call per chunk of frames; the partial results
-are merged through their log-sum-exp (:func:`partial.merge`). The kernel is a parameter, so the sdpa
+are merged through their log-sum-exp (:func:`attention_ops.merge`). The kernel is a parameter, so the sdpa
 driver (torch kernels) and the npu driver (torch_npu) share this code."""
 
 from __future__ import annotations
@@ -16,15 +16,19 @@ import torch
 from lvsa.driver import AttentionProblem
 from lvsa.plan import SparsePlan
 
-from . import partial
+from . import attention_ops
 
 #: ``attend(q, k, v, key_mask, scale) -> (out [B, S, Hq, D], lse [B, Hq, S])``: q ``[B, S, Hq, D]``, k/v
 #: ``[B, L, Hkv, D]`` (GQA allowed), key_mask ``[B, L]`` bool (True = keep) or None. A sample that keeps no
-#: key must come back with lse -inf and a zero output (:func:`partial.without_empty_samples`).
+#: key must come back with lse -inf and a zero output (:func:`attention_ops.without_empty_samples`).
 Attend = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float | None],
     tuple[torch.Tensor, torch.Tensor],
 ]
+
+
+#: default upper bound on the gathered keys and values of one chunk of query frames (drivers may override)
+GATHER_BUDGET_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -56,9 +60,7 @@ def build_index(plan: SparsePlan, problem: AttentionProblem, budget_bytes: int, 
     is_global[list(plan.globals)] = True
     window = frames[~is_global[frames]].view(T, -1)
     device = problem.device
-    text = None
-    if plan.text_tokens:
-        text = torch.arange(plan.text_start, plan.text_start + plan.text_tokens, device=device)
+    text = attention_ops.text_keys(plan, device)
     item = torch.empty((), dtype=problem.dtype).element_size()
     heads = problem.q_heads if expanded_heads else problem.kv_heads
     per_frame = 2 * problem.batch * window.shape[1] * P * heads * problem.head_dim * item
@@ -118,4 +120,4 @@ def run_video_queries(
         parts = [(o[:, rows], lse[:, :, rows]) for o, lse in shared]
         parts.append((o_band.reshape(B, n * P, Hq, D), lse_band))
         del qc, kc, vc, o_band
-        partial.merge(parts, out[:, vs + f0 * P : vs + f1 * P])
+        attention_ops.merge(parts, out[:, vs + f0 * P : vs + f1 * P])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from lvsa.device import Device, MemoryStats
+from lvsa.device import Device, MemoryStats, SmiReading
 from lvsa.driver import Availability
-from lvsa.smi import SmiReading, query_nvidia
+
+from .nvidia_smi import query_nvidia
 
 
 class CudaDevice(Device):
@@ -54,6 +55,11 @@ class CudaDevice(Device):
         import torch
 
         return torch.cuda.get_device_name(index)
+
+    def capability(self, index: int = 0) -> tuple[int, int]:
+        import torch
+
+        return torch.cuda.get_device_capability(index)
 
     def smi(self) -> SmiReading:
         """NVML (nvidia-ml-py) when installed, else ``nvidia-smi``. Both number GPUs physically and ignore

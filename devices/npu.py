@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from lvsa.device import Device, MemoryStats
+from lvsa.device import Device, MemoryStats, SmiReading
 from lvsa.driver import Availability
-from lvsa.smi import SmiReading, query_npu
+
+from .npu_smi import query_npu
 
 INSTALL_HINT = "pip install 'lvsa[npu]' on a host with the CANN toolkit, then source its set_env.sh"
 

@@ -7,14 +7,33 @@ type. Importing one never initialises the device."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
     import torch
 
     from .driver import Availability
-    from .smi import SmiReading
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    index: int
+    name: str
+    used_mib: float | None
+    total_mib: float | None
+
+
+@dataclass(frozen=True)
+class SmiReading:
+    """Memory of every device of one kind as its vendor tool (``nvidia-smi``/NVML, ``npu-smi``) sees it:
+    every process, the runtime's context and driver reservations, which is what runs out. When the tool is
+    missing or prints something unexpected, ``note`` says so in one line and ``devices`` is empty."""
+
+    tool: str
+    version: str | None = None
+    devices: list[DeviceMemory] = field(default_factory=list)
+    note: str | None = None  # why there are no (or partial) numbers
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,11 @@ class Device(ABC):
 
     def describe(self, index: int = 0) -> str:
         return self.name
+
+    def capability(self, index: int = 0) -> tuple[int, int] | None:
+        """The chip generation as ``(major, minor)`` (CUDA: the compute capability, ``(9, 0)`` on Hopper), for
+        drivers whose kernels exist for some generations only; ``None`` where the notion does not apply."""
+        return None
 
     def smi(self) -> SmiReading | None:
         """Memory of every device of this kind as its vendor tool sees it (all processes), or ``None``

@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .device import Device
+from .device import Device, DeviceMemory, SmiReading
 from .files import atomic_write
-from .smi import DeviceMemory, SmiReading
 
 
 @dataclass

@@ -40,6 +40,12 @@ _lock = threading.Lock()
 _loaded: dict[str, dict[str, Plugin]] = {}
 
 
+def plugins(namespace: str, base: type[T]) -> dict[str, Plugin[T]]:
+    """Every entry point of ``namespace``, loaded once per process; an object that is not a ``base`` is
+    reported as a failure (for namespaces whose contract lives outside the core, such as model adapters)."""
+    return _load(namespace, base)
+
+
 def _load(namespace: str, base: type) -> dict[str, Plugin]:
     with _lock:
         if namespace in _loaded:
@@ -93,13 +99,6 @@ def backend_plugins() -> dict[str, Plugin[Driver]]:
 def device_plugins() -> dict[str, Plugin[Device]]:
     """Every registered device module, loaded or not, by torch device type."""
     return _load(DEVICES_NAMESPACE, Device)
-
-
-def adapter_plugins() -> dict[str, Plugin]:
-    """Every registered model adapter (``lvsa.adapters``), loaded or not, by name."""
-    from .adapters.base import ModelAdapter
-
-    return _load(ADAPTERS_NAMESPACE, ModelAdapter)
 
 
 def drivers() -> dict[str, Driver]:

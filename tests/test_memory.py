@@ -10,9 +10,8 @@ import time
 import pytest
 
 from lvsa import registry
-from lvsa.device import MemoryStats
+from lvsa.device import DeviceMemory, MemoryStats, SmiReading
 from lvsa.memory import MemorySampler, memory_report, summary_lines, write_report
-from lvsa.smi import DeviceMemory, SmiReading
 
 
 class ScriptedDevice:

@@ -12,9 +12,10 @@ import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import log
+from .. import log, registry
 from ..errors import ConfigError
-from ..parallel import ulysses_group_of
+from ..registry import Plugin
+from ..ulysses import ulysses_group_of
 from . import ops
 from .base import LatentGrid, ModelAdapter
 from .runtime import LVSARuntime, RuntimeStats
@@ -69,9 +70,12 @@ class LVSAHandle:
                 delattr(transformer, _HANDLE_ATTRIBUTE)
 
 
-def adapters() -> dict[str, ModelAdapter]:
-    from ..registry import adapter_plugins
+def adapter_plugins() -> dict[str, Plugin[ModelAdapter]]:
+    """Every registered model adapter (``lvsa.adapters`` entry points), loaded or not, by name."""
+    return registry.plugins(registry.ADAPTERS_NAMESPACE, ModelAdapter)
 
+
+def adapters() -> dict[str, ModelAdapter]:
     return {name: plugin.obj for name, plugin in adapter_plugins().items() if plugin.obj is not None}
 
 

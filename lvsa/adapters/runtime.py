@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .. import log
+from ..backends.attention_ops import dense_attention
+from ..dispatch import sparse_attention
 from ..errors import ConfigError, GeometryError
 from ..geometry import ModelFamily, patches_per_frame
-from ..parallel import UlyssesGroup, gather_heads, heads_to_sequence, local_heads, sequence_to_heads
 from ..plan import PatternKnobs, SparsePlan, build_plan, keyframe_interval, resolve_knobs
 from ..riflex import TemporalRope, rewrite_tables
+from ..ulysses import UlyssesGroup, gather_heads, heads_to_sequence, local_heads, sequence_to_heads
 from . import ops
 from .base import LatentGrid
 from .ops import DeferredPlan
@@ -228,9 +230,6 @@ class LVSARuntime:
         text_position: str = "after",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``plan=None``: dense attention over the joined sequence (a fallback inside the op)."""
-        from ..backends.sdpa import dense_attention
-        from ..dispatch import sparse_attention
-
         ulysses = self.ulysses
         if ulysses is not None:
             ulysses.check_heads(video[0].shape[2], self.adapter_name)

@@ -1,6 +1,8 @@
-"""Partial attention: attention over a subset of keys that also returns its log-sum-exp, and the merge of
-two partial results over disjoint key sets. Shared by drivers that split a plan into a dense part (every
-query against the globals and text) and a banded part (each frame against its window).
+"""The attention operations several drivers share, each written once: dense attention (torch SDPA, cuDNN
+first on CUDA), attention over a subset of keys that also returns its log-sum-exp, the merge of such
+partial results over disjoint key sets, the padding mask over the whole sequence, and the text's key
+positions. Drivers that split a plan into a dense part (every query against the globals and text) and a
+banded part (each frame against its window) are built from these.
 
 Tensors use diffusers' layout ``[batch, seq, heads, head_dim]``; log-sum-exp is float32, natural log,
 ``[batch, heads, seq]``. Only fused kernels that return log-sum-exp are used: where none exists for a
@@ -8,9 +10,15 @@ device, :func:`lse_kernel_reason` says why and the caller takes another path."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from lvsa.plan import SparsePlan
 
 _cuda_choice: dict[bool, str] = {}
 _cuda_lock = threading.Lock()
@@ -153,3 +161,59 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> 
         term = o.float() * w.transpose(1, 2).unsqueeze(-1)
         total = term if total is None else total.add_(term)
     out.copy_(total)
+
+
+def sequence_key_mask(plan: SparsePlan, key_padding_mask: torch.Tensor | None, batch: int,
+                      device: torch.device) -> torch.Tensor | None:
+    """The ``[B, text_tokens]`` padding mask (True = keep) as a ``[B, S]`` mask over the whole sequence
+    (every video key kept), or None without padding."""
+    if key_padding_mask is None:
+        return None
+    key_mask = torch.ones(batch, plan.seq_len, dtype=torch.bool, device=device)
+    key_mask[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask.bool()
+    return key_mask
+
+
+def text_keys(plan: SparsePlan, device: torch.device | str) -> torch.Tensor | None:
+    """Positions of the text tokens in the sequence (attended by every query), or None without text."""
+    if not plan.text_tokens:
+        return None
+    return torch.arange(plan.text_start, plan.text_start + plan.text_tokens, device=device)
+
+
+def attend_with_lse(q, k, v, key_mask, scale):
+    """The split's kernel on torch: fused attention returning log-sum-exp (GQA expanded first)."""
+    heads = q.shape[2]
+    bias = None if key_mask is None else key_bias(key_mask, q.dtype)
+    out, lse = attention_with_lse(q, expand_heads(k, heads), expand_heads(v, heads), bias,
+                                          scale)
+    return without_empty_samples(out, lse, key_mask)
+
+
+def dense_attention(q, k, v, key_mask=None, scale=None):
+    """Plain SDPA over the whole sequence; ``key_mask`` ``[B, S]`` (True = keep) masks keys."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return sdpa(q, k, v, mask, scale, q.shape[2] != k.shape[2])
+
+
+def sdpa(q, k, v, mask, scale, gqa):
+    """SDPA on ``[B, S, H, D]`` tensors (torch wants heads before sequence), cuDNN first on CUDA."""
+    with _prefer_cudnn(q.device.type):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
+    return out.transpose(1, 2)
+
+
+def _prefer_cudnn(device_type: str):
+    """On CUDA, try cuDNN attention before flash (faster on Hopper); other devices keep torch's order."""
+    if device_type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch without set_priority: keep its own order
+        return contextlib.nullcontext()
