@@ -97,6 +97,19 @@ class VideoGeometry:
         return token_frames(self.latent_frames, self.temporal_patch)
 
 
+def pick_factor(settings: LVSASettings, field: str, *candidates: int | None) -> int:
+    """The precedence of every geometry factor, in one place: the ``LVSA_*`` override when set, else the
+    first known candidate (what the call or the pipeline knows, then the model family's). A factor known
+    from none of them is an error, never a guess."""
+    for candidate in (getattr(settings, field), *candidates):
+        if candidate is not None:
+            return candidate
+    raise GeometryError(
+        f"{field} is unknown: pass a model family (--model) or set LVSA_{field.upper()} "
+        f"(flag --{field.replace('_', '-')})"
+    )
+
+
 def resolve_video_geometry(
     num_frames: int,
     settings: LVSASettings,
@@ -110,14 +123,7 @@ def resolve_video_geometry(
     from the model family; a factor known from none of them is an error, never a guess."""
 
     def pick(field: str, *candidates: int | None) -> int:
-        value = getattr(settings, field)
-        for candidate in (value, *candidates):
-            if candidate is not None:
-                return candidate
-        raise GeometryError(
-            f"{field} is unknown: pass a model family (--model) or set LVSA_{field.upper()} "
-            f"(flag --{field.replace('_', '-')})"
-        )
+        return pick_factor(settings, field, *candidates)
 
     vt = pick("vae_temporal_factor", model.vae_temporal_factor if model else None)
     if settings.patches_per_frame is not None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 from . import log
 from .errors import ConfigError, GeometryError
-from .geometry import FAMILIES, ModelFamily, TextPosition, token_frames, video_frames_to_latent
+from .geometry import FAMILIES, ModelFamily, TextPosition, pick_factor, token_frames, video_frames_to_latent
 
 if TYPE_CHECKING:
     from .settings import LVSASettings
@@ -250,10 +250,11 @@ def resolve_knobs(
     settings: LVSASettings, model: ModelFamily | None = None, vae_temporal_factor: int | None = None
 ) -> PatternKnobs:
     """Convert the settings' video-frame knobs to frames of the plan (latent frames, or token frames for a
-    transformer that patches time), filling the model's defaults. The VAE factor: ``vae_temporal_factor``
-    (what the caller resolved), else the setting, else the model's."""
+    transformer that patches time), filling the model's defaults. The VAE factor by
+    :func:`~lvsa.geometry.pick_factor`: the setting, else ``vae_temporal_factor`` (what the caller knows, such
+    as the pipeline's), else the model's (4 without a model)."""
     temporal_patch = model.temporal_patch if model else 1
-    vae = vae_temporal_factor or settings.vae_temporal_factor or (model.vae_temporal_factor if model else 4)
+    vae = pick_factor(settings, "vae_temporal_factor", vae_temporal_factor, model.vae_temporal_factor if model else 4)
     vt = vae * temporal_patch  # video frames per frame of the plan
     unit = "latent frame" if temporal_patch == 1 else f"token frame ({temporal_patch} latent frames)"
     if settings.window_size % vt and settings.source_of("window_size") != "default":
@@ -291,6 +292,14 @@ def resolve_knobs(
     )
 
 
+def rotates(latent_frames: int, knobs: PatternKnobs) -> bool:
+    """Whether the keyframes move with the denoising step: a sparse plan rotates unless ``rotate`` is False;
+    a dense one (kfi = 1) never does. The one place this rule lives (the runtime asks it to share one plan
+    across the steps of a pattern that does not rotate)."""
+    sparse = keyframe_interval(latent_frames, knobs) > 1
+    return sparse if knobs.rotate is None else bool(knobs.rotate) and sparse
+
+
 def build_plan(
     latent_frames: int,
     patches_per_frame: int,
@@ -313,8 +322,7 @@ def build_plan(
         raise GeometryError(f"step={step!r}: must be an integer >= 0")
     kfi = keyframe_interval(T, knobs)
     n_first = min(knobs.n_first, T)
-    sparse = kfi > 1
-    rotating = sparse if knobs.rotate is None else (knobs.rotate and sparse)
+    rotating = rotates(T, knobs)
     ring = T - n_first
     offset = step % ring if rotating and ring > 0 else 0
     globals_ = global_frames(T, n_first, kfi, offset)

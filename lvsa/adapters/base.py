@@ -49,21 +49,24 @@ class LVSAProcessor:
         #: the layer's name as data for the op: a string constant would make every block's graph its own
         self.layer_key = runtime.layer_key(layer) if runtime is not None else None
 
-    def plan(self, video_tokens: int, text_tokens: int = 0,
-             text_position: Literal["before", "after"] = "after") -> SparsePlan | DeferredPlan | None:
+    @property
+    def text_position(self) -> Literal["before", "after"]:
+        """Where the model puts its joint-attention text: the model table's word (one owner)."""
+        return self.runtime.family.text_position or "after"
+
+    def plan(self, video_tokens: int, text_tokens: int = 0) -> SparsePlan | DeferredPlan | None:
         """This step's plan for ``video_tokens`` (this rank's share under Ulysses) and ``text_tokens``."""
         if compiling():
             return DEFERRED
         runtime = self.runtime
         return runtime.plan_for(self.layer, runtime.video_tokens(video_tokens) + text_tokens, text_tokens=text_tokens,
-                                text_position=text_position)
+                                text_position=self.text_position)
 
     def attend(self, video: QKV, text: QKV | None, plan: SparsePlan | DeferredPlan,
-               key_padding_mask: torch.Tensor | None = None,
-               text_position: Literal["before", "after"] = "after") -> tuple[torch.Tensor, torch.Tensor | None]:
+               key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The video (and text) outputs ``[B, S, H, D]`` of this layer under ``plan``."""
         return self.runtime.attention(video, text, plan, key_padding_mask, layer_key=self.layer_key,
-                                      text_position=text_position)
+                                      text_position=self.text_position)
 
 
 def rewrite_rope_output(rope_module: Any, runtime: LVSARuntime, rope: TemporalRope) -> Any:

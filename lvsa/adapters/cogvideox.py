@@ -36,7 +36,7 @@ class CogVideoXLVSAProcessor(LVSAProcessor):
         text = encoder_hidden_states.size(1)
         plan = None
         if attention_mask is None:
-            plan = self.plan(hidden_states.shape[1], text, "before")
+            plan = self.plan(hidden_states.shape[1], text)
         else:
             seq_len = self.runtime.video_tokens(hidden_states.shape[1]) + text
             self.runtime.unsupported(self.layer, "attention_mask", seq_len, "CogVideoX was given a full attention mask")
@@ -57,8 +57,7 @@ class CogVideoXLVSAProcessor(LVSAProcessor):
         if image_rotary_emb is not None:
             video_q = apply_rotary_emb(video_q, image_rotary_emb, sequence_dim=1)
             video_k = apply_rotary_emb(video_k, image_rotary_emb, sequence_dim=1)
-        video, text_out = self.attend((video_q, video_k, video_v), project(encoder_hidden_states), plan,
-                                      text_position="before")
+        video, text_out = self.attend((video_q, video_k, video_v), project(encoder_hidden_states), plan)
         video, text_out = (attn.to_out[1](attn.to_out[0](t.flatten(2, 3))) for t in (video, text_out))
         return video, text_out
 

@@ -31,7 +31,7 @@ class HunyuanVideo15LVSAProcessor(LVSAProcessor):
         from diffusers.models.embeddings import apply_rotary_emb
 
         text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        plan = self.plan(hidden_states.shape[1], text, "after")
+        plan = self.plan(hidden_states.shape[1], text)
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         heads = attn.heads
@@ -52,7 +52,7 @@ class HunyuanVideo15LVSAProcessor(LVSAProcessor):
             text_qkv = (text_q, text_k, text_v)
             if attention_mask is not None:
                 padding = attention_mask[:, -text:].bool()
-        video, text_out = self.attend((query, key, value), text_qkv, plan, padding, "after")
+        video, text_out = self.attend((query, key, value), text_qkv, plan, padding)
         video = video.flatten(2, 3).to(query.dtype)
         if getattr(attn, "to_out", None) is not None:
             video = attn.to_out[1](attn.to_out[0](video))

@@ -18,8 +18,8 @@ from .. import log
 from ..backends.attention_ops import dense_attention
 from ..dispatch import sparse_attention
 from ..errors import ConfigError, GeometryError
-from ..geometry import ModelFamily, patches_per_frame
-from ..plan import PatternKnobs, SparsePlan, build_plan, keyframe_interval, resolve_knobs
+from ..geometry import ModelFamily, patches_per_frame, pick_factor
+from ..plan import PatternKnobs, SparsePlan, build_plan, resolve_knobs, rotates
 from ..riflex import TemporalRope, rewrite_tables
 from ..ulysses import UlyssesGroup, gather_heads, heads_to_sequence, local_heads, sequence_to_heads
 from . import ops
@@ -47,7 +47,7 @@ class LVSARuntime:
         self.settings = settings
         self.family = family
         self.adapter_name = adapter_name
-        self.vae_temporal_factor = settings.vae_temporal_factor or vae_temporal_factor
+        self.vae_temporal_factor = pick_factor(settings, "vae_temporal_factor", vae_temporal_factor)
         self.knobs: PatternKnobs = resolve_knobs(settings, family, self.vae_temporal_factor)
         self.stats = RuntimeStats()
         self.grid: LatentGrid | None = None
@@ -107,7 +107,7 @@ class LVSARuntime:
             self.grid = grid
             # what every layer of this forward asks: worked out once here, not per layer call
             self._planned_ppf = self._planned_patches_per_frame(grid)
-            self._plan_step = self.step if self._rotates(grid.latent_frames) else 0
+            self._plan_step = self.step if rotates(grid.latent_frames, self.knobs) else 0
 
     def set_step(self, step: int) -> None:
         """For custom denoising loops: the step that the next forwards belong to."""
@@ -333,18 +333,15 @@ class LVSARuntime:
         if s.patches_per_frame is not None:
             return s.patches_per_frame
         if s.video_height is not None or s.video_width is not None:
-            spatial = (s.vae_spatial_factor or self.family.vae_spatial_factor)
-            patch = s.patch_size or self.family.patch_size
+            family = self.family
             try:
-                return patches_per_frame(s.video_height or self.family.default_height,
-                                         s.video_width or self.family.default_width, spatial, patch)
+                return patches_per_frame(pick_factor(s, "video_height", family.default_height),
+                                         pick_factor(s, "video_width", family.default_width),
+                                         pick_factor(s, "vae_spatial_factor", family.vae_spatial_factor),
+                                         pick_factor(s, "patch_size", family.patch_size))
             except GeometryError:
                 return 0  # reported by the caller as a geometry mismatch, with the numbers
         return grid.patches_per_frame
-
-    def _rotates(self, latent_frames: int) -> bool:
-        sparse = keyframe_interval(latent_frames, self.knobs) > 1
-        return sparse if self.knobs.rotate is None else bool(self.knobs.rotate) and sparse
 
 
 def _timestep_value(timestep: Any) -> float | None:
