@@ -14,10 +14,8 @@ from . import log
 from .errors import (
     BackendUnavailable,
     ConfigError,
-    DeviceUnavailable,
     GeometryError,
     LVSAError,
-    UnsupportedProblem,
 )
 from .log import setup_logging
 from .plan import SparsePlan, make_plan
@@ -62,7 +60,6 @@ __all__ = [
     "BackendUnavailable",
     "ConfigError",
     "Device",
-    "DeviceUnavailable",
     "Driver",
     "GeometryError",
     "LVSAError",
@@ -70,7 +67,6 @@ __all__ = [
     "LVSASettings",
     "MemoryStats",
     "SparsePlan",
-    "UnsupportedProblem",
     "__version__",
     "apply",
     "available_backends",

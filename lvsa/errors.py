@@ -16,13 +16,6 @@ class GeometryError(LVSAError, ValueError):
     """The tensors or the video size do not match the geometry a plan was made for."""
 
 
-class UnsupportedProblem(LVSAError, ValueError):
-    """A driver cannot run this call (dtype, head dim, GQA, device...); the message lists why."""
-
-
 class BackendUnavailable(LVSAError, RuntimeError):
     """The requested driver is not installed or cannot run here; the message lists every installed driver."""
 
-
-class DeviceUnavailable(LVSAError, RuntimeError):
-    """A device was asked for (e.g. by ``tox -e cuda``) that this host does not have."""

@@ -172,9 +172,6 @@ class LVSASettings(BaseSettings):
             raise KeyError(field)
         return self._sources.get(field, "default")
 
-    def sources(self) -> dict[str, Source]:
-        return {name: self.source_of(name) for name in type(self).model_fields}
-
     def with_model_defaults(self, **defaults: Any) -> LVSASettings:
         """Fill fields still at their default with a model's values (the lowest layer)."""
         update = {k: v for k, v in defaults.items() if v is not None and self.source_of(k) == "default"}
