@@ -167,10 +167,16 @@ def sequence_key_mask(plan: SparsePlan, key_padding_mask: torch.Tensor | None, b
                       device: torch.device) -> torch.Tensor | None:
     """The ``[B, text_tokens]`` padding mask (True = keep) as a ``[B, S]`` mask over the whole sequence
     (every video key kept), or None without padding."""
+    return key_mask_with_text(key_padding_mask, plan.seq_len, plan.text_start, batch, device)
+
+
+def key_mask_with_text(key_padding_mask: torch.Tensor | None, seq_len: int, text_start: int, batch: int,
+                       device: torch.device) -> torch.Tensor | None:
+    """:func:`sequence_key_mask` for a sequence known by its length and where its text starts."""
     if key_padding_mask is None:
         return None
-    key_mask = torch.ones(batch, plan.seq_len, dtype=torch.bool, device=device)
-    key_mask[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask.bool()
+    key_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    key_mask[:, text_start : text_start + key_padding_mask.shape[1]] = key_padding_mask.bool()
     return key_mask
 
 

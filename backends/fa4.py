@@ -26,6 +26,7 @@ import importlib.util
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,14 +79,20 @@ def group_layout(plan: SparsePlan) -> tuple[int, int]:
     return T + 1, (0 if plan.text_position == "before" else T)
 
 
-def token_groups(plan: SparsePlan, tokens: torch.Tensor) -> torch.Tensor:
-    """The group of each token position (the formula the mask applies inside the kernel, vectorised)."""
+def group_of(plan: SparsePlan) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The group of token positions, in index arithmetic: the one formula that the tile classification
+    (vectorised over positions) and the kernel's ``mask_mod`` (per position, Python ints as constants) share."""
     P, vs, V = plan.patches_per_frame, plan.video_start, plan.video_tokens
     _, text_group = group_layout(plan)
+    if text_group < 0:
+        return lambda token: token // P
     first_frame = 1 if text_group == 0 else 0
-    frame = (tokens - vs).clamp(min=0) // P + first_frame
-    video = (tokens >= vs) & (tokens < vs + V)
-    return torch.where(video, frame, torch.full_like(tokens, max(text_group, 0)))
+
+    def group(token: torch.Tensor) -> torch.Tensor:
+        video = (token >= vs) & (token < vs + V)
+        return torch.where(video, (token - vs) // P + first_frame, text_group)
+
+    return group
 
 
 def attended_groups(plan: SparsePlan, device: torch.device | str) -> torch.Tensor:
@@ -111,7 +118,8 @@ def block_tables(plan: SparsePlan, block: int, device: torch.device | str, padde
     tiles = -(-S // block)
     starts = torch.arange(tiles, device=device) * block
     ends = torch.clamp(starts + block, max=S) - 1
-    lo, hi = token_groups(plan, starts), token_groups(plan, ends)  # groups are contiguous in token order
+    group = group_of(plan)
+    lo, hi = group(starts), group(ends)  # groups are contiguous in token order
     # prefix[i, j] = attended pairs among query groups < i and key groups < j
     prefix = torch.zeros(groups + 1, groups + 1, dtype=torch.int64, device=device)
     prefix[1:, 1:] = attended.long().cumsum(0).cumsum(1)
@@ -135,19 +143,9 @@ def block_tables(plan: SparsePlan, block: int, device: torch.device | str, padde
 
 
 def mask_mod_for(plan: SparsePlan, attended: torch.Tensor, keep: torch.Tensor | None) -> Callable[..., Any]:
-    """``mask_mod(b, h, q, k)``: the group formula of :func:`token_groups` in index arithmetic (Python ints
-    become constants of the compiled kernel; the tensors are its captured buffers)."""
-    P, vs, V = plan.patches_per_frame, plan.video_start, plan.video_tokens
-    _, text_group = group_layout(plan)
-    first_frame = 1 if text_group == 0 else 0
-    if text_group < 0:
-        def group(token):
-            return token // P
-    else:
-        def group(token):
-            video = (token >= vs) & (token < vs + V)
-            return torch.where(video, (token - vs) // P + first_frame, text_group)
-
+    """``mask_mod(b, h, q, k)`` over :func:`group_of` (Python ints become constants of the compiled kernel;
+    the tensors are its captured buffers)."""
+    group = group_of(plan)
     if keep is None:
         def mask_mod(b, h, q, k):
             return attended[group(q), group(k)]
@@ -195,11 +193,9 @@ class Fa4Driver(Driver):
         if not _cutlass_libraries():
             return Availability.no("nvidia-cutlass-dsl's CUDA libraries are missing "
                                    "(pip install 'nvidia-cutlass-dsl-libs-cu13', or 'lvsa[fa4]')")
-        cuda = registry.get_device("cuda")
-        present = cuda.is_available() if cuda is not None else Availability.no("no cuda device module")
+        present, (major, minor) = registry.device_capability("cuda")
         if not present:
             return present
-        major, minor = cuda.capability()
         if major not in (9, 10):
             return Availability.no(f"FA4 runs on Hopper (sm90) and Blackwell (sm100); this GPU is sm{major}{minor}")
         return Availability.yes(f"FlashAttention-4 block-sparse through FlexAttention (sm{major}{minor})")
@@ -278,13 +274,10 @@ def _importable(module: str) -> bool:
 
 def _cutlass_libraries() -> bool:
     """The CUDA build of the CuTe DSL runtime (nvidia-cutlass-dsl-libs-cu13, or -cu12): a shared library."""
-    spec = importlib.util.find_spec("nvidia_cutlass_dsl") if _importable("nvidia_cutlass_dsl") else None
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        import pathlib
-
-        if any(pathlib.Path(root).glob("cu1*/lib/libcute_dsl_runtime*")):
-            return True
-    return False
+    if not _importable("nvidia_cutlass_dsl"):
+        return False
+    roots = importlib.util.find_spec("nvidia_cutlass_dsl").submodule_search_locations or []
+    return any(any(Path(root).glob("cu1*/lib/libcute_dsl_runtime*")) for root in roots)
 
 
 def _has_flash_backend() -> bool:

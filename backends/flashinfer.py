@@ -57,11 +57,9 @@ class FlashInferDriver(Driver):
             return base
         if importlib.util.find_spec("flashinfer") is None:
             return Availability.no("flashinfer is not installed (pip install 'lvsa[flashinfer]')")
-        cuda = registry.get_device("cuda")
-        present = cuda.is_available() if cuda is not None else Availability.no("no cuda device module")
+        present, (major, minor) = registry.device_capability("cuda")
         if not present:
             return present
-        major, minor = cuda.capability()
         if major < 8:
             return Availability.no(f"needs a GPU of compute capability 8.0 or newer; this one is {major}.{minor}")
         return Availability.yes(f"FlashInfer block-sparse attention (sm_{major}{minor})")

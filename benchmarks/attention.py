@@ -104,7 +104,7 @@ def sampled_reference(plan, q, k, v, frames, rows_per_frame, valid_text=None):
 
 
 def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
-    from lvsa.backends.sdpa import dense_attention
+    from lvsa.backends.attention_ops import dense_attention, sequence_key_mask
 
     P = 16 if args.small else case.tokens_per_frame
     heads = 2 if args.small else case.heads
@@ -115,10 +115,7 @@ def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
     shape = (1, plan.seq_len, heads, head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(args.device, dtype) for _ in range(3))
     padding = (torch.arange(text) < valid)[None].to(args.device) if text else None
-    key_mask = None
-    if padding is not None:
-        key_mask = torch.ones(1, plan.seq_len, dtype=torch.bool, device=args.device)
-        key_mask[:, plan.text_start:] = padding
+    key_mask = sequence_key_mask(plan, padding, 1, torch.device(args.device))
     frames = sorted({0, plan.latent_frames // 2, plan.latent_frames - 1})
     picks, reference = sampled_reference(plan, q, k, v, frames, 32, valid if text else None)
     flops = sparse_flops(plan, heads, head_dim)

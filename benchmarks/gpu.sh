@@ -27,7 +27,7 @@ for part in $parts; do
                  | tee "$out/attention.txt" ;;
     pipeline) python benchmarks/pipeline.py --models wan --frames 81 321 --dense-fa4 --json "$out/pipeline.json" 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/pipeline.txt" ;;
-    compiled) python benchmarks/compiled.py --frames 321 --layers 4 --steps 6 2>&1 \
+    compiled) python benchmarks/compiled.py --frames 321 --layers 4 --steps 6 --methods fa4 sdpa 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/compiled.txt" ;;
   esac
 done

@@ -16,7 +16,7 @@ from stevedore import ExtensionManager
 
 from . import log
 from .device import Device
-from .driver import Driver
+from .driver import Availability, Driver
 
 BACKENDS_NAMESPACE = "lvsa.backends"
 DEVICES_NAMESPACE = "lvsa.devices"
@@ -112,6 +112,16 @@ def devices() -> dict[str, Device]:
 def get_device(name: str) -> Device | None:
     """The device module for a torch device type, or ``None`` when none is registered."""
     return devices().get(name)
+
+
+def device_capability(name: str) -> tuple[Availability, tuple[int, int]]:
+    """Whether device ``name`` is present here, and its generation (``(0, 0)`` when absent or not
+    applicable): what drivers whose kernels exist for some chip generations ask before anything else."""
+    device = get_device(name)
+    if device is None:
+        return Availability.no(f"no {name} device module is installed"), (0, 0)
+    present = device.is_available()
+    return present, ((device.capability() or (0, 0)) if present else (0, 0))
 
 
 def clear_cache() -> None:

@@ -214,3 +214,52 @@ def test_inductor_equals_eager():
     compiled, graphs = _graphs_after_each_step(pipe, name, counter)
     assert graphs[-1] == graphs[0], graphs
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_half_precision_counts_every_step_without_recompiling(name, dtype):
+    """In fp16/bf16 the pipelines cast the timestep and neighbouring steps collide; compiled, the step still
+    comes from the schedule (behind the op), once per denoising step, with no recompilation."""
+    torch.manual_seed(0)
+    pipe = adapter_named(name).tiny_pipeline().to(dtype)
+    pipe.set_progress_bar_config(disable=True)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(**SPARSE))
+    seen = []  # read in the scheduler (eager): a hook inside the compiled region would itself guard on it
+    counter = _compile(pipe, fullgraph=name != "hunyuan")
+    adapter = adapter_named(name)
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in adapter.pipeline_inputs(pipe, None, seed=0).items()}
+    graphs = []
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda *a, **kw: (graphs.append(counter.frame_count), seen.append(handle.runtime.step),
+                                            step(*a, **kw))[2]
+    with torch.inference_mode():
+        out = pipe(**inputs, **adapter.call_arguments(pipe, 5.0), height=64, width=64, num_frames=33,
+                   num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    assert torch.isfinite(out.float()).all()
+    assert graphs[-1] == graphs[0], graphs
+    assert seen == list(range(STEPS)), seen
+    assert handle.stats.steps == STEPS and handle.stats.fallback_calls == 0
+
+
+def test_wan22_two_compiled_transformers_both_stay_sparse():
+    """Wan 2.2 A14B: both experts compiled; each runs lvsa, and the step is shared between them."""
+    from diffusers import WanPipeline
+
+    first = _pipe("wan")
+    torch.manual_seed(1)
+    second = adapter_named("wan").tiny_pipeline().transformer
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=first.transformer, transformer_2=second,
+                       vae=first.vae, scheduler=first.scheduler, boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(**SPARSE))
+    eager = _generate(pipe, "wan")
+    calls = handle.stats.sparse_calls
+    counters_by_expert = [CompileCounterWithBackend("aot_eager") for _ in range(2)]
+    pipe.transformer = torch.compile(pipe.transformer, backend=counters_by_expert[0], fullgraph=True)
+    pipe.transformer_2 = torch.compile(pipe.transformer_2, backend=counters_by_expert[1], fullgraph=True)
+    compiled = _generate(pipe, "wan")
+    assert all(c.frame_count > 0 for c in counters_by_expert)  # both experts ran, compiled
+    assert handle.stats.sparse_calls == 2 * calls and handle.stats.fallback_calls == 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

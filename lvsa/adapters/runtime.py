@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .. import log
-from ..backends.attention_ops import dense_attention
+from ..backends.attention_ops import dense_attention, key_mask_with_text
 from ..dispatch import sparse_attention
 from ..errors import ConfigError, GeometryError
 from ..geometry import ModelFamily, patches_per_frame, pick_factor
@@ -246,11 +246,8 @@ class LVSARuntime:
         if plan is not None:
             out = sparse_attention(q, k, v, plan, key_padding_mask=key_padding_mask, settings=self.settings)
         else:
-            key_mask = None
-            if key_padding_mask is not None:
-                keep_video = key_padding_mask.new_ones(key_padding_mask.shape[0], video_len)
-                parts = (keep_video, key_padding_mask) if position == "after" else (key_padding_mask, keep_video)
-                key_mask = torch.cat(parts, dim=1).bool()
+            key_mask = key_mask_with_text(key_padding_mask, q.shape[1], video_len if position == "after" else 0,
+                                          q.shape[0], q.device)
             out = dense_attention(q, k, v, key_mask)
         text_out = None
         if text is None:
