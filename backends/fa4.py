@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from lvsa import log, registry
-from lvsa.driver import AttentionProblem, Availability, Driver
-from lvsa.errors import BackendUnavailable
+from lvsa.driver import AttentionProblem, Availability, Driver, Prepared
+from lvsa.errors import DriverUnavailable
 from lvsa.plan import SparsePlan
 
 #: what each missing piece is called in pip terms
@@ -62,8 +62,7 @@ class BlockTables:
 
 
 @dataclass(frozen=True)
-class Fa4Prepared:
-    plan: SparsePlan
+class Fa4Prepared(Prepared):
     #: None: dense plan without padded text keys (FA4's dense kernel)
     block_mask: Any
     #: ``[B, S]`` bool, True = key kept; rewritten from the padding mask at every call (None: no padding)
@@ -155,7 +154,7 @@ def mask_mod_for(plan: SparsePlan, attended: torch.Tensor, keep: torch.Tensor | 
     return mask_mod
 
 
-class Fa4Driver(Driver):
+class Fa4Driver(Driver[Fa4Prepared]):
     name = "fa4"
     priority = 40
     devices = frozenset({"cuda"})
@@ -217,7 +216,7 @@ class Fa4Driver(Driver):
             log.info(f"fa4: first call of {str(problem.dtype)[6:]} head_dim={problem.head_dim} seq_len={plan.seq_len} "
                      f"{'dense' if block_mask is None else 'block-sparse'} in this process compiles the kernel "
                      "(several seconds; reused for every step of this shape)")
-        return Fa4Prepared(plan, block_mask, keep)
+        return Fa4Prepared(plan, problem, block_mask, keep)
 
     def block_mask(self, plan: SparsePlan, device: torch.device, keep: torch.Tensor | None) -> Any:
         from torch.nn.attention.flex_attention import BlockMask
@@ -230,7 +229,7 @@ class Fa4Driver(Driver):
             seq_lengths=(S, S),
         )
 
-    def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
+    def run(self, prepared: Fa4Prepared, q, k, v, key_padding_mask=None):
         plan = prepared.plan
         if prepared.keep is not None:
             if key_padding_mask is None:
@@ -238,7 +237,7 @@ class Fa4Driver(Driver):
             prepared.keep[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask
         attention = _flex(self.compiled)
         args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        kwargs = dict(block_mask=prepared.block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        kwargs = dict(block_mask=prepared.block_mask, scale=prepared.scale, enable_gqa=q.shape[2] != k.shape[2],
                       kernel_options=self.kernel_options)
         if not self.compiled:
             return attention(*args, **kwargs).transpose(1, 2)
@@ -250,7 +249,7 @@ class Fa4Driver(Driver):
             except Exception as error:
                 if "recompile" not in type(error).__name__.lower() and "RecompileLimit" not in str(error):
                     raise
-                raise BackendUnavailable(
+                raise DriverUnavailable(
                     f"fa4: more than {_SHAPES_PER_PROCESS} attention shapes were compiled in this process; "
                     "FlexAttention would fall back to its unfused path. Use fewer distinct shapes per process, "
                     "or another backend") from error

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from lvsa import log, registry
-from lvsa.driver import AttentionProblem, Availability, Driver
-from lvsa.errors import BackendUnavailable, GeometryError
+from lvsa.driver import AttentionProblem, Availability, Driver, Prepared
+from lvsa.errors import DriverUnavailable, GeometryError
 from lvsa.plan import SparsePlan
 
 from .attention_ops import attend_with_lse, dense_attention, lse_kernel_reason, merge, sequence_key_mask, text_keys
@@ -35,13 +35,12 @@ _lock = threading.Lock()
 
 
 @dataclass(frozen=True)
-class FlashInferPrepared:
-    plan: SparsePlan
+class FlashInferPrepared(Prepared):
     wrapper: Any  # flashinfer.BlockSparseAttentionWrapper, planned; None for a dense plan
     text_keys: torch.Tensor | None  # positions of the text tokens (attended by every video query)
 
 
-class FlashInferDriver(Driver):
+class FlashInferDriver(Driver[FlashInferPrepared]):
     name = "flashinfer"
     priority = 30
     devices = frozenset({"cuda"})
@@ -75,11 +74,11 @@ class FlashInferDriver(Driver):
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> FlashInferPrepared:
         text = text_keys(plan, problem.device)
         if plan.is_dense:
-            return FlashInferPrepared(plan, None, text)
+            return FlashInferPrepared(plan, problem, None, text)
         try:
             import flashinfer
         except Exception as error:  # installed but broken (CUDA mismatch, missing nvcc...)
-            raise BackendUnavailable(f"flashinfer failed to import: {type(error).__name__}: {error}") from error
+            raise DriverUnavailable(f"flashinfer failed to import: {type(error).__name__}: {error}") from error
 
         T, P = plan.latent_frames, plan.patches_per_frame
         indptr = torch.tensor(plan.indptr, dtype=torch.int32)
@@ -101,6 +100,7 @@ class FlashInferDriver(Driver):
             indptr, indices, plan.video_tokens, plan.video_tokens, P, P,
             problem.q_heads, problem.kv_heads, problem.head_dim,
             q_data_type=problem.dtype, kv_data_type=problem.dtype, o_data_type=problem.dtype,
+            sm_scale=problem.scale,  # fixed at planning time: run() never rescales q
         )
         if first:
             with _lock:
@@ -108,11 +108,11 @@ class FlashInferDriver(Driver):
             elapsed = time.perf_counter() - start
             if elapsed > 5:
                 log.info(f"flashinfer: kernels ready after {elapsed:.0f} s")
-        return FlashInferPrepared(plan, wrapper, text)
+        return FlashInferPrepared(plan, problem, wrapper, text)
 
-    def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
-        plan = prepared.plan
-        B, _, _, D = q.shape
+    def run(self, prepared: FlashInferPrepared, q, k, v, key_padding_mask=None):
+        plan, scale = prepared.plan, prepared.scale
+        B = q.shape[0]
         key_mask = sequence_key_mask(plan, key_padding_mask, B, q.device)
         if prepared.wrapper is None:
             return dense_attention(q, k, v, key_mask, scale)
@@ -125,12 +125,9 @@ class FlashInferDriver(Driver):
             text = prepared.text_keys
             k_text, v_text = k.index_select(1, text), v.index_select(1, text)
             text_mask = None if key_mask is None else key_mask.index_select(1, text)
-        query_factor = None if scale is None else scale * math.sqrt(D)  # the wrapper was planned for 1/sqrt(D)
         for b in range(B):
             qb = q[b, vs : vs + V].contiguous()
             kb, vb = k[b, vs : vs + V].contiguous(), v[b, vs : vs + V].contiguous()
-            if query_factor is not None:
-                qb = qb * query_factor
             if not plan.text_tokens:
                 prepared.wrapper.run(qb, kb, vb, out=out[b, vs : vs + V])
                 continue

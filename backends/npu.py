@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lvsa.devices.npu import INSTALL_HINT  # one install hint: the device module's
-from lvsa.driver import AttentionProblem, Availability, Driver
+from lvsa.driver import AttentionProblem, Availability, Driver, Prepared
 from lvsa.plan import SparsePlan
 
 from . import split
@@ -60,8 +60,7 @@ MAX_BATCH = 65536
 
 
 @dataclass(frozen=True)
-class NpuPrepared:
-    plan: SparsePlan
+class NpuPrepared(Prepared):
     split: split.SplitIndex | None  # None: the plan is dense
     video_keys: torch.Tensor | None  # positions of all video tokens (dense rows with padded text)
     text_keys: torch.Tensor | None
@@ -105,7 +104,7 @@ def fused_attention(q, k, v, key_mask=None, scale=None):
     return without_empty_samples(out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]), key_mask)
 
 
-class NpuDriver(Driver):
+class NpuDriver(Driver[NpuPrepared]):
     name = "npu"
     priority = 20
     devices = frozenset({"npu"})
@@ -150,10 +149,10 @@ class NpuDriver(Driver):
             index = split.build_index(plan, problem, self.gather_budget_bytes, expanded_heads=False)
             # the window calls batch B x frames-per-chunk entries; the op takes at most MAX_BATCH
             index = replace(index, frames_per_chunk=max(1, min(index.frames_per_chunk, MAX_BATCH // problem.batch)))
-        return NpuPrepared(plan, index, video, text)
+        return NpuPrepared(plan, problem, index, video, text)
 
-    def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
-        plan = prepared.plan
+    def run(self, prepared: NpuPrepared, q, k, v, key_padding_mask=None):
+        plan, scale = prepared.plan, prepared.scale
         B = q.shape[0]
         key_mask = sequence_key_mask(plan, key_padding_mask, B, q.device)
         if prepared.split is None:
@@ -166,7 +165,7 @@ class NpuDriver(Driver):
         return out
 
     @staticmethod
-    def _dense_rows(prepared, q, k, v, key_padding_mask, scale):
+    def _dense_rows(prepared: NpuPrepared, q, k, v, key_padding_mask, scale):
         """Queries ``q`` against every key. A padding mask only concerns the text keys, so those are a
         second partial (mask of queries x text tokens) rather than a mask over the whole sequence."""
         if key_padding_mask is None:

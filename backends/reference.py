@@ -6,10 +6,11 @@ it. Never chosen by ``backend=auto``."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from lvsa.driver import AttentionProblem, Availability, Driver
+from lvsa.driver import AttentionProblem, Availability, Driver, Prepared
 from lvsa.plan import SparsePlan
 
 
@@ -59,7 +60,12 @@ def reference_attention(
     return torch.einsum("bhqk,bkhd->bqhd", weights, v64)
 
 
-class ReferenceDriver(Driver):
+@dataclass(frozen=True)
+class ReferencePrepared(Prepared):
+    token_mask: torch.Tensor  # [S, S] on the problem's device
+
+
+class ReferenceDriver(Driver[ReferencePrepared]):
     name = "reference"
     priority = -100
     devices = frozenset({"cpu", "cuda"})
@@ -70,9 +76,10 @@ class ReferenceDriver(Driver):
         base = super().is_available(device_type)
         return Availability.yes("float64 dense ground truth (tests only)") if base else base
 
-    def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> tuple[SparsePlan, torch.Tensor]:
-        return plan, token_mask(plan).to(problem.device)
+    def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> ReferencePrepared:
+        return ReferencePrepared(plan, problem, token_mask(plan).to(problem.device))
 
-    def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
-        plan, mask = prepared
-        return reference_attention(q, k, v, plan, key_padding_mask, scale, mask).to(q.dtype)
+    def run(self, prepared: ReferencePrepared, q, k, v, key_padding_mask=None):
+        return reference_attention(
+            q, k, v, prepared.plan, key_padding_mask, prepared.scale, prepared.token_mask
+        ).to(q.dtype)

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lvsa.driver import AttentionProblem, Availability, Driver
+from lvsa.driver import AttentionProblem, Availability, Driver, Prepared
 from lvsa.plan import SparsePlan
 
 from . import split
@@ -30,8 +30,7 @@ Strategy = Literal["auto", "split", "gather"]
 
 
 @dataclass(frozen=True)
-class SdpaPrepared:
-    plan: SparsePlan
+class SdpaPrepared(Prepared):
     strategy: Literal["dense", "split", "gather"]
     #: gather: [T, attended tokens + text] key positions per query frame
     frame_keys: torch.Tensor | None = None
@@ -39,7 +38,7 @@ class SdpaPrepared:
     split: split.SplitIndex | None = None
 
 
-class SdpaDriver(Driver):
+class SdpaDriver(Driver[SdpaPrepared]):
     name = "sdpa"
     priority = 10
     devices = None
@@ -68,24 +67,24 @@ class SdpaDriver(Driver):
 
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> SdpaPrepared:
         if plan.is_dense:
-            return SdpaPrepared(plan, "dense")
+            return SdpaPrepared(plan, problem, "dense")
         strategy = self.strategy
         if strategy == "auto":
             why = lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
             strategy = "gather" if why else "split"
         if strategy == "split":
             index = split.build_index(plan, problem, self.gather_budget_bytes, expanded_heads=True)
-            return SdpaPrepared(plan, "split", split=index)
+            return SdpaPrepared(plan, problem, "split", split=index)
         keys = split.frame_tokens(plan, split.attended_frames(plan))
         if plan.text_tokens:
             keys = torch.cat([keys, text_keys(plan, "cpu").expand(plan.latent_frames, -1)], dim=1)
         item = torch.empty((), dtype=problem.dtype).element_size()
         per_frame = 2 * problem.batch * keys.shape[1] * problem.kv_heads * problem.head_dim * item
         frames_per_chunk = max(1, min(plan.latent_frames, self.gather_budget_bytes // max(per_frame, 1)))
-        return SdpaPrepared(plan, "gather", keys.to(problem.device), frames_per_chunk)
+        return SdpaPrepared(plan, problem, "gather", keys.to(problem.device), frames_per_chunk)
 
-    def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
-        plan = prepared.plan
+    def run(self, prepared: SdpaPrepared, q, k, v, key_padding_mask=None):
+        plan, scale = prepared.plan, prepared.scale
         B, _, Hq, _ = q.shape
         gqa = Hq != k.shape[2]
         key_mask = sequence_key_mask(plan, key_padding_mask, B, q.device)
@@ -101,11 +100,11 @@ class SdpaDriver(Driver):
         if prepared.strategy == "split":
             split.run_video_queries(prepared.split, plan, q, k, v, key_mask, scale, out, attend_with_lse)
         else:
-            _run_gather(prepared, q, k, v, key_mask, scale, gqa, out)
+            _run_gather(prepared, q, k, v, key_mask, gqa, out)
         return out
 
 
-def _run_gather(prepared, q, k, v, key_mask, scale, gqa, out):
+def _run_gather(prepared: SdpaPrepared, q, k, v, key_mask, gqa, out):
     plan = prepared.plan
     B, _, Hq, D = q.shape
     P, vs = plan.patches_per_frame, plan.video_start
@@ -114,6 +113,6 @@ def _run_gather(prepared, q, k, v, key_mask, scale, gqa, out):
         mask = None
         if key_mask is not None:
             mask = key_mask.index_select(1, index).view(qc.shape[0], 1, 1, -1)
-        chunk = sdpa(qc, kc, vc, mask, scale, gqa)  # [B*n, P, Hq, D]
+        chunk = sdpa(qc, kc, vc, mask, prepared.scale, gqa)  # [B*n, P, Hq, D]
         del qc, kc, vc
         out[:, vs + f0 * P : vs + f1 * P] = chunk.reshape(B, (f1 - f0) * P, Hq, D)

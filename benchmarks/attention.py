@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, driver in registry.drivers().items():
         if name in ("sdpa", "reference") or not driver.auto_select:
             continue
-        status = dispatch.backend_status(name, args.device)
+        status = dispatch.driver_status(name, args.device)
         if status.available:
             methods[name] = driver
         else:

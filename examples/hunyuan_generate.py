@@ -7,7 +7,7 @@ Every flag: --help. Every lvsa flag also reads its LVSA_* variable (LVSA_SPARSIT
 
 import sys
 
-from lvsa.generation import main
+from lvsa_app.generation import main
 
 if __name__ == "__main__":
     sys.exit(main("hunyuan"))

@@ -14,6 +14,7 @@ from . import log
 from .errors import (
     BackendUnavailable,
     ConfigError,
+    DriverUnavailable,
     GeometryError,
     LVSAError,
 )
@@ -28,11 +29,13 @@ _LAZY = {
     "remove": "lvsa.adapters",
     "LVSAHandle": "lvsa.adapters",
     "sparse_attention": "lvsa.dispatch",
+    "available_drivers": "lvsa.dispatch",
     "available_backends": "lvsa.dispatch",
-    "BackendStatus": "lvsa.dispatch",
+    "DriverStatus": "lvsa.dispatch",
     "Driver": "lvsa.driver",
     "Availability": "lvsa.driver",
     "AttentionProblem": "lvsa.driver",
+    "Prepared": "lvsa.driver",
     "Device": "lvsa.device",
     "MemoryStats": "lvsa.device",
 }
@@ -40,8 +43,8 @@ _LAZY = {
 if TYPE_CHECKING:
     from .adapters import LVSAHandle, apply, remove
     from .device import Device, MemoryStats
-    from .dispatch import BackendStatus, available_backends, sparse_attention
-    from .driver import AttentionProblem, Availability, Driver
+    from .dispatch import DriverStatus, available_backends, available_drivers, sparse_attention
+    from .driver import AttentionProblem, Availability, Driver, Prepared
 
 
 def __getattr__(name: str) -> Any:
@@ -56,20 +59,23 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AttentionProblem",
     "Availability",
-    "BackendStatus",
     "BackendUnavailable",
     "ConfigError",
     "Device",
     "Driver",
+    "DriverStatus",
+    "DriverUnavailable",
     "GeometryError",
     "LVSAError",
     "LVSAHandle",
     "LVSASettings",
     "MemoryStats",
+    "Prepared",
     "SparsePlan",
     "__version__",
     "apply",
     "available_backends",
+    "available_drivers",
     "configure",
     "get_settings",
     "log",

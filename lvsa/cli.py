@@ -1,5 +1,6 @@
-"""The ``lvsa`` command: ``lvsa plan`` shows what the scheduler does for a video, ``lvsa backends`` which
-drivers can run on which device here. Flags of the settings work on both (``lvsa plan --help``)."""
+"""The ``lvsa`` command: ``lvsa plan`` shows what the scheduler does for a video, ``lvsa drivers`` which
+drivers can run on which device here (``lvsa backends``, its earlier name, still works), ``lvsa report``
+the settings, drivers and memory. Flags of the settings work on each (``lvsa plan --help``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Frame-level block-sparse attention for long-video diffusion transformers.",
     )
     parser.add_argument("--version", action="version", version=f"lvsa {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,backends,report}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,drivers,report}")
 
     plan = commands.add_parser(
         "plan",
@@ -55,9 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--no-memory", action="store_true", help="skip allocator and nvidia-smi/npu-smi queries")
     add_cli_arguments(report.add_argument_group("lvsa settings (shown with their source)"))
 
-    backends = commands.add_parser("backends", help="which drivers can run on which device here, and why not")
-    backends.add_argument("--device", help="only this torch device type (cpu, cuda, npu, ...)")
-    backends.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    drivers = commands.add_parser("drivers", aliases=["backends"],
+                                  help="which drivers can run on which device here, and why not")
+    drivers.add_argument("--device", help="only this torch device type (cpu, cuda, npu, ...)")
+    drivers.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -101,10 +103,10 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backends(args: argparse.Namespace) -> int:
-    from .dispatch import available_backends
+def _drivers(args: argparse.Namespace) -> int:
+    from .dispatch import available_drivers
 
-    rows = available_backends(args.device)
+    rows = available_drivers(args.device)
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
@@ -129,7 +131,7 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
-    commands = {"plan": _plan, "backends": _backends, "report": _report}
+    commands = {"plan": _plan, "drivers": _drivers, "backends": _drivers, "report": _report}
     try:
         return commands[args.command](args)
     except LVSAError as error:

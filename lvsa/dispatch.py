@@ -11,11 +11,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from . import log, registry
-from .driver import AttentionProblem, Driver
-from .errors import BackendUnavailable
+from .driver import AttentionProblem, Driver, Prepared, PreparedT
+from .errors import DriverUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -27,14 +27,14 @@ _PREPARED_CACHE_SIZE = 16
 
 
 @dataclass(frozen=True)
-class BackendStatus:
-    """One row of ``lvsa backends``: can this driver run on this device here, and if not, why."""
+class DriverStatus:
+    """One row of ``lvsa drivers``: can this driver run on this device here, and if not, why."""
 
     name: str
     device: str
     available: bool
     reason: str
-    #: ok, backend_not_installed, backend_load_failed, device_absent, backend_unavailable, unsupported_problem
+    #: ok, driver_not_installed, driver_load_failed, device_absent, driver_unavailable, unsupported_problem
     code: str
     priority: int
     target: str
@@ -54,19 +54,19 @@ def _device_reason(device_type: str) -> str | None:
     return None if availability else f"device {device_type} absent: {availability.reason}"
 
 
-def backend_status(name: str, device_type: str, problem: AttentionProblem | None = None) -> BackendStatus:
-    plugin = registry.backend_plugins().get(name)
+def driver_status(name: str, device_type: str, problem: AttentionProblem | None = None) -> DriverStatus:
+    plugin = registry.driver_plugins().get(name)
     if plugin is None:
-        installed = ", ".join(registry.backend_plugins()) or "none"
-        return BackendStatus(name, device_type, False, f"not installed (installed: {installed})",
-                             "backend_not_installed", 0, "-", None, "")
+        installed = ", ".join(registry.driver_plugins()) or "none"
+        return DriverStatus(name, device_type, False, f"not installed (installed: {installed})",
+                             "driver_not_installed", 0, "-", None, "")
     driver = plugin.obj
     if driver is None:
-        return BackendStatus(name, device_type, False, plugin.error or "failed to load", "backend_load_failed",
+        return DriverStatus(name, device_type, False, plugin.error or "failed to load", "driver_load_failed",
                              0, plugin.target, plugin.distribution, "")
 
-    def status(available: bool, reason: str, code: str) -> BackendStatus:
-        return BackendStatus(name, device_type, available, reason, code, driver.priority, plugin.target,
+    def status(available: bool, reason: str, code: str) -> DriverStatus:
+        return DriverStatus(name, device_type, available, reason, code, driver.priority, plugin.target,
                              plugin.distribution, driver.capabilities())
 
     absent = _device_reason(device_type)
@@ -75,25 +75,29 @@ def backend_status(name: str, device_type: str, problem: AttentionProblem | None
     try:
         availability = driver.is_available(device_type)
     except Exception as error:  # a driver's own bug must read as a reason, not break the caller
-        return status(False, f"availability check raised {type(error).__name__}: {error}", "backend_unavailable")
+        return status(False, f"availability check raised {type(error).__name__}: {error}", "driver_unavailable")
     if not availability:
-        return status(False, availability.reason, "backend_unavailable")
+        return status(False, availability.reason, "driver_unavailable")
     problems = driver.check(problem) if problem is not None else []
     if problems:
         return status(False, "; ".join(problems), "unsupported_problem")
     return status(True, availability.reason, "ok")
 
 
-def available_backends(device: str | None = None) -> list[BackendStatus]:
+def available_drivers(device: str | None = None) -> list[DriverStatus]:
     """Every registered driver and whether it can run here. ``device`` is a torch device type
     (``"cpu"``, ``"cuda"``, ...); by default every registered device is listed, present or not."""
-    names = list(registry.backend_plugins())
+    names = list(registry.driver_plugins())
     device_types = [device] if device else list(registry.device_plugins()) or ["cpu"]
-    return [backend_status(n, d) for d in device_types for n in names]
+    return [driver_status(n, d) for d in device_types for n in names]
+
+
+#: the earlier name of :func:`available_drivers`
+available_backends = available_drivers
 
 
 def _table(device_type: str, problem: AttentionProblem | None) -> str:
-    rows = [backend_status(n, device_type, problem) for n in registry.backend_plugins()]
+    rows = [driver_status(n, device_type, problem) for n in registry.driver_plugins()]
     if not rows:
         return "  (no driver is installed: is lvsa installed with pip, so that its entry points exist?)"
     return "\n".join(
@@ -107,7 +111,7 @@ def _auto_choice(problem: AttentionProblem, exclude: str | None = None) -> tuple
     for name, driver in ordered:
         if not driver.auto_select or name == exclude:
             continue
-        status = backend_status(name, problem.device_type, problem)
+        status = driver_status(name, problem.device_type, problem)
         if status.available:
             return driver, skipped
         skipped.append(f"{name}: {status.reason}")
@@ -135,13 +139,13 @@ def _select(problem: AttentionProblem, requested: str, fallback: str) -> Driver:
     if requested == "auto":
         driver, skipped = _auto_choice(problem)
         if driver is None:
-            raise BackendUnavailable(
+            raise DriverUnavailable(
                 f"no lvsa driver can run this call on {problem.device}:\n{_table(problem.device_type, problem)}"
             )
         if skipped:
             log.info(f"backend=auto chose {driver.name} on {problem.device} (skipped {'; '.join(skipped)})")
         return driver
-    status = backend_status(requested, problem.device_type, problem)
+    status = driver_status(requested, problem.device_type, problem)
     if status.available:
         return registry.drivers()[requested]
     if fallback == "warn":
@@ -151,25 +155,25 @@ def _select(problem: AttentionProblem, requested: str, fallback: str) -> Driver:
                          device=problem.device, detail=status.reason)
             return driver
     hint = "" if fallback == "warn" else "\nSet LVSA_FALLBACK=warn (--fallback warn) to use the next usable driver."
-    raise BackendUnavailable(
+    raise DriverUnavailable(
         f"backend {requested!r} cannot run this call on {problem.device}: {status.reason}\n"
         f"installed drivers on {problem.device_type}:\n{_table(problem.device_type, problem)}{hint}"
     )
 
 
 _prepared_lock = threading.Lock()
-_prepared: OrderedDict[tuple[str, SparsePlan, AttentionProblem], Any] = OrderedDict()
+_prepared: OrderedDict[tuple[str, SparsePlan, AttentionProblem], Prepared] = OrderedDict()
 _last_logged_shape: list[tuple[int, ...] | None] = [None]
 
 
-def prepared_for(driver: Driver, plan: SparsePlan, problem: AttentionProblem) -> Any:
+def prepared_for(driver: Driver[PreparedT], plan: SparsePlan, problem: AttentionProblem) -> PreparedT:
     """The driver's prepared state for this plan and problem, built on first use (LRU-cached)."""
     key = (driver.name, plan, problem)
     with _prepared_lock:
         state = _prepared.get(key)
         if state is not None:
             _prepared.move_to_end(key)
-            return state
+            return cast(PreparedT, state)
     state = driver.prepare(plan, problem)
     with _prepared_lock:
         _prepared[key] = state
@@ -210,7 +214,7 @@ def sparse_attention(
         from .settings import get_settings
 
         settings = get_settings()
-    problem = AttentionProblem.from_tensors(q, k, v, plan, key_padding_mask)
+    problem = AttentionProblem.from_tensors(q, k, v, plan, key_padding_mask, scale)
     requested = (backend or settings.backend).lower()
     driver = select_driver(problem, requested, settings.fallback)
-    return driver.run(prepared_for(driver, plan, problem), q, k, v, key_padding_mask, scale)
+    return driver.run(prepared_for(driver, plan, problem), q, k, v, key_padding_mask)

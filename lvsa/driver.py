@@ -1,15 +1,26 @@
 """The driver contract: what an attention driver declares, and the two calls it answers.
 
-A driver is small. It declares what it supports (devices, dtypes, head dims, GQA, text tokens), says
-whether it can run on a device and why not (:meth:`Driver.is_available`, never raising, never compiling),
-turns a plan into whatever it needs on the device (:meth:`Driver.prepare`: host work, done once per plan
-change and cached by the dispatcher), and runs (:meth:`Driver.run`: no host work, called by every layer)."""
+A driver is small, in three parts (the split vLLM makes between a backend's capabilities, its metadata
+builder and its implementation, and FlashInfer's ``plan()``/``run()``):
+
+- **capabilities**: class attributes (devices, dtypes, head dims, GQA, text tokens), :meth:`Driver.check`
+  for one problem, and :meth:`Driver.is_available` (can it run on a device here, and if not why; never
+  raising, never compiling);
+- **prepare**: everything fixed for a plan and a problem shape (index tensors, kernel plans, the softmax
+  scale) becomes the driver's own typed :class:`Prepared` state, once per plan change, cached by the
+  dispatcher and shared by every layer;
+- **run**: q, k, v (and the text padding mask, which is data) through the prepared state; no host work.
+
+"Driver" is the one word for a pluggable attention implementation; the user-facing setting that picks
+one keeps its historical name ``backend`` (``LVSA_BACKEND``, ``--backend``, the ``lvsa.backends`` entry
+points)."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from .errors import GeometryError
 
@@ -52,6 +63,8 @@ class AttentionProblem:
     head_dim: int
     text_tokens: int
     has_padding_mask: bool
+    #: the softmax scale, resolved (``1/sqrt(head_dim)`` unless the caller gave one): fixed at planning time
+    scale: float
 
     @property
     def device(self) -> str:
@@ -65,8 +78,10 @@ class AttentionProblem:
         v: torch.Tensor,
         plan: SparsePlan,
         key_padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
     ) -> AttentionProblem:
-        """Check q/k/v (``[batch, seq, heads, head_dim]``) against the plan; raise :class:`GeometryError`."""
+        """Check q/k/v (``[batch, seq, heads, head_dim]``) against the plan; raise :class:`GeometryError`.
+        ``scale`` defaults to ``1/sqrt(head_dim)``."""
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise GeometryError(
                 f"q, k, v must be [batch, seq, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -95,6 +110,10 @@ class AttentionProblem:
                     f"key_padding_mask must be [batch, text_tokens] = [{B}, {plan.text_tokens}] (True = keep); "
                     f"got {tuple(key_padding_mask.shape)}"
                 )
+        if scale is None:
+            scale = 1.0 / math.sqrt(D)
+        elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise GeometryError(f"scale must be a positive finite number; got {scale!r}")
         return cls(
             device_type=q.device.type,
             device_index=q.device.index,
@@ -106,11 +125,29 @@ class AttentionProblem:
             head_dim=D,
             text_tokens=plan.text_tokens,
             has_padding_mask=key_padding_mask is not None,
+            scale=float(scale),
         )
 
 
-class Driver(ABC):
-    """Base class of attention drivers, registered under the ``lvsa.backends`` entry-point namespace."""
+@dataclass(frozen=True)
+class Prepared:
+    """What every driver's prepared state carries: the plan and the problem it was prepared for.
+    A driver subclasses it with its own fields (index tensors, kernel wrappers, chosen strategy)."""
+
+    plan: SparsePlan
+    problem: AttentionProblem
+
+    @property
+    def scale(self) -> float:
+        return self.problem.scale
+
+
+PreparedT = TypeVar("PreparedT", bound=Prepared)
+
+
+class Driver(ABC, Generic[PreparedT]):
+    """Base class of attention drivers, registered under the ``lvsa.backends`` entry-point namespace.
+    ``PreparedT`` is the driver's own :class:`Prepared` type."""
 
     name: ClassVar[str]
     #: higher wins under ``backend=auto``
@@ -152,17 +189,17 @@ class Driver(ABC):
         return f"devices={devices} dtypes={dtypes} head_dims={dims} gqa={self.supports_gqa} text={self.supports_text}"
 
     @abstractmethod
-    def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> Any:
-        """Host-side work for one plan and problem shape (index tensors, kernel plans). Cached by dispatch."""
+    def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> PreparedT:
+        """Host-side work for one plan and problem (index tensors, kernel plans, the scale). Cached by dispatch."""
 
     @abstractmethod
     def run(
         self,
-        prepared: Any,
+        prepared: PreparedT,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
-        scale: float | None = None,
     ) -> torch.Tensor:
-        """Attention output ``[batch, seq, q_heads, head_dim]`` in q's dtype. No host work here."""
+        """Attention output ``[batch, seq, q_heads, head_dim]`` in q's dtype, with ``prepared.scale``.
+        No host work here."""

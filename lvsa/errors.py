@@ -16,6 +16,10 @@ class GeometryError(LVSAError, ValueError):
     """The tensors or the video size do not match the geometry a plan was made for."""
 
 
-class BackendUnavailable(LVSAError, RuntimeError):
+class DriverUnavailable(LVSAError, RuntimeError):
     """The requested driver is not installed or cannot run here; the message lists every installed driver."""
+
+
+#: the earlier name of :class:`DriverUnavailable`, kept so that callers catching it keep working
+BackendUnavailable = DriverUnavailable
 

@@ -1,7 +1,8 @@
 """Video geometry: from frames and pixels to latent frames ``T`` and tokens per latent frame ``P``.
 
 Per-family factors live in :data:`FAMILIES`; the model adapters read the same factors off the model config
-when a model is loaded, and the ``LVSA_*`` geometry overrides (settings) win over both. Pure Python."""
+when a model is loaded, and the ``LVSA_*`` geometry overrides (settings) win over both. Pure Python.
+The formulas are docs/pattern.md §1."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class VideoGeometry:
 
 
 def pick_factor(settings: LVSASettings, field: str, *candidates: int | None) -> int:
-    """The precedence of every geometry factor, in one place: the ``LVSA_*`` override when set, else the
+    """pattern.md §1. The precedence of every geometry factor, in one place: the ``LVSA_*`` override when set, else the
     first known candidate (what the call or the pipeline knows, then the model family's). A factor known
     from none of them is an error, never a guess."""
     for candidate in (getattr(settings, field), *candidates):
@@ -107,6 +108,21 @@ def pick_factor(settings: LVSASettings, field: str, *candidates: int | None) -> 
     raise GeometryError(
         f"{field} is unknown: pass a model family (--model) or set LVSA_{field.upper()} "
         f"(flag --{field.replace('_', '-')})"
+    )
+
+
+def planned_patches_per_frame(
+    settings: LVSASettings, model: ModelFamily | None = None, height: int | None = None, width: int | None = None
+) -> int:
+    """pattern.md §1, the one owner of tokens per frame: ``LVSA_PATCHES_PER_FRAME`` when set, else computed
+    from the height and width, each factor by :func:`pick_factor` (override, then the call, then the family)."""
+    if settings.patches_per_frame is not None:
+        return settings.patches_per_frame
+    return patches_per_frame(
+        pick_factor(settings, "video_height", height, model.default_height if model else None),
+        pick_factor(settings, "video_width", width, model.default_width if model else None),
+        pick_factor(settings, "vae_spatial_factor", model.vae_spatial_factor if model else None),
+        pick_factor(settings, "patch_size", model.patch_size if model else None),
     )
 
 
@@ -126,12 +142,5 @@ def resolve_video_geometry(
         return pick_factor(settings, field, *candidates)
 
     vt = pick("vae_temporal_factor", model.vae_temporal_factor if model else None)
-    if settings.patches_per_frame is not None:
-        ppf = settings.patches_per_frame
-    else:
-        h = pick("video_height", height, model.default_height if model else None)
-        w = pick("video_width", width, model.default_width if model else None)
-        vs = pick("vae_spatial_factor", model.vae_spatial_factor if model else None)
-        ps = pick("patch_size", model.patch_size if model else None)
-        ppf = patches_per_frame(h, w, vs, ps)
+    ppf = planned_patches_per_frame(settings, model, height, width)
     return VideoGeometry(latent_frames(num_frames, vt), ppf, vt, model.temporal_patch if model else 1)

@@ -1,10 +1,11 @@
 """The scheduler: geometry and knobs in, a :class:`SparsePlan` out. Pure Python, deterministic, no device.
+The rule and its formulas are written in ``docs/pattern.md``; the functions below cite its sections.
 
 Vocabulary (all in latent frames): ``T`` frames, ``P`` tokens per frame, ``W`` window half-width,
 ``n_first`` leading frames that are always global, ``kfi`` keyframe interval. Each query frame attends the
 global frames (leading + periodic keyframes) and a local window; text tokens, if any, are dense both ways.
 
-One departure from the original tool, to keep its promises: the spec places periodic keyframes at
+One departure from the original tool, to keep its promises (pattern.md §4): it places periodic keyframes at
 ``(o + i*kfi) mod T``, whose union with the leading frames changes size with the offset ``o`` (at ``o=0``
 keyframe 0 coincides with frame 0, at ``o=1`` it does not). We place them on the ring of non-leading
 frames instead, at ``n_first + (base + o + i*kfi) mod (T - n_first)``: identical to the spec at ``o=0``
@@ -53,7 +54,7 @@ class PatternKnobs:
 
 
 def keyframe_interval(T: int, knobs: PatternKnobs) -> int:
-    """Spec section 3.2: 1 (fully dense) within the budget, else the sparsest interval meeting it."""
+    """pattern.md §3: 1 (fully dense) within the budget, else the sparsest interval meeting it."""
     scaled_ref = knobs.scaled_reference
     if T <= scaled_ref:
         return 1
@@ -74,7 +75,7 @@ def keyframe_interval(T: int, knobs: PatternKnobs) -> int:
 
 
 def global_frames(T: int, n_first: int, kfi: int, offset: int) -> tuple[int, ...]:
-    """Leading frames plus periodic keyframes at rotation ``offset`` (see the module docstring)."""
+    """pattern.md §4: leading frames plus periodic keyframes on the ring of non-leading frames at ``offset``."""
     n_first = min(n_first, T)
     leading = list(range(n_first))
     ring = T - n_first
@@ -88,7 +89,7 @@ def global_frames(T: int, n_first: int, kfi: int, offset: int) -> tuple[int, ...
 
 
 def local_window(f: int, T: int, W: int, is_global: list[bool], need: int) -> tuple[int, int]:
-    """Spec section 3.5: a constant-width window shifted at the edges, widened outward (left first,
+    """pattern.md §5: a constant-width window shifted at the edges, widened outward (left first,
     alternating) until it holds ``need`` non-global frames or spans everything."""
     lo = max(0, min(f - W, T - 1 - 2 * W))
     hi = min(T - 1, max(f + W, 2 * W))
@@ -293,7 +294,7 @@ def resolve_knobs(
 
 
 def rotates(latent_frames: int, knobs: PatternKnobs) -> bool:
-    """Whether the keyframes move with the denoising step: a sparse plan rotates unless ``rotate`` is False;
+    """pattern.md §4. Whether the keyframes move with the step: a sparse plan rotates unless ``rotate`` is False;
     a dense one (kfi = 1) never does. The one place this rule lives (the runtime asks it to share one plan
     across the steps of a pattern that does not rotate)."""
     sparse = keyframe_interval(latent_frames, knobs) > 1

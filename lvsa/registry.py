@@ -2,7 +2,7 @@
 (``lvsa.adapters``) through stevedore.
 
 Every plugin of a namespace is loaded once per process. A plugin that fails to import or to construct is
-kept with its error, so ``lvsa backends`` and error messages can say why it is missing instead of the
+kept with its error, so ``lvsa drivers`` and error messages can say why it is missing instead of the
 plugin silently disappearing (stevedore's default)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from . import log
 from .device import Device
 from .driver import Availability, Driver
 
-BACKENDS_NAMESPACE = "lvsa.backends"
+DRIVERS_NAMESPACE = "lvsa.backends"
 DEVICES_NAMESPACE = "lvsa.devices"
 ADAPTERS_NAMESPACE = "lvsa.adapters"
 
@@ -91,9 +91,9 @@ def _distribution(entry_point: object) -> str | None:
     return None
 
 
-def backend_plugins() -> dict[str, Plugin[Driver]]:
+def driver_plugins() -> dict[str, Plugin[Driver]]:
     """Every registered driver, loaded or not, by name."""
-    return _load(BACKENDS_NAMESPACE, Driver)
+    return _load(DRIVERS_NAMESPACE, Driver)
 
 
 def device_plugins() -> dict[str, Plugin[Device]]:
@@ -102,7 +102,7 @@ def device_plugins() -> dict[str, Plugin[Device]]:
 
 
 def drivers() -> dict[str, Driver]:
-    return {name: p.obj for name, p in backend_plugins().items() if p.obj is not None}
+    return {name: p.obj for name, p in driver_plugins().items() if p.obj is not None}
 
 
 def devices() -> dict[str, Device]:

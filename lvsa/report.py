@@ -58,7 +58,7 @@ def _version(package: str) -> str | None:
 
 
 def collect(settings: LVSASettings | None = None, memory: bool = True) -> dict[str, Any]:
-    from .dispatch import available_backends
+    from .dispatch import available_drivers
 
     settings = settings if settings is not None else get_settings()
     devices = []
@@ -90,7 +90,7 @@ def collect(settings: LVSASettings | None = None, memory: bool = True) -> dict[s
         "packages": {name: _version(name) for name in PACKAGES},
         "devices": devices,
         # drivers on the devices present here (absent devices say why in "devices")
-        "drivers": [asdict(row) for row in available_backends()
+        "drivers": [asdict(row) for row in available_drivers()
                     if any(d["name"] == row.device and d.get("available") for d in devices)],
         "settings": {
             name: {"value": getattr(settings, name), "source": settings.source_of(name), "env": env_var(name),

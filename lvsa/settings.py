@@ -16,9 +16,9 @@ import typing
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -32,10 +32,8 @@ ENV_PREFIX = "LVSA_"
 Source = Literal["default", "model", "code", "env", "cli"]
 
 # LVSA_* names that are not settings but are still legitimate: no "unknown variable" warning for them.
+# Programs around the library (the test suite, the example application) add theirs: declare_variables().
 _NON_SETTING_VARIABLES = {
-    "LVSA_TEST_DEVICES": "device list of the parity tests (tox -e cuda/npu)",
-    "LVSA_TEST_BACKENDS": "drivers the parity tests require",
-    "LVSA_TEST_DTYPES": "dtypes the parity tests run",
     "LVSA_WAN_HOOK": "used only by the old vllm-omni integration; it has no effect in lvsa",
 }
 # What an unset (None) default means, for --help and the README table.
@@ -65,8 +63,14 @@ class _CommandLineLayer(PydanticBaseSettingsSource):
 
 
 class LVSASettings(BaseSettings):
-    """Every lvsa knob. Video-frame counts (window, leading frames, keyframe spacing) are converted to
-    latent frames with the VAE's temporal factor when a plan is made."""
+    """Every knob of the library. Video-frame counts (window, leading frames, keyframe spacing) are converted
+    to latent frames with the VAE's temporal factor when a plan is made.
+
+    An application adds knobs of its own by subclassing (the example scripts' ``lvsa_app.settings``): its
+    fields get ``LVSA_*`` variables and flags the same way, and ``flag_names`` renames a flag."""
+
+    #: flags named otherwise than ``--field-name`` (names users know from the original tool)
+    flag_names: ClassVar[dict[str, str]] = {}
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -75,19 +79,14 @@ class LVSASettings(BaseSettings):
         case_sensitive=False,
     )
 
-    # whether the example scripts install lvsa at all (the library's lvsa.apply always does)
-    enabled: bool = Field(
-        False, description="example scripts: run self-attention through lvsa; off runs the model's dense attention"
-    )
     # which driver runs the plan
-    backend: str = Field("auto", description="attention driver: auto, or a name from `lvsa backends`")
-    flashinfer: bool = Field(False, description="alias for --backend flashinfer")
+    backend: str = Field("auto", description="attention driver: auto, or a name from `lvsa drivers`")
     fallback: Literal["error", "warn"] = Field(
         "error",
         description="when the requested driver cannot run: error, or warn ([LVSA-FALLBACK] line) and "
         "use the next available driver",
     )
-    # the sparse pattern (spec section 2)
+    # the sparse pattern (docs/pattern.md §2)
     reference_latent_frames: int | None = Field(
         None, gt=0, description="training horizon in latent frames (default: the model's: Wan 21, "
         "Wan 2.2 TI2V-5B 31, HunyuanVideo 1.5 33, CogVideoX 13, CogVideoX 1.5 41)"
@@ -135,11 +134,11 @@ class LVSASettings(BaseSettings):
 
     def __init__(self, **values: Any) -> None:
         cli = dict(_cli_values.get())
-        env = _environment_values()
+        env = _environment_values(type(self))
         try:
             super().__init__(**values)
         except ValidationError as error:
-            raise _config_error(error, cli, env, values) from None
+            raise _config_error(type(self), error, cli, env, values) from None
         sources: dict[str, Source] = {}
         for name in self.model_fields_set:
             sources[name] = "cli" if name in cli else "env" if name in env else "code"
@@ -151,19 +150,8 @@ class LVSASettings(BaseSettings):
     def _backend_name(cls, value: str) -> str:
         name = value.strip().lower()
         if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise ValueError("must be 'auto' or a driver name such as 'sdpa' (see `lvsa backends`)")
+            raise ValueError("must be 'auto' or a driver name such as 'sdpa' (see `lvsa drivers`)")
         return name
-
-    @model_validator(mode="after")
-    def _flashinfer_alias(self) -> LVSASettings:
-        if self.flashinfer:
-            if self.backend not in ("auto", "flashinfer"):
-                raise ValueError(
-                    f"--flashinfer asks for the flashinfer driver but backend={self.backend!r} is also set; "
-                    "keep one of them"
-                )
-            self.backend = "flashinfer"
-        return self
 
     # ----------------------------------------------------------------------------------------------
     def source_of(self, field: str) -> Source:
@@ -193,7 +181,7 @@ class LVSASettings(BaseSettings):
             given = dict(args)
         else:
             parser = argparse.ArgumentParser(prog="lvsa", add_help=False, exit_on_error=False, allow_abbrev=False)
-            add_cli_arguments(parser)
+            add_cli_arguments(parser, settings_class=cls)
             try:
                 namespace, rest = parser.parse_known_args(list(args))
             except argparse.ArgumentError as error:
@@ -216,16 +204,20 @@ def env_var(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-# Flags whose name users know from the original tool rather than from the field.
-_FLAG_NAMES = {"enabled": "--lvsa"}
+def flag(field: str, settings_class: type[LVSASettings] | None = None) -> str:
+    """The command-line flag of ``field``."""
+    names = (settings_class or LVSASettings).flag_names
+    return names.get(field, "--" + field.replace("_", "-"))
 
 
-def flag(field: str) -> str:
-    return _FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
+def declare_variables(variables: Mapping[str, str]) -> None:
+    """Declare ``LVSA_*`` variables that are not settings of the library but are read by the program around it
+    (name -> what it does), so that they raise no "unknown environment variable" warning."""
+    _NON_SETTING_VARIABLES.update({name.upper(): meaning for name, meaning in variables.items()})
 
 
-def _environment_values() -> dict[str, Any]:
-    return EnvSettingsSource(LVSASettings)() if _has_lvsa_environment() else {}
+def _environment_values(settings_class: type[LVSASettings]) -> dict[str, Any]:
+    return EnvSettingsSource(settings_class)() if _has_lvsa_environment() else {}
 
 
 def _has_lvsa_environment() -> bool:
@@ -233,14 +225,15 @@ def _has_lvsa_environment() -> bool:
 
 
 def _config_error(
-    error: ValidationError, cli: Mapping[str, Any], env: Mapping[str, Any], code: Mapping[str, Any]
+    settings_class: type[LVSASettings], error: ValidationError, cli: Mapping[str, Any], env: Mapping[str, Any],
+    code: Mapping[str, Any],
 ) -> ConfigError:
     lines = []
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else ""
-        where = f"flag {flag(field)}, env {env_var(field)}" if field else "settings"
+        where = f"flag {flag(field, settings_class)}, env {env_var(field)}" if field else "settings"
         if field in cli:
-            origin = f"{flag(field)} {cli[field]!r} (command line)"
+            origin = f"{flag(field, settings_class)} {cli[field]!r} (command line)"
         elif field in env:
             origin = f"{env_var(field)}={os.environ.get(env_var(field), env[field])} (environment)"
         elif field in code:
@@ -273,7 +266,7 @@ def _warn_deprecated(settings: LVSASettings) -> None:
                 f"use LVSA_SPARSITY_SCALE (--sparsity-scale) to trade quality for speed",
             )
     if _has_lvsa_environment():
-        known = {env_var(name) for name in LVSASettings.model_fields}
+        known = {env_var(name) for cls in _settings_classes() for name in cls.model_fields}
         for key in os.environ:
             upper = key.upper()
             if upper.startswith(ENV_PREFIX) and upper not in known and upper not in _NON_SETTING_VARIABLES:
@@ -286,12 +279,24 @@ def _warn_deprecated(settings: LVSASettings) -> None:
 # command-line flags derived from the fields
 
 
+def _settings_classes() -> list[type[LVSASettings]]:
+    """LVSASettings and the applications' subclasses imported in this process (their variables are known)."""
+    found, pending = [], [LVSASettings]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                      exclude: tuple[str, ...] = ()) -> None:
+                      exclude: tuple[str, ...] = (), settings_class: type[LVSASettings] | None = None) -> None:
     """Add one flag per setting: ``--sparsity-scale 0.5``, ``--rotate-keyframes/--no-rotate-keyframes``.
     Flags not given stay absent from the namespace, so the environment and code still apply. ``exclude``:
-    settings the application sets from flags of its own (one flag per setting)."""
-    for name, info in LVSASettings.model_fields.items():
+    settings the application sets from flags of its own (one flag per setting); ``settings_class``: an
+    application's subclass, whose own fields get flags too."""
+    settings_class = settings_class or LVSASettings
+    for name, info in settings_class.model_fields.items():
         if name in exclude:
             continue
         annotation = _strip_optional(info.annotation)
@@ -299,14 +304,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
         shown = _UNSET_MEANS.get(name, "model's") if default is None else default
         help_text = f"{info.description} [env: {env_var(name)}] (default: {shown})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        option = flag(name, settings_class)
         if annotation is bool:
-            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(annotation) is Literal:
-            parser.add_argument(flag(name), choices=list(typing.get_args(annotation)), **kwargs)
+            parser.add_argument(option, choices=list(typing.get_args(annotation)), **kwargs)
         else:
             metavar = {int: "N", float: "X", str: "NAME"}.get(annotation, "VALUE")
             # strings: pydantic converts, so a bad value reads the same from a flag as from the env
-            parser.add_argument(flag(name), type=str, metavar=metavar, **kwargs)
+            parser.add_argument(option, type=str, metavar=metavar, **kwargs)
 
 
 def _strip_optional(annotation: Any) -> Any:
@@ -342,7 +348,8 @@ def configure(settings: LVSASettings | None = None, **overrides: Any) -> LVSASet
     code = dict(_layers.code) if settings is None else {}
     cli = dict(_layers.cli) if settings is None else {}
     if settings is not None:
-        for name in settings.model_fields_set:
+        # an application's subclass: only the library's fields are the library's configuration
+        for name in settings.model_fields_set & set(LVSASettings.model_fields):
             source = settings.source_of(name)
             if source == "cli":
                 cli[name] = getattr(settings, name)

@@ -99,3 +99,21 @@ def gather_heads(x: torch.Tensor, ulysses: UlyssesGroup) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(ulysses.degree)]
     dist.all_gather(parts, x.contiguous(), group=ulysses.group)
     return torch.cat(parts, dim=2)
+
+
+QKV = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
+
+
+def to_heads(video: QKV, text: QKV | None, ulysses: UlyssesGroup) -> tuple[QKV, QKV | None]:
+    """Before attention: the video's sequence shards become the whole sequence for this rank's heads; the
+    text, which every rank holds whole, is cut to the same heads."""
+    video_heads = tuple(sequence_to_heads(t, ulysses) for t in video)
+    text_heads = None if text is None else tuple(local_heads(t, ulysses) for t in text)
+    return video_heads, text_heads  # type: ignore[return-value]
+
+
+def to_sequence(video_out: torch.Tensor, text_out: torch.Tensor | None,
+                ulysses: UlyssesGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """After attention, the inverse of :func:`to_heads`: the video back to sequence shards with every head,
+    the text whole with every head on every rank."""
+    return heads_to_sequence(video_out, ulysses), (None if text_out is None else gather_heads(text_out, ulysses))

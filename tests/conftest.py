@@ -14,8 +14,15 @@ import pytest
 
 import lvsa
 from lvsa import dispatch, registry
+from lvsa.settings import declare_variables
 
-KEEP_ENV = {"LVSA_TEST_DEVICES", "LVSA_TEST_BACKENDS", "LVSA_TEST_DTYPES"}
+TEST_VARIABLES = {
+    "LVSA_TEST_DEVICES": "device list of the parity tests (tox -e cuda/npu)",
+    "LVSA_TEST_BACKENDS": "drivers the parity tests require",
+    "LVSA_TEST_DTYPES": "dtypes the parity tests run",
+}
+KEEP_ENV = set(TEST_VARIABLES)
+declare_variables(TEST_VARIABLES)  # the test suite's own variables: not settings, and no warning
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +82,7 @@ def pytest_generate_tests(metafunc):
     params = []
     required = set(required_backends())
     for device in test_devices():
-        for name in sorted(set(registry.backend_plugins()) | required):
+        for name in sorted(set(registry.driver_plugins()) | required):
             driver = registry.drivers().get(name)
             if name == "reference" or (driver is not None and driver.devices is not None
                                        and device not in driver.devices and name not in required):

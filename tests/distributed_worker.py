@@ -11,20 +11,22 @@ import torch.distributed
 
 import lvsa
 from lvsa.adapters import adapter_named
-from lvsa.generation import _load_pipeline
 from lvsa.parallel import enable_context_parallel, init_distributed
+from lvsa_app.generation import _load_pipeline
+from lvsa_app.models import example_model
 
 
 def main(models: Path, out: Path, families: list[str], backends: list[str], frames: dict[str, int]) -> None:
     rank, world, _ = init_distributed("cpu")
     for name in families:
         adapter = adapter_named(name)
+        example = example_model(adapter.name)
         pipe = _load_pipeline(adapter, str(models / name), torch.float32)
         pipe.set_progress_bar_config(disable=True)
         enable_context_parallel(pipe, world)
         for backend in backends:
             handle = lvsa.apply(pipe, lvsa.LVSASettings(backend=backend))
-            call = {**adapter.pipeline_inputs(pipe, None, seed=0), **adapter.call_arguments(pipe, 5.0),
+            call = {**example.pipeline_inputs(pipe, None, seed=0), **example.call_arguments(pipe, 5.0),
                     "height": 64, "width": 64, "num_frames": frames[name], "num_inference_steps": 2,
                     "generator": torch.Generator().manual_seed(0), "output_type": "latent"}
             with torch.inference_mode():

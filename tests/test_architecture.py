@@ -9,11 +9,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: source folder -> the package it installs as (pyproject's package-dir)
-PACKAGES = {"lvsa": ROOT / "lvsa", "lvsa.backends": ROOT / "backends", "lvsa.devices": ROOT / "devices"}
+PACKAGES = {"lvsa": ROOT / "lvsa", "lvsa.backends": ROOT / "backends", "lvsa.devices": ROOT / "devices",
+            "lvsa_app": ROOT / "examples" / "lvsa_app"}
 #: what the drivers, devices and the model side build on; it must never reach up to them
 CORE = {"lvsa.settings", "lvsa.geometry", "lvsa.plan", "lvsa.driver", "lvsa.device", "lvsa.registry",
         "lvsa.dispatch", "lvsa.errors", "lvsa.log", "lvsa.ulysses", "lvsa.riflex", "lvsa.files"}
-MODEL_SIDE = ("lvsa.adapters", "lvsa.parallel", "lvsa.generation")
+MODEL_SIDE = ("lvsa.adapters", "lvsa.parallel", "lvsa_app")
+#: the example application: the library never imports it
+APPLICATION = "lvsa_app"
 
 
 def modules() -> dict[str, Path]:
@@ -119,6 +122,15 @@ def test_the_core_never_imports_the_model_side():
     edges = graph()
     assert CORE <= set(edges), CORE - set(edges)
     bad = {core: sorted(t for t in edges[core] if t.startswith(MODEL_SIDE)) for core in CORE}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_the_library_never_imports_the_application():
+    edges = graph()
+    assert any(name.startswith(APPLICATION) for name in edges), "the check no longer sees the application"
+    assert any(t.startswith("lvsa.") for t in edges["lvsa_app.generation"]), "the graph misses its imports"
+    bad = {name: sorted(t for t in targets if t.startswith(APPLICATION))
+           for name, targets in edges.items() if not name.startswith(APPLICATION)}
     assert {k: v for k, v in bad.items() if v} == {}
 
 

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import lvsa
 from lvsa.adapters import adapter_named
+from lvsa_app.models import example_model
 
 FAMILIES = ["wan", "hunyuan", "cogvideox"]
 STEPS = 12
@@ -30,15 +31,16 @@ def _fresh_dynamo():
 
 def _pipe(name):
     torch.manual_seed(0)
-    pipe = adapter_named(name).tiny_pipeline()
+    pipe = example_model(name).tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def _generate(pipe, name):
     adapter = adapter_named(name)
+    example = example_model(adapter.name)
     with torch.inference_mode():
-        return pipe(**adapter.pipeline_inputs(pipe, None, seed=0), **adapter.call_arguments(pipe, 5.0), height=64,
+        return pipe(**example.pipeline_inputs(pipe, None, seed=0), **example.call_arguments(pipe, 5.0), height=64,
                     width=64, num_frames=33, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                     output_type="latent").frames
 
@@ -222,20 +224,21 @@ def test_half_precision_counts_every_step_without_recompiling(name, dtype):
     """In fp16/bf16 the pipelines cast the timestep and neighbouring steps collide; compiled, the step still
     comes from the schedule (behind the op), once per denoising step, with no recompilation."""
     torch.manual_seed(0)
-    pipe = adapter_named(name).tiny_pipeline().to(dtype)
+    pipe = example_model(name).tiny_pipeline().to(dtype)
     pipe.set_progress_bar_config(disable=True)
     handle = lvsa.apply(pipe, lvsa.LVSASettings(**SPARSE))
     seen = []  # read in the scheduler (eager): a hook inside the compiled region would itself guard on it
     counter = _compile(pipe, fullgraph=name != "hunyuan")
     adapter = adapter_named(name)
+    example = example_model(adapter.name)
     inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-              for k, v in adapter.pipeline_inputs(pipe, None, seed=0).items()}
+              for k, v in example.pipeline_inputs(pipe, None, seed=0).items()}
     graphs = []
     step = pipe.scheduler.step
     pipe.scheduler.step = lambda *a, **kw: (graphs.append(counter.frame_count), seen.append(handle.runtime.step),
                                             step(*a, **kw))[2]
     with torch.inference_mode():
-        out = pipe(**inputs, **adapter.call_arguments(pipe, 5.0), height=64, width=64, num_frames=33,
+        out = pipe(**inputs, **example.call_arguments(pipe, 5.0), height=64, width=64, num_frames=33,
                    num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent").frames
     assert torch.isfinite(out.float()).all()
     assert graphs[-1] == graphs[0], graphs
@@ -249,7 +252,7 @@ def test_wan22_two_compiled_transformers_both_stay_sparse():
 
     first = _pipe("wan")
     torch.manual_seed(1)
-    second = adapter_named("wan").tiny_pipeline().transformer
+    second = example_model("wan").tiny_pipeline().transformer
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=first.transformer, transformer_2=second,
                        vae=first.vae, scheduler=first.scheduler, boundary_ratio=0.5)
     pipe.set_progress_bar_config(disable=True)

@@ -12,8 +12,9 @@ import torch
 
 import lvsa
 from lvsa.adapters import adapter_named
-from lvsa.generation import _load_pipeline, main
 from lvsa.parallel import UlyssesGroup
+from lvsa_app.generation import _load_pipeline, main
+from lvsa_app.models import example_model
 
 FAMILIES = ["wan", "hunyuan", "cogvideox"]
 CPU_DRIVERS = ["sdpa", "reference"]
@@ -27,16 +28,17 @@ def saved_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     for name in FAMILIES:
         torch.manual_seed(0)
-        adapter_named(name).tiny_pipeline().save_pretrained(root / name)
+        example_model(name).tiny_pipeline().save_pretrained(root / name)
     return root
 
 
 def single_process(models: Path, name: str, backend: str) -> torch.Tensor:
     adapter = adapter_named(name)
+    example = example_model(adapter.name)
     pipe = _load_pipeline(adapter, str(models / name), torch.float32)
     pipe.set_progress_bar_config(disable=True)
     lvsa.apply(pipe, lvsa.LVSASettings(backend=backend))
-    call = {**adapter.pipeline_inputs(pipe, None, seed=0), **adapter.call_arguments(pipe, 5.0),
+    call = {**example.pipeline_inputs(pipe, None, seed=0), **example.call_arguments(pipe, 5.0),
             "height": 64, "width": 64, "num_frames": FRAMES[name], "num_inference_steps": 2,
             "generator": torch.Generator().manual_seed(0), "output_type": "latent"}
     with torch.inference_mode():

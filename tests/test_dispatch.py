@@ -10,7 +10,7 @@ import torch
 import lvsa
 from lvsa import dispatch, registry
 from lvsa.backends.sdpa import SdpaDriver
-from lvsa.errors import BackendUnavailable, GeometryError
+from lvsa.errors import DriverUnavailable, GeometryError
 from lvsa.registry import Plugin
 
 
@@ -42,10 +42,10 @@ class FussyDriver(SdpaDriver):
 
 @pytest.fixture
 def extra_drivers(monkeypatch):
-    plugins = dict(registry.backend_plugins())
+    plugins = dict(registry.driver_plugins())
     for cls in (CountingDriver, FussyDriver):
         plugins[cls.name] = Plugin(cls.name, f"tests:{cls.__name__}", None, cls(), None)
-    monkeypatch.setitem(registry._loaded, registry.BACKENDS_NAMESPACE, plugins)
+    monkeypatch.setitem(registry._loaded, registry.DRIVERS_NAMESPACE, plugins)
     CountingDriver.prepares = 0
     dispatch.clear_caches()
     yield
@@ -68,7 +68,7 @@ def test_auto_skips_a_driver_that_cannot_run_the_problem_and_says_so(extra_drive
 
 def test_unknown_backend_lists_the_installed_drivers(monkeypatch):
     plan, q, k, v = small_problem()
-    with pytest.raises(BackendUnavailable) as error:
+    with pytest.raises(DriverUnavailable) as error:
         lvsa.sparse_attention(q, k, v, plan, backend="nosuch")
     message = str(error.value)
     assert "'nosuch'" in message and "not installed" in message
@@ -82,14 +82,14 @@ def test_fallback_warn_logs_and_uses_the_next_driver(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="lvsa"):
         out = lvsa.sparse_attention(q, k, v, plan)
     line = next(r.getMessage() for r in caplog.records if "[LVSA-FALLBACK]" in r.getMessage())
-    assert "origin=dispatch reason=backend_not_installed requested=nosuch using=sdpa device=cpu" in line
+    assert "origin=dispatch reason=driver_not_installed requested=nosuch using=sdpa device=cpu" in line
     expected = lvsa.sparse_attention(q, k, v, plan, backend="sdpa")
     assert torch.equal(out, expected)
 
 
 def test_unsupported_problem_is_an_error_naming_the_reason(extra_drivers):
     plan, q, k, v = small_problem()
-    with pytest.raises(BackendUnavailable, match="head_dim 8 not in \\[128\\]"):
+    with pytest.raises(DriverUnavailable, match="head_dim 8 not in \\[128\\]"):
         lvsa.sparse_attention(q, k, v, plan, backend="fussy")
 
 
@@ -135,11 +135,11 @@ def test_padding_mask_needs_text_tokens_and_its_shape():
 
 
 def test_available_backends_lists_every_driver_per_device():
-    rows = lvsa.available_backends("cpu")
+    rows = lvsa.available_drivers("cpu")
     by_name = {r.name: r for r in rows}
     assert by_name["sdpa"].available and by_name["reference"].available
     assert by_name["sdpa"].target == "lvsa.backends.sdpa:SdpaDriver"
-    everywhere = lvsa.available_backends()
+    everywhere = lvsa.available_drivers()
     assert {r.device for r in everywhere} >= {"cpu", "cuda"}
     if not registry.get_device("cuda").is_available():
         assert all(not r.available and r.code == "device_absent" for r in everywhere if r.device == "cuda")
@@ -151,3 +151,16 @@ def test_explicit_scale_is_used():
     b = lvsa.sparse_attention(q, k, v, plan, backend="reference", scale=0.05)
     c = lvsa.sparse_attention(q, k, v, plan, backend="sdpa")
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
+
+
+def test_scale_is_fixed_at_planning_time_per_problem():
+    """The scale is part of the problem: each scale gets its own prepared state, and a bad one is refused."""
+    plan, q, k, v = small_problem()
+    dispatch.clear_caches()
+    for scale in (0.05, 0.2):
+        out = lvsa.sparse_attention(q, k, v, plan, backend="sdpa", scale=scale)
+        torch.testing.assert_close(out, lvsa.sparse_attention(q, k, v, plan, backend="reference", scale=scale))
+    scales = {key[2].scale for key in dispatch._prepared if key[0] == "sdpa"}
+    assert scales == {0.05, 0.2}
+    with pytest.raises(GeometryError, match="scale must be a positive finite number"):
+        lvsa.sparse_attention(q, k, v, plan, backend="sdpa", scale=float("nan"))

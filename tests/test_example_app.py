@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import lvsa
-from lvsa.adapters import adapter_named
 from lvsa.errors import GeometryError
-from lvsa.generation import main
+from lvsa_app.generation import main
+from lvsa_app.models import example_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if the example gets as far as building or loading a model."""
-    import lvsa.generation as generation
+    import lvsa_app.generation as generation
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     for name in ("wan", "hunyuan", "cogvideox"):
-        monkeypatch.setattr(type(adapter_named(name)), "tiny_pipeline", refuse)
+        monkeypatch.setattr(type(example_model(name)), "tiny_pipeline", refuse)
     monkeypatch.setattr(generation, "_load_pipeline", refuse)
 
 
@@ -74,10 +74,12 @@ def test_output_locations_are_checked_before_loading(no_model_load, tmp_path, ca
 
 
 def test_one_flag_per_setting(no_model_load, monkeypatch, capsys):
-    from lvsa.generation import build_parser
+    from lvsa_app.generation import build_parser
 
     flags = {option for action in build_parser("wan")._actions for option in action.option_strings}
     assert "--height" in flags and "--video-height" not in flags and "--video-width" not in flags
+    # the original tool's flags, which the application (not the library) owns
+    assert {"--lvsa", "--no-lvsa", "--flashinfer"} <= flags
     monkeypatch.setenv("LVSA_VIDEO_HEIGHT", "480")
     assert main("wan", ["--height", "64"]) == 2
     assert "LVSA_VIDEO_HEIGHT=480 is set" in capsys.readouterr().err
@@ -107,7 +109,7 @@ def test_make_plan_takes_whole_text_tokens():
 
 def test_a_checkpoint_of_another_family_is_named(tmp_path, capsys):
     torch.manual_seed(0)
-    adapter_named("cogvideox").tiny_pipeline().save_pretrained(tmp_path / "cog")
+    example_model("cogvideox").tiny_pipeline().save_pretrained(tmp_path / "cog")
     code = main("wan", ["--model", str(tmp_path / "cog"), "--num-frames", "9", "--steps", "1",
                         "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -168,7 +170,7 @@ def test_the_encoder_checks_the_frame_count(tmp_path, monkeypatch):
     import imageio_ffmpeg
 
     from lvsa.errors import LVSAError
-    from lvsa.generation import _write_mp4
+    from lvsa_app.generation import _write_mp4
 
     frames = torch.rand(5, 32, 32, 3).numpy()
     _write_mp4(frames, tmp_path / "ok.mp4", 8)
@@ -184,7 +186,7 @@ def test_sigterm_removes_the_temporary_file(tmp_path):
         import os, signal, time
         from pathlib import Path
         from lvsa.files import atomic_write
-        from lvsa.generation import terminate_on_sigterm
+        from lvsa_app.generation import terminate_on_sigterm
 
         terminate_on_sigterm()
 

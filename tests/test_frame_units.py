@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import lvsa
-from lvsa.adapters import adapter_for, adapter_named
+from lvsa.adapters import adapter_for
 from lvsa.geometry import FAMILIES, token_frames
 from lvsa.plan import resolve_knobs
+from lvsa_app.models import example_model
 
 
 def _cogvideox(patch_size_t):
@@ -38,7 +39,7 @@ def _cogvideox(patch_size_t):
 
 
 def _run(pipe, frames, steps=1):
-    inputs = adapter_named("cogvideox").pipeline_inputs(pipe, None, seed=0)
+    inputs = example_model("cogvideox").pipeline_inputs(pipe, None, seed=0)
     with torch.inference_mode():
         pipe(**inputs, height=64, width=64, num_frames=frames, num_inference_steps=steps, guidance_scale=5.0,
              generator=torch.Generator().manual_seed(0), output_type="latent")

@@ -13,11 +13,12 @@ import torch
 import lvsa
 from lvsa.adapters import adapter_named, handle_of
 from lvsa.errors import ConfigError
+from lvsa_app.models import example_model
 
 
 def _wan(seed=0):
     torch.manual_seed(seed)
-    pipe = adapter_named("wan").tiny_pipeline()
+    pipe = example_model("wan").tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -34,8 +35,10 @@ def _a14b(pipe):
 
 def _generate(pipe, frames=17, steps=2):
     adapter = adapter_named("wan")
+    example = example_model(adapter.name)
     with torch.inference_mode():
-        return pipe(**adapter.pipeline_inputs(pipe, None, seed=0), guidance_scale=5.0, height=64, width=64,
+        return pipe(**example.pipeline_inputs(pipe, None, seed=0), guidance_scale=5.0,
+                    height=64, width=64,
                     num_frames=frames, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                     output_type="latent").frames
 

@@ -15,7 +15,8 @@ import torch
 import lvsa
 from lvsa.adapters import adapter_named, handle_of
 from lvsa.adapters import runtime as runtime_module
-from lvsa.generation import _load_pipeline, main
+from lvsa_app.generation import _load_pipeline, main
+from lvsa_app.models import example_model
 
 FAMILIES = ["wan", "hunyuan", "cogvideox"]
 #: video frames at the training horizon (T = reference) and about twice beyond it
@@ -30,7 +31,7 @@ def saved_models(tmp_path_factory):
     for name in FAMILIES:
         torch.manual_seed(0)
         folder = tmp_path_factory.mktemp(name)
-        adapter_named(name).tiny_pipeline().save_pretrained(folder)
+        example_model(name).tiny_pipeline().save_pretrained(folder)
         folders[name] = folder
     return folders
 
@@ -43,7 +44,8 @@ def load(saved_models, name):
 
 def generate(pipe, name, frames, steps=2, **overrides):
     adapter = adapter_named(name)
-    call = {**adapter.pipeline_inputs(pipe, None, seed=0), **adapter.call_arguments(pipe, 5.0),
+    example = example_model(adapter.name)
+    call = {**example.pipeline_inputs(pipe, None, seed=0), **example.call_arguments(pipe, 5.0),
             "height": 64, "width": 64, "num_frames": frames, "num_inference_steps": steps,
             "generator": torch.Generator().manual_seed(0), "output_type": "latent", **overrides}
     with torch.inference_mode():
@@ -67,7 +69,7 @@ def test_at_the_horizon_lvsa_equals_dense(saved_models, name, caplog):
 def test_hunyuan_padding_mask_is_honoured(saved_models):
     """The small HunyuanVideo inputs carry padded text tokens: dropping the mask changes the output."""
     pipe = load(saved_models, "hunyuan")
-    inputs = adapter_named("hunyuan").pipeline_inputs(pipe, None, seed=0)
+    inputs = example_model("hunyuan").pipeline_inputs(pipe, None, seed=0)
     assert not inputs["prompt_embeds_mask"].bool().all()
     dense = generate(pipe, "hunyuan", AT_HORIZON["hunyuan"])
     lvsa.apply(pipe, lvsa.LVSASettings())

@@ -113,9 +113,26 @@ def test_unknown_lvsa_variable_is_reported_with_a_guess(monkeypatch):
 
 
 def test_flashinfer_alias():
-    assert LVSASettings.from_cli(["--flashinfer"]).backend == "flashinfer"
+    """--flashinfer is the example application's (the original tool's spelling); the library has one flag."""
+    from lvsa_app.settings import AppSettings
+
+    assert AppSettings.from_cli(["--flashinfer"]).backend == "flashinfer"
     with pytest.raises(ConfigError, match="flashinfer"):
-        LVSASettings.from_cli(["--flashinfer", "--backend", "sdpa"])
+        AppSettings.from_cli(["--flashinfer", "--backend", "sdpa"])
+    with pytest.raises(ConfigError, match="unknown flag"):
+        LVSASettings.from_cli(["--flashinfer"])
+
+
+def test_application_settings_keep_their_flags_and_variables(monkeypatch):
+    from lvsa_app.settings import AppSettings
+
+    assert AppSettings.from_cli(["--lvsa"]).enabled is True
+    monkeypatch.setenv("LVSA_ENABLED", "1")
+    assert AppSettings().enabled is True and AppSettings().source_of("enabled") == "env"
+    monkeypatch.setenv("LVSA_ENABLED", "maybe")
+    with pytest.raises(ConfigError, match=r"LVSA_ENABLED=maybe \(environment\).*flag --lvsa, env LVSA_ENABLED"):
+        AppSettings()
+    assert "enabled" not in LVSASettings.model_fields and "flashinfer" not in LVSASettings.model_fields
 
 
 def test_backend_names_are_normalised(monkeypatch):

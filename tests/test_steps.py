@@ -11,6 +11,7 @@ import torch
 
 import lvsa
 from lvsa.adapters import adapter_named
+from lvsa_app.models import example_model
 
 FAMILIES = ["wan", "hunyuan", "cogvideox"]
 FRAMES = {"wan": 9, "hunyuan": 9, "cogvideox": 9}
@@ -19,7 +20,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _pipe(name, dtype):
     torch.manual_seed(0)
-    pipe = adapter_named(name).tiny_pipeline().to(dtype)
+    pipe = example_model(name).tiny_pipeline().to(dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -34,10 +35,11 @@ def _record(handle):
 
 def _generate(pipe, name, steps, dtype, **extra):
     adapter = adapter_named(name)
+    example = example_model(adapter.name)
     inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-              for k, v in adapter.pipeline_inputs(pipe, None, seed=0).items()}
+              for k, v in example.pipeline_inputs(pipe, None, seed=0).items()}
     with torch.inference_mode():
-        pipe(**inputs, **adapter.call_arguments(pipe, 5.0), height=64, width=64, num_frames=FRAMES[name],
+        pipe(**inputs, **example.call_arguments(pipe, 5.0), height=64, width=64, num_frames=FRAMES[name],
              num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent", **extra)
 
 
@@ -81,7 +83,7 @@ def test_wan_2_2_two_transformers_share_one_step():
 
     pipe = _pipe("wan", torch.bfloat16)
     torch.manual_seed(1)
-    second = adapter_named("wan").tiny_pipeline().transformer.to(torch.bfloat16)
+    second = example_model("wan").tiny_pipeline().transformer.to(torch.bfloat16)
     two = WanPipeline(tokenizer=None, text_encoder=None, transformer=pipe.transformer, transformer_2=second,
                       vae=pipe.vae, scheduler=pipe.scheduler, boundary_ratio=0.5)
     two.set_progress_bar_config(disable=True)

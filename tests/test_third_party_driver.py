@@ -22,9 +22,9 @@ class EchoDriver(SdpaDriver):
     def is_available(self, device_type):
         return Availability.yes("third-party echo driver")
 
-    def run(self, prepared, q, k, v, key_padding_mask=None, scale=None):
+    def run(self, prepared, q, k, v, key_padding_mask=None):
         type(self).runs += 1
-        return super().run(prepared, q, k, v, key_padding_mask, scale)
+        return super().run(prepared, q, k, v, key_padding_mask)
 '''
 
 PROBE = '''
@@ -34,7 +34,7 @@ plan = lvsa.make_plan(9, 4, settings=lvsa.LVSASettings(reference_latent_frames=3
 q, k, v = (torch.randn(1, plan.seq_len, 2, 8) for _ in range(3))
 out = lvsa.sparse_attention(q, k, v, plan, backend="echo")
 ref = lvsa.sparse_attention(q, k, v, plan, backend="reference")
-rows = {r.name: [r.available, r.reason, r.distribution] for r in lvsa.available_backends("cpu")}
+rows = {r.name: [r.available, r.reason, r.distribution] for r in lvsa.available_drivers("cpu")}
 print(json.dumps({"rows": rows, "runs": registry.drivers()["echo"].runs,
                   "err": float((out - ref).abs().max())}))
 '''

@@ -2,8 +2,8 @@
 
 An adapter says which transformer classes it handles, where their self-attention layers are, how to read
 the latent grid and the timestep off a forward call, how the family's RoPE is laid out (for RIFLEx), and
-builds the processor that runs a layer through lvsa. The example scripts also ask it how to build a small
-random-weight pipeline and how to call one without a text encoder. Adapters are found through the
+builds the processor that runs a layer through lvsa. (How to build a small random-weight pipeline of the
+family for the example scripts is the application's business: ``lvsa_app.models``.) Adapters are found through the
 ``lvsa.adapters`` entry points, so a third-party package adds a model without touching lvsa; nothing here
 imports diffusers until a model is in hand."""
 
@@ -82,8 +82,6 @@ class ModelAdapter(ABC):
     name: ClassVar[str]
     #: class names (diffusers' or subclasses') of the transformers this adapter handles
     transformer_classes: ClassVar[tuple[str, ...]]
-    #: the pipeline class the example script builds
-    pipeline_class: ClassVar[str]
 
     def handles(self, transformer: Any) -> bool:
         return any(cls.__name__ in self.transformer_classes for cls in type(transformer).__mro__)
@@ -161,17 +159,3 @@ class ModelAdapter(ABC):
     @abstractmethod
     def install_riflex(self, transformer: Any, runtime: LVSARuntime) -> list[Any]:
         """Hook RIFLEx into the model's rotary tables; returns the hook handles to remove on undo."""
-
-    # -- the example scripts -----------------------------------------------------------------------
-    @abstractmethod
-    def tiny_pipeline(self) -> Any:
-        """A small pipeline of this architecture with random weights (no text encoder, no download)."""
-
-    @abstractmethod
-    def pipeline_inputs(self, pipe: Any, prompt: str | None, seed: int) -> dict[str, Any]:
-        """Prompt arguments for a pipeline call: the prompt when the pipeline has a text encoder, else
-        random prompt embeddings of the right shape."""
-
-    def call_arguments(self, pipe: Any, guidance: float) -> dict[str, Any]:
-        """Family-specific pipeline call arguments (guidance, ...)."""
-        return {"guidance_scale": guidance}

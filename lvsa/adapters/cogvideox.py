@@ -65,7 +65,6 @@ class CogVideoXLVSAProcessor(LVSAProcessor):
 class CogVideoXAdapter(ModelAdapter):
     name = "cogvideox"
     transformer_classes = ("CogVideoXTransformer3DModel",)
-    pipeline_class = "CogVideoXPipeline"
     forward_positions: ClassVar[dict[str, int]] = {"hidden_states": 0, "timestep": 2}
 
     def family(self, transformer: Any) -> ModelFamily:
@@ -117,30 +116,3 @@ class CogVideoXAdapter(ModelAdapter):
             return args, {**kwargs, "image_rotary_emb": runtime.riflex_tables(*tables, rope)}
 
         return [transformer.register_forward_pre_hook(rewrite, with_kwargs=True)]
-
-    # -- the example script ------------------------------------------------------------------------
-    def tiny_pipeline(self) -> Any:
-        from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler
-
-        transformer = CogVideoXTransformer3DModel(
-            num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=2,
-            text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=49, patch_size=2,
-            temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
-        )
-        vae = AutoencoderKLCogVideoX(
-            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
-            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-        )
-        return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                                 scheduler=DDIMScheduler())
-
-    def pipeline_inputs(self, pipe: Any, prompt: str | None, seed: int) -> dict[str, Any]:
-        if pipe.text_encoder is not None:
-            return {"prompt": prompt or "", "negative_prompt": ""}
-        import torch
-
-        generator = torch.Generator().manual_seed(seed)
-        config = pipe.transformer.config
-        return {name: torch.randn(1, config.max_text_seq_length, config.text_embed_dim, generator=generator)
-                for name in ("prompt_embeds", "negative_prompt_embeds")}

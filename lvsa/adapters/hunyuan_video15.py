@@ -67,7 +67,6 @@ class HunyuanVideo15LVSAProcessor(LVSAProcessor):
 class HunyuanVideo15Adapter(ModelAdapter):
     name = "hunyuan"
     transformer_classes = ("HunyuanVideo15Transformer3DModel",)
-    pipeline_class = "HunyuanVideo15Pipeline"
 
     def family(self, transformer: Any) -> ModelFamily:
         return FAMILIES["hunyuan"]
@@ -100,49 +99,3 @@ class HunyuanVideo15Adapter(ModelAdapter):
 
     def install_riflex(self, transformer: Any, runtime: LVSARuntime) -> list[Any]:
         return [rewrite_rope_output(transformer.rope, runtime, self.temporal_rope(transformer))]
-
-    # -- the example script ------------------------------------------------------------------------
-    def tiny_pipeline(self) -> Any:
-        from diffusers import (
-            AutoencoderKLHunyuanVideo15,
-            FlowMatchEulerDiscreteScheduler,
-            HunyuanVideo15Pipeline,
-            HunyuanVideo15Transformer3DModel,
-        )
-        from diffusers.guiders import ClassifierFreeGuidance
-
-        transformer = HunyuanVideo15Transformer3DModel(
-            in_channels=9, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
-            num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
-            text_embed_2_dim=32, image_embed_dim=12, rope_axes_dim=(8, 4, 4), target_size=16, task_type="t2v",
-        )
-        vae = AutoencoderKLHunyuanVideo15(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 16, 16, 16),
-            layers_per_block=1, spatial_compression_ratio=16, temporal_compression_ratio=4,
-            downsample_match_channel=False, upsample_match_channel=False,
-        )
-        return HunyuanVideo15Pipeline(
-            transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-            text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-            guider=ClassifierFreeGuidance(guidance_scale=6.0),
-        )
-
-    def pipeline_inputs(self, pipe: Any, prompt: str | None, seed: int) -> dict[str, Any]:
-        if pipe.text_encoder is not None:
-            return {"prompt": prompt or "", "negative_prompt": ""}
-        import torch
-
-        generator = torch.Generator().manual_seed(seed)
-        config = pipe.transformer.config
-        inputs: dict[str, Any] = {}
-        # 12 text tokens of which 9 valid, 8 byT5 tokens of which 5 valid: the padding mask matters
-        for prefix in ("", "negative_"):
-            inputs[f"{prefix}prompt_embeds"] = torch.randn(1, 12, config.text_embed_dim, generator=generator)
-            inputs[f"{prefix}prompt_embeds_mask"] = (torch.arange(12) < 9).long()[None]
-            inputs[f"{prefix}prompt_embeds_2"] = torch.randn(1, 8, config.text_embed_2_dim, generator=generator)
-            inputs[f"{prefix}prompt_embeds_mask_2"] = (torch.arange(8) < 5).long()[None]
-        return inputs
-
-    def call_arguments(self, pipe: Any, guidance: float) -> dict[str, Any]:
-        pipe.guider.guidance_scale = guidance  # HunyuanVideo 1.5 takes guidance from its guider, not the call
-        return {}

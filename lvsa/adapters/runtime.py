@@ -1,9 +1,11 @@
 """What the lvsa layers of one pipeline share: the denoising step, the step's plans, and the fallbacks.
 
 A forward pre-hook on each transformer tells the runtime the latent grid and the timestep of the call.
-The step comes from the pipeline's schedule where lvsa was applied to a pipeline, else from the timestep
-(see :mod:`.steps`). Each step's plan is built once, on the first layer that asks, and then shared by every
-layer of every forward of that step."""
+Three small pieces, each with one job: the step (:class:`.steps.StepTracker`: the pipeline's schedule
+where lvsa was applied to a pipeline, else the timestep), the step's plan (:meth:`LVSARuntime.plan_for`:
+built once, on the first layer that asks, then shared by every layer of every forward of that step), and
+the sequence-parallel call (:func:`lvsa.ulysses.to_heads` / :func:`lvsa.ulysses.to_sequence` around the
+driver). The fallback policy (error, or a loud counted line) is :meth:`LVSARuntime.unsupported`."""
 
 from __future__ import annotations
 
@@ -18,14 +20,14 @@ from .. import log
 from ..backends.attention_ops import dense_attention, key_mask_with_text
 from ..dispatch import sparse_attention
 from ..errors import ConfigError, GeometryError
-from ..geometry import ModelFamily, patches_per_frame, pick_factor
+from ..geometry import ModelFamily, pick_factor, planned_patches_per_frame
 from ..plan import PatternKnobs, SparsePlan, build_plan, resolve_knobs, rotates
 from ..riflex import TemporalRope, rewrite_tables
-from ..ulysses import UlyssesGroup, gather_heads, heads_to_sequence, local_heads, sequence_to_heads
+from ..ulysses import UlyssesGroup, to_heads, to_sequence
 from . import ops
 from .base import LatentGrid
 from .ops import DeferredPlan
-from .steps import ScheduleSteps
+from .steps import ScheduleSteps, StepTracker
 
 if TYPE_CHECKING:
     from ..settings import LVSASettings
@@ -52,12 +54,8 @@ class LVSARuntime:
         self.stats = RuntimeStats()
         self.grid: LatentGrid | None = None
         self.ulysses: UlyssesGroup | None = None  # set while the transformer runs context-parallel
-        self.step = 0
+        self.steps = StepTracker()
         self.last_plan: SparsePlan | None = None
-        self._last_timestep: float | None = None
-        self._step_pinned = False
-        self.schedule = ScheduleSteps()  # the pipelines' own step, where lvsa was applied to a pipeline
-        self._position: tuple[int, int] | None = None
         self._planned_ppf = 0
         self._plan_step = 0
         self._plans: dict[tuple[Any, ...], SparsePlan] = {}
@@ -84,57 +82,32 @@ class LVSARuntime:
                                  grid.patches_per_frame)
         self.ulysses = ulysses
         self.stats.ulysses_degree = ulysses.degree if ulysses else 1
-        position = self.schedule.current()
-        value = _timestep_value(timestep) if position is None else None
-        if position is None:
-            self._warn_low_precision(timestep)
+        step = self.steps.observe(timestep)
         with self._lock:
-            if position is not None:
-                if position != self._position:
-                    self._position = position
-                    self.step = position[1]
-                    self.stats.steps += 1
-                self._last_timestep = None
-            elif value is not None and value != self._last_timestep:
-                if self._step_pinned:
-                    self._step_pinned = False  # set_step chose this step: this timestep is its reference
-                elif self._last_timestep is None or value > self._last_timestep:
-                    self.step = 0
-                else:
-                    self.step += 1
-                self.stats.steps += 1
-                self._last_timestep = value
+            self.stats.steps = self.steps.steps_seen
             self.grid = grid
             # what every layer of this forward asks: worked out once here, not per layer call
             self._planned_ppf = self._planned_patches_per_frame(grid)
-            self._plan_step = self.step if rotates(grid.latent_frames, self.knobs) else 0
+            self._plan_step = step if rotates(grid.latent_frames, self.knobs) else 0
+
+    @property
+    def step(self) -> int:
+        """The denoising step of the current forward."""
+        return self.steps.step
+
+    @property
+    def schedule(self) -> ScheduleSteps:
+        """The schedules of the pipelines lvsa was applied to (the exact step)."""
+        return self.steps.schedule
 
     def set_step(self, step: int) -> None:
         """For custom denoising loops: the step that the next forwards belong to."""
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step={step!r}: must be an integer >= 0")
-        with self._lock:
-            self.step = step
-            self._last_timestep = None
-            self._step_pinned = True
-
-    def _warn_low_precision(self, timestep: Any) -> None:
-        dtype = getattr(timestep, "dtype", None)
-        if dtype is None or getattr(dtype, "is_floating_point", False) is False or dtype.itemsize > 2:
-            return
-        if ("timestep_dtype", 0) in self._warned:
-            return
-        self._warned.add(("timestep_dtype", 0))
-        log.logger.warning(
-            "[LVSA] the timestep reaches the transformer in %s, where neighbouring steps can round to the "
-            "same value and the keyframe rotation would skip a step: apply lvsa to the pipeline "
-            "(lvsa.apply(pipe)), which reads the step off the pipeline's schedule, or call "
-            "handle.runtime.set_step(i) in a custom loop", str(dtype).removeprefix("torch."))
+        self.steps.set_step(step)
 
     def reset(self) -> None:
+        self.steps.reset()
         with self._lock:
-            self.step, self._last_timestep, self.grid, self._step_pinned = 0, None, None, False
-            self._position = None
+            self.grid = None
             self._plans.clear()
 
     # -- per layer ---------------------------------------------------------------------------------
@@ -233,9 +206,7 @@ class LVSARuntime:
         ulysses = self.ulysses
         if ulysses is not None:
             ulysses.check_heads(video[0].shape[2], self.adapter_name)
-            video = tuple(sequence_to_heads(t, ulysses) for t in video)
-            if text is not None:
-                text = tuple(local_heads(t, ulysses) for t in text)
+            video, text = to_heads(video, text, ulysses)
         position = plan.text_position if plan is not None else text_position
         video_len = video[0].shape[1]
         if text is None:
@@ -257,8 +228,7 @@ class LVSARuntime:
         else:
             text_out, video_out = out[:, :-video_len], out[:, -video_len:]
         if ulysses is not None:
-            video_out = heads_to_sequence(video_out, ulysses)
-            text_out = gather_heads(text_out, ulysses) if text_out is not None else None
+            video_out, text_out = to_sequence(video_out, text_out, ulysses)
         return video_out, text_out
 
     def unsupported(self, origin: str, reason: str, seq_len: int, detail: str, **fields: Any) -> None:
@@ -326,26 +296,12 @@ class LVSARuntime:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _planned_patches_per_frame(self, grid: LatentGrid) -> int:
+        """The tokens per frame to plan for: the model's grid, unless the settings override the geometry
+        (then the geometry module's rule, pattern.md §1, decides)."""
         s = self.settings
-        if s.patches_per_frame is not None:
-            return s.patches_per_frame
-        if s.video_height is not None or s.video_width is not None:
-            family = self.family
-            try:
-                return patches_per_frame(pick_factor(s, "video_height", family.default_height),
-                                         pick_factor(s, "video_width", family.default_width),
-                                         pick_factor(s, "vae_spatial_factor", family.vae_spatial_factor),
-                                         pick_factor(s, "patch_size", family.patch_size))
-            except GeometryError:
-                return 0  # reported by the caller as a geometry mismatch, with the numbers
-        return grid.patches_per_frame
-
-
-def _timestep_value(timestep: Any) -> float | None:
-    if timestep is None:
-        return None
-    if hasattr(timestep, "numel"):
-        if timestep.numel() == 0:
-            return None
-        return float(timestep.detach().max())
-    return float(timestep)
+        if s.patches_per_frame is None and s.video_height is None and s.video_width is None:
+            return grid.patches_per_frame
+        try:
+            return planned_patches_per_frame(s, self.family)
+        except GeometryError:
+            return 0  # reported by the caller as a geometry mismatch, with the numbers

@@ -10,13 +10,18 @@ Two signals, in this order:
    generation starts again at 0.
 2. **The timestep the transformer is called with** (a bare transformer, or a custom loop): a new step when
    it goes down, a new generation when it goes up. A timestep cast to bfloat16 or float16 can collide
-   (1000, 996, 996, 992, ...), so that case is warned about once, and :meth:`LVSARuntime.set_step` lets
-   a custom loop state the step itself."""
+   (1000, 996, 996, 992, ...), so that case is warned about once, and :meth:`StepTracker.set_step` (the
+   runtime's ``set_step``) lets a custom loop state the step itself.
+
+:class:`StepTracker` owns this rule; the runtime asks it once per transformer forward."""
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
+
+from .. import log
 
 
 class ScheduleSteps:
@@ -60,3 +65,78 @@ class ScheduleSteps:
                 self._last = index
                 return self._schedule[0], index
         return None
+
+
+class StepTracker:
+    """The denoising step of the forwards of one lvsa handle (the rule above)."""
+
+    def __init__(self) -> None:
+        self.schedule = ScheduleSteps()
+        self.step = 0
+        self.steps_seen = 0
+        self._position: tuple[int, int] | None = None
+        self._last_timestep: float | None = None
+        self._pinned = False
+        self._warned_precision = False
+        self._lock = threading.Lock()
+
+    def observe(self, timestep: Any) -> int:
+        """The step of a forward called with ``timestep``; counts a new step when it is one."""
+        position = self.schedule.current()
+        value = None
+        if position is None:
+            value = _timestep_value(timestep)
+            self._warn_low_precision(timestep)
+        with self._lock:
+            if position is not None:
+                if position != self._position:
+                    self._position = position
+                    self.step = position[1]
+                    self.steps_seen += 1
+                self._last_timestep = None
+            elif value is not None and value != self._last_timestep:
+                if self._pinned:
+                    self._pinned = False  # set_step chose this step: this timestep is its reference
+                elif self._last_timestep is None or value > self._last_timestep:
+                    self.step = 0
+                else:
+                    self.step += 1
+                self.steps_seen += 1
+                self._last_timestep = value
+            return self.step
+
+    def set_step(self, step: int) -> None:
+        """For custom denoising loops: the step that the next forwards belong to."""
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r}: must be an integer >= 0")
+        with self._lock:
+            self.step = step
+            self._last_timestep = None
+            self._pinned = True
+
+    def reset(self) -> None:
+        with self._lock:
+            self.step, self._last_timestep, self._pinned, self._position = 0, None, False, None
+
+    def _warn_low_precision(self, timestep: Any) -> None:
+        dtype = getattr(timestep, "dtype", None)
+        if dtype is None or getattr(dtype, "is_floating_point", False) is False or dtype.itemsize > 2:
+            return
+        if self._warned_precision:
+            return
+        self._warned_precision = True
+        log.logger.warning(
+            "[LVSA] the timestep reaches the transformer in %s, where neighbouring steps can round to the "
+            "same value and the keyframe rotation would skip a step: apply lvsa to the pipeline "
+            "(lvsa.apply(pipe)), which reads the step off the pipeline's schedule, or call "
+            "handle.runtime.set_step(i) in a custom loop", str(dtype).removeprefix("torch."))
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    if timestep is None:
+        return None
+    if hasattr(timestep, "numel"):
+        if timestep.numel() == 0:
+            return None
+        return float(timestep.detach().max())
+    return float(timestep)

@@ -72,7 +72,6 @@ class WanLVSAProcessor(LVSAProcessor):
 class WanAdapter(ModelAdapter):
     name = "wan"
     transformer_classes = ("WanTransformer3DModel",)
-    pipeline_class = "WanPipeline"
 
     def family(self, transformer: Any) -> ModelFamily:
         if transformer.config.in_channels == _TI2V_5B_CHANNELS:
@@ -95,27 +94,3 @@ class WanAdapter(ModelAdapter):
 
     def install_riflex(self, transformer: Any, runtime: LVSARuntime) -> list[Any]:
         return [rewrite_rope_output(transformer.rope, runtime, self.temporal_rope(transformer))]
-
-    # -- the example script ------------------------------------------------------------------------
-    def tiny_pipeline(self) -> Any:
-        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-
-        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=16, out_channels=16,
-            text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
-        )
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-        return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
-
-    def pipeline_inputs(self, pipe: Any, prompt: str | None, seed: int) -> dict[str, Any]:
-        if pipe.text_encoder is not None:
-            return {"prompt": prompt or "", "negative_prompt": ""}
-        import torch
-
-        generator = torch.Generator().manual_seed(seed)
-        width = pipe.transformer.config.text_dim
-        return {name: torch.randn(1, 16, width, generator=generator)
-                for name in ("prompt_embeds", "negative_prompt_embeds")}

@@ -91,8 +91,8 @@ def test_driver_equals_the_reference_through_flex_attention(case, dtype):
 def test_custom_scale_reaches_the_kernel():
     plan, q, k, v, padding = _make(CASES[4], "cpu", torch.float64)
     driver = Fa4Driver(block=4, compiled=False, **CPU)
-    prepared = driver.prepare(plan, lvsa.AttentionProblem.from_tensors(q, k, v, plan, padding))
-    out = driver.run(prepared, q, k, v, padding, scale=0.05)
+    prepared = driver.prepare(plan, lvsa.AttentionProblem.from_tensors(q, k, v, plan, padding, scale=0.05))
+    out = driver.run(prepared, q, k, v, padding)
     torch.testing.assert_close(out, reference_attention(q, k, v, plan, padding, scale=0.05))
 
 
@@ -118,7 +118,7 @@ def test_compiled_cpu_kernel_skips_tiles_and_is_reused_across_rotation():
 
 
 def test_availability_names_what_is_missing():
-    status = lvsa.dispatch.backend_status("fa4", "cpu")
+    status = lvsa.dispatch.driver_status("fa4", "cpu")
     assert not status.available and "runs on cuda" in status.reason
     driver = Fa4Driver()
     reason = driver.is_available("cuda").reason

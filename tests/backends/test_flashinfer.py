@@ -76,8 +76,8 @@ def _run(plan, heads=(4, 2), batch=2, dtype=torch.bfloat16, padded=True, scale=N
         mask = torch.ones(batch, plan.text_tokens, dtype=torch.bool)
         mask[0, -2:] = False
     driver = FlashInferDriver()
-    problem = lvsa.AttentionProblem.from_tensors(q, k, v, plan, mask)
-    out = driver.run(driver.prepare(plan, problem), q, k, v, mask, scale)
+    problem = lvsa.AttentionProblem.from_tensors(q, k, v, plan, mask, scale)
+    out = driver.run(driver.prepare(plan, problem), q, k, v, mask)
     return out, reference_attention(q, k, v, plan, mask, scale)
 
 

@@ -81,7 +81,7 @@ def test_dense_plan_with_padding_is_exact(npu_emulation):
 
 
 def test_unsupported_head_dim_and_dtype(npu_emulation):
-    problem = lvsa.AttentionProblem("npu", 0, torch.float32, 1, 8, 2, 2, 72, 0, False)
+    problem = lvsa.AttentionProblem("npu", 0, torch.float32, 1, 8, 2, 2, 72, 0, False, 72**-0.5)
     reasons = NpuDriver().check(problem)
     assert any("float32" in r for r in reasons) and any("multiples of 16" in r for r in reasons)
 

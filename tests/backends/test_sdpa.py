@@ -84,6 +84,6 @@ def test_split_is_not_chosen_where_torch_has_no_safe_lse_kernel():
     assert partial.lse_kernel_reason("cuda", torch.bfloat16, 256)
     assert partial.lse_kernel_reason("cuda", torch.bfloat16, 128) is None
     assert partial.lse_kernel_reason("mps", torch.float16, 64)
-    problem = lvsa.AttentionProblem("cuda", 0, torch.float32, 1, 8, 2, 2, 64, 0, False)
+    problem = lvsa.AttentionProblem("cuda", 0, torch.float32, 1, 8, 2, 2, 64, 0, False, 0.125)
     assert SdpaDriver("split").check(problem)
     assert not SdpaDriver("auto").check(problem)  # auto falls back to gather instead

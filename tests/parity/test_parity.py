@@ -92,7 +92,7 @@ def test_driver_matches_reference(parity_target, case, backends_required, reques
     device, backend, dtype = parity_target
     if backend == "npu" and device == "cpu":
         request.getfixturevalue("npu_emulation")
-    status = lvsa.dispatch.backend_status(backend, device)
+    status = lvsa.dispatch.driver_status(backend, device)
     if not status.available:
         if backend in backends_required:
             pytest.fail(f"LVSA_TEST_BACKENDS requires {backend} on {device}: {status.reason}")

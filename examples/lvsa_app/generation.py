@@ -1,7 +1,8 @@
 """The example scripts' engine: one text-to-video generation through a diffusers pipeline, with or without lvsa.
 
 ``examples/wan_generate.py`` and its siblings are one line each: ``sys.exit(main("wan"))``. Every lvsa flag
-is generated from :class:`lvsa.LVSASettings`, so each also reads its ``LVSA_*`` variable. ``--model PATH``
+is generated from :class:`lvsa_app.settings.AppSettings` (the library's settings and the application's
+``--lvsa``/``--flashinfer``), so each also reads its ``LVSA_*`` variable. ``--model PATH``
 loads a diffusers checkpoint with ``from_pretrained``; without it a small model of the same architecture
 with random weights is built (the video is noise, but every step of a real run happens). The video is
 written atomically as mp4, or, with ``--output-latent``, the denoised latent as ``<name>.pt``."""
@@ -20,11 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import log
-from .errors import LVSAError
-from .files import atomic_write
-from .geometry import ModelFamily, resolve_video_geometry
-from .settings import LVSASettings, add_cli_arguments, env_var, flag
+from lvsa import log
+from lvsa.errors import LVSAError
+from lvsa.files import atomic_write
+from lvsa.geometry import ModelFamily, resolve_video_geometry
+from lvsa.settings import add_cli_arguments, declare_variables, env_var, flag
+
+from .models import ExampleModel, example_model
+from .settings import AppSettings
 
 #: defaults of the small random-weight model: about 2x the training horizon, tiny frames, few steps
 TINY_DEFAULTS = {"height": 64, "width": 64, "steps": 4}
@@ -34,6 +38,8 @@ PRINT_PREFIX = "[lvsa example]"
 #: settings the example sets from its own flags (--height/--width), not from generated ones
 APPLICATION_GEOMETRY = ("video_height", "video_width")
 OUTPUT_SUFFIXES = (".mp4", ".pt")
+
+declare_variables({"LVSA_COLLECTIVE_TIMEOUT": "the example scripts' --collective-timeout"})
 
 
 def build_parser(adapter_name: str) -> argparse.ArgumentParser:
@@ -76,18 +82,18 @@ def build_parser(adapter_name: str) -> argparse.ArgumentParser:
     # the video's height and width are --height/--width here: the geometry overrides of the same quantities
     # would be a second flag for one setting
     add_cli_arguments(parser.add_argument_group("lvsa settings (each also read from its LVSA_* variable)"),
-                      exclude=APPLICATION_GEOMETRY)
+                      exclude=APPLICATION_GEOMETRY, settings_class=AppSettings)
     return parser
 
 
 def main(adapter_name: str, argv: list[str] | None = None) -> int:
-    from .adapters import adapter_named
+    from lvsa.adapters import adapter_named
 
     parser = build_parser(adapter_name)
     args = parser.parse_args(argv)
     log.setup_logging()
     try:
-        settings = LVSASettings.from_cli(args)
+        settings = AppSettings.from_cli(args)
         adapter = adapter_named(adapter_name)
         problem = check_arguments(args, adapter, settings)
         if problem:  # one line naming the flag and the rule, exit status 2, before any model is loaded
@@ -101,7 +107,7 @@ def main(adapter_name: str, argv: list[str] | None = None) -> int:
         return 2
 
 
-def check_arguments(args: argparse.Namespace, adapter: Any, settings: LVSASettings) -> str | None:
+def check_arguments(args: argparse.Namespace, adapter: Any, settings: AppSettings) -> str | None:
     """What is wrong with the command line, in one line naming the flag and the rule, or ``None``. Runs
     before the model is loaded, with the family's factors (checked again against a loaded checkpoint)."""
     family = adapter.family_defaults()
@@ -171,14 +177,13 @@ def output_folder(args: argparse.Namespace) -> Path:
     return folder if folder.is_absolute() else Path.cwd() / folder
 
 
-def _warn_unused_settings(settings: LVSASettings) -> None:
+def _warn_unused_settings(settings: AppSettings) -> None:
     """lvsa settings given (flag or variable) that a dense run ignores."""
     if settings.enabled:
         return
     riflex_fields = {"riflex", "riflex_s", "enabled"}
-    ignored = [flag(name) for name in type(settings).model_fields
-               if name not in riflex_fields and not name.startswith("test")
-               and settings.source_of(name) in ("cli", "env")]
+    ignored = [flag(name, AppSettings) for name in type(settings).model_fields
+               if name not in riflex_fields and settings.source_of(name) in ("cli", "env")]
     if ignored:
         log.logger.warning("[LVSA] %s: no effect without --lvsa (LVSA_ENABLED=1); this run uses the model's dense "
                            "attention", ", ".join(ignored))
@@ -193,14 +198,13 @@ def terminate_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
-def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) -> int:
+def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> int:
     import torch
 
     import lvsa
-
-    from . import registry
-    from .adapters import transformers_of
-    from .memory import MemorySampler, memory_report, summary_lines, write_report
+    from lvsa import registry
+    from lvsa.adapters import transformers_of
+    from lvsa.memory import MemorySampler, memory_report, summary_lines, write_report
 
     device_type, device = _pick_device(args.device)
     rank, world = 0, 1
@@ -209,7 +213,7 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
         if args.ulysses_degree != launched:
             raise LVSAError(f"launched with {launched} process(es) but --ulysses-degree {args.ulysses_degree}: "
                             f"use torchrun --nproc-per-node N ... --ulysses-degree N")
-        from .parallel import init_distributed
+        from lvsa.parallel import init_distributed
 
         rank, world, local_rank = init_distributed(device_type, timeout=args.collective_timeout)
         if device_type != "cpu":
@@ -224,7 +228,8 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
     say(f"{PRINT_PREFIX} the output will be written to {target}")
 
     torch.manual_seed(args.seed)  # the small model's random weights: the same on every rank
-    pipe = adapter.tiny_pipeline() if tiny else _load_pipeline(adapter, args.model, dtype)
+    example = example_model(adapter.name)
+    pipe = example.tiny_pipeline() if tiny else _load_pipeline(adapter, args.model, dtype)
     if tiny:
         say(f"{PRINT_PREFIX} no --model given: using a small {type(pipe.transformer).__name__} with RANDOM "
             "weights (the video is noise; pass --model PATH for real weights)")
@@ -235,7 +240,7 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
     if args.vae_tiling and not args.output_latent:
         _enable_vae_tiling(pipe.vae)
     if world > 1:
-        from .parallel import enable_context_parallel
+        from lvsa.parallel import enable_context_parallel
 
         enable_context_parallel(pipe, args.ulysses_degree)
         say(f"{PRINT_PREFIX} context parallel: Ulysses over {world} processes "
@@ -270,11 +275,11 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: LVSASettings) ->
     prompt_inputs = {  # random embeddings are made on the CPU: give them the model's device and dtype
         key: (value.to(device, dtype) if torch.is_floating_point(value) else value.to(device))
         if torch.is_tensor(value) else value
-        for key, value in adapter.pipeline_inputs(pipe, args.prompt, args.seed).items()
+        for key, value in example.pipeline_inputs(pipe, args.prompt, args.seed).items()
     }
     call = {
         **prompt_inputs,
-        **adapter.call_arguments(pipe, args.guidance),
+        **example.call_arguments(pipe, args.guidance),
         "height": height, "width": width, "num_frames": frames, "num_inference_steps": steps,
         "generator": torch.Generator(device="cpu").manual_seed(args.seed),
         "output_type": "latent" if args.output_latent else "np",
@@ -329,7 +334,7 @@ def _gather_reports(report: dict[str, Any], world: int) -> list[dict[str, Any]]:
 
 
 def _pick_device(requested: str | None) -> tuple[str, str]:
-    from . import registry
+    from lvsa import registry
 
     if requested:
         device_type = requested.split(":")[0]
@@ -360,7 +365,8 @@ def _load_pipeline(adapter: Any, path: str, dtype: Any) -> Any:
     # components saved as [null, null] (no text encoder in a test model) must be passed as None explicitly
     absent = {name: None for name, value in config.items()
               if isinstance(value, list) and len(value) == 2 and value[0] is None}
-    pipeline_class = getattr(diffusers, config.get("_class_name", adapter.pipeline_class))
+    example: ExampleModel = example_model(adapter.name)
+    pipeline_class = getattr(diffusers, config.get("_class_name", example.pipeline_class))
     pipe = pipeline_class.from_pretrained(folder, dtype=dtype, **absent)
     log.info(f"loaded {pipeline_class.__name__} from {folder}")
     return pipe
@@ -376,7 +382,7 @@ def _print_plan(handle: Any, pipe: Any, family: ModelFamily, frames: int, height
                 show_mask: bool) -> None:
     from dataclasses import replace
 
-    from .plan import build_plan
+    from lvsa.plan import build_plan
 
     runtime = handle.runtime
     transformer = pipe.transformer
@@ -400,7 +406,7 @@ def _print_plan(handle: Any, pipe: Any, family: ModelFamily, frames: int, height
         print(plan.mask_picture())
 
 
-def _latent_record(latent: Any, frames: int, height: int, width: int, settings: LVSASettings, model: str,
+def _latent_record(latent: Any, frames: int, height: int, width: int, settings: AppSettings, model: str,
                    path: str | None) -> dict[str, Any]:
     return {
         "latent": latent.detach().cpu(),
