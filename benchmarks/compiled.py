@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = graphs[-1] == graphs[0] and not breaks and handle.stats.fallback_calls == 0
         failed |= not ok
         steady = sorted(times[2:])[len(times[2:]) // 2] if len(times) > 2 else times[-1]
-        print(f"{method:<11} {T} latent frames, kfi={plan.kfi}: graphs after each step {graphs}, graph breaks "
+        print(f"{method:<11} {T} latent frames, kfi={plan.keyframe_interval}: graphs after each step {graphs}, "
+              f"graph breaks "
               f"{breaks}, first step {times[0] / 1e3:.1f} s, then {steady:.1f} ms per forward "
               f"{'ok' if ok else 'FAILED'}", flush=True)
     return 1 if failed else 0

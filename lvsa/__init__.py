@@ -29,9 +29,9 @@ _LAZY = {
     "remove": "lvsa.adapters",
     "LVSAHandle": "lvsa.adapters",
     "sparse_attention": "lvsa.dispatch",
-    "available_drivers": "lvsa.dispatch",
-    "available_backends": "lvsa.dispatch",
-    "DriverStatus": "lvsa.dispatch",
+    "available_drivers": "lvsa.driver_status",
+    "available_backends": "lvsa.driver_status",
+    "DriverStatus": "lvsa.driver_status",
     "Driver": "lvsa.driver",
     "Availability": "lvsa.driver",
     "AttentionProblem": "lvsa.driver",
@@ -43,8 +43,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from .adapters import LVSAHandle, apply, remove
     from .device import Device, MemoryStats
-    from .dispatch import DriverStatus, available_backends, available_drivers, sparse_attention
+    from .dispatch import sparse_attention
     from .driver import AttentionProblem, Availability, Driver, Prepared
+    from .driver_status import DriverStatus, available_backends, available_drivers
 
 
 def __getattr__(name: str) -> Any:

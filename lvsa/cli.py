@@ -84,7 +84,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps({
             "latent_frames": plan.latent_frames, "patches_per_frame": plan.patches_per_frame,
             "text_tokens": plan.text_tokens, "text_position": plan.text_position, "step": plan.step,
-            "offset": plan.offset, "rotating": plan.rotating, "kfi": plan.kfi, "globals": list(plan.globals),
+            "offset": plan.offset, "rotating": plan.rotating, "kfi": plan.keyframe_interval,
+            "globals": list(plan.globals),
             "attended_per_frame": plan.attended_per_frame, "density": plan.density,
             "indptr": list(plan.indptr), "indices": list(plan.indices),
         }))
@@ -104,7 +105,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _drivers(args: argparse.Namespace) -> int:
-    from .dispatch import available_drivers
+    from .driver_status import available_drivers
 
     rows = available_drivers(args.device)
     if args.json:

@@ -1,4 +1,5 @@
-"""Choosing a driver for a call, preparing it once per plan, and running it.
+"""Choosing a driver for a call, preparing it once per plan, and running it. (Whether each driver can run
+here, and why not, is :mod:`lvsa.driver_status`.)
 
 ``sparse_attention`` is what model code calls for every self-attention layer. The expensive parts are
 cached: the driver choice per (request, problem) and the driver's prepared state per (driver, plan,
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from . import log, registry
 from .driver import AttentionProblem, Driver, Prepared, PreparedT
+from .driver_status import driver_status, status_table
 from .errors import DriverUnavailable
 
 if TYPE_CHECKING:
@@ -24,85 +25,6 @@ if TYPE_CHECKING:
     from .settings import LVSASettings
 
 _PREPARED_CACHE_SIZE = 16
-
-
-@dataclass(frozen=True)
-class DriverStatus:
-    """One row of ``lvsa drivers``: can this driver run on this device here, and if not, why."""
-
-    name: str
-    device: str
-    available: bool
-    reason: str
-    #: ok, driver_not_installed, driver_load_failed, device_absent, driver_unavailable, unsupported_problem
-    code: str
-    priority: int
-    target: str
-    distribution: str | None
-    capabilities: str
-
-
-def _device_reason(device_type: str) -> str | None:
-    """Why ``device_type`` cannot be used here, or ``None`` when it can (or has no device module)."""
-    device = registry.get_device(device_type)
-    if device is None:
-        return None
-    try:
-        availability = device.is_available()
-    except Exception as error:  # a broken device module must not break a listing
-        return f"device {device_type}: {type(error).__name__}: {error}"
-    return None if availability else f"device {device_type} absent: {availability.reason}"
-
-
-def driver_status(name: str, device_type: str, problem: AttentionProblem | None = None) -> DriverStatus:
-    plugin = registry.driver_plugins().get(name)
-    if plugin is None:
-        installed = ", ".join(registry.driver_plugins()) or "none"
-        return DriverStatus(name, device_type, False, f"not installed (installed: {installed})",
-                             "driver_not_installed", 0, "-", None, "")
-    driver = plugin.obj
-    if driver is None:
-        return DriverStatus(name, device_type, False, plugin.error or "failed to load", "driver_load_failed",
-                             0, plugin.target, plugin.distribution, "")
-
-    def status(available: bool, reason: str, code: str) -> DriverStatus:
-        return DriverStatus(name, device_type, available, reason, code, driver.priority, plugin.target,
-                             plugin.distribution, driver.capabilities())
-
-    absent = _device_reason(device_type)
-    if absent is not None:
-        return status(False, absent, "device_absent")
-    try:
-        availability = driver.is_available(device_type)
-    except Exception as error:  # a driver's own bug must read as a reason, not break the caller
-        return status(False, f"availability check raised {type(error).__name__}: {error}", "driver_unavailable")
-    if not availability:
-        return status(False, availability.reason, "driver_unavailable")
-    problems = driver.check(problem) if problem is not None else []
-    if problems:
-        return status(False, "; ".join(problems), "unsupported_problem")
-    return status(True, availability.reason, "ok")
-
-
-def available_drivers(device: str | None = None) -> list[DriverStatus]:
-    """Every registered driver and whether it can run here. ``device`` is a torch device type
-    (``"cpu"``, ``"cuda"``, ...); by default every registered device is listed, present or not."""
-    names = list(registry.driver_plugins())
-    device_types = [device] if device else list(registry.device_plugins()) or ["cpu"]
-    return [driver_status(n, d) for d in device_types for n in names]
-
-
-#: the earlier name of :func:`available_drivers`
-available_backends = available_drivers
-
-
-def _table(device_type: str, problem: AttentionProblem | None) -> str:
-    rows = [driver_status(n, device_type, problem) for n in registry.driver_plugins()]
-    if not rows:
-        return "  (no driver is installed: is lvsa installed with pip, so that its entry points exist?)"
-    return "\n".join(
-        f"  {r.name:<12} {'usable' if r.available else 'unusable':<9} {r.reason}" for r in rows
-    )
 
 
 def _auto_choice(problem: AttentionProblem, exclude: str | None = None) -> tuple[Driver | None, list[str]]:
@@ -140,7 +62,7 @@ def _select(problem: AttentionProblem, requested: str, fallback: str) -> Driver:
         driver, skipped = _auto_choice(problem)
         if driver is None:
             raise DriverUnavailable(
-                f"no lvsa driver can run this call on {problem.device}:\n{_table(problem.device_type, problem)}"
+                f"no lvsa driver can run this call on {problem.device}:\n{status_table(problem.device_type, problem)}"
             )
         if skipped:
             log.info(f"backend=auto chose {driver.name} on {problem.device} (skipped {'; '.join(skipped)})")
@@ -157,7 +79,7 @@ def _select(problem: AttentionProblem, requested: str, fallback: str) -> Driver:
     hint = "" if fallback == "warn" else "\nSet LVSA_FALLBACK=warn (--fallback warn) to use the next usable driver."
     raise DriverUnavailable(
         f"backend {requested!r} cannot run this call on {problem.device}: {status.reason}\n"
-        f"installed drivers on {problem.device_type}:\n{_table(problem.device_type, problem)}{hint}"
+        f"installed drivers on {problem.device_type}:\n{status_table(problem.device_type, problem)}{hint}"
     )
 
 
@@ -175,6 +97,12 @@ def prepared_for(driver: Driver[PreparedT], plan: SparsePlan, problem: Attention
             _prepared.move_to_end(key)
             return cast(PreparedT, state)
     state = driver.prepare(plan, problem)
+    if not isinstance(state, Prepared) or state.problem != problem:
+        # a driver written for the earlier contract (scale given at run) would silently ignore the caller's scale
+        raise DriverUnavailable(
+            f"driver {driver.name!r}: prepare() returned {type(state).__name__}, not a lvsa.driver.Prepared made for "
+            "this problem; the driver contract carries the plan, the problem and the softmax scale in the "
+            "prepared state (see docs/architecture.md, 'Adding a driver')")
     with _prepared_lock:
         _prepared[key] = state
         while len(_prepared) > _PREPARED_CACHE_SIZE:

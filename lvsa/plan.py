@@ -53,7 +53,7 @@ class PatternKnobs:
         return max(self.n_first + 1, int(self.reference_frames * self.sparsity_scale))
 
 
-def keyframe_interval(T: int, knobs: PatternKnobs) -> int:
+def choose_keyframe_interval(T: int, knobs: PatternKnobs) -> int:
     """pattern.md §3: 1 (fully dense) within the budget, else the sparsest interval meeting it."""
     scaled_ref = knobs.scaled_reference
     if T <= scaled_ref:
@@ -119,7 +119,7 @@ class SparsePlan:
     text_position: TextPosition
     step: int
     offset: int  # rotation offset used for this step
-    kfi: int
+    keyframe_interval: int  # "kfi" in the [LVSA] line
     window: int  # W
     n_first: int
     reference_latent_frames: int
@@ -131,6 +131,11 @@ class SparsePlan:
     temporal_patch: int = 1
 
     # ---- frame level -----------------------------------------------------------------------------
+    @property
+    def kfi(self) -> int:
+        """The keyframe interval under the short name of the ``[LVSA] kfi=`` line."""
+        return self.keyframe_interval
+
     @property
     def is_dense(self) -> bool:
         """Every video query attends every video key (kfi=1, or the pattern covers all frames)."""
@@ -202,7 +207,7 @@ class SparsePlan:
         """``[LVSA] kfi=6 global_count=14 attended_per_frame=21/81`` (frames of the plan: with temporal
         patching, token frames, which the line then names)."""
         line = (
-            f"[LVSA] kfi={self.kfi} global_count={len(self.globals)} "
+            f"[LVSA] kfi={self.keyframe_interval} global_count={len(self.globals)} "
             f"attended_per_frame={self.attended_per_frame}/{self.latent_frames}"
         )
         if self.temporal_patch > 1:
@@ -241,7 +246,8 @@ class SparsePlan:
 
     def shape_key(self) -> tuple[int, int, int, int, int]:
         """What changes the ``[LVSA]`` lines (not the rotation): log again only when this changes."""
-        return (self.latent_frames, self.patches_per_frame, self.kfi, len(self.globals), self.attended_per_frame)
+        return (self.latent_frames, self.patches_per_frame, self.keyframe_interval, len(self.globals),
+                self.attended_per_frame)
 
     def frame_rows(self) -> Iterator[tuple[int, tuple[int, ...]]]:
         return enumerate(self._rows)
@@ -297,7 +303,7 @@ def rotates(latent_frames: int, knobs: PatternKnobs) -> bool:
     """pattern.md §4. Whether the keyframes move with the step: a sparse plan rotates unless ``rotate`` is False;
     a dense one (kfi = 1) never does. The one place this rule lives (the runtime asks it to share one plan
     across the steps of a pattern that does not rotate)."""
-    sparse = keyframe_interval(latent_frames, knobs) > 1
+    sparse = choose_keyframe_interval(latent_frames, knobs) > 1
     return sparse if knobs.rotate is None else bool(knobs.rotate) and sparse
 
 
@@ -321,7 +327,7 @@ def build_plan(
         raise GeometryError(f"text_position={text_position!r}: must be 'before' or 'after'")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise GeometryError(f"step={step!r}: must be an integer >= 0")
-    kfi = keyframe_interval(T, knobs)
+    kfi = choose_keyframe_interval(T, knobs)
     n_first = min(knobs.n_first, T)
     rotating = rotates(T, knobs)
     ring = T - n_first
@@ -339,7 +345,7 @@ def build_plan(
         text_position=text_position,
         step=step,
         offset=offset,
-        kfi=kfi,
+        keyframe_interval=kfi,
         window=knobs.window,
         n_first=n_first,
         reference_latent_frames=knobs.reference_latent_frames,

@@ -58,7 +58,7 @@ def _version(package: str) -> str | None:
 
 
 def collect(settings: LVSASettings | None = None, memory: bool = True) -> dict[str, Any]:
-    from .dispatch import available_drivers
+    from .driver_status import available_drivers
 
     settings = settings if settings is not None else get_settings()
     devices = []

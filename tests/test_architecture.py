@@ -10,10 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: source folder -> the package it installs as (pyproject's package-dir)
 PACKAGES = {"lvsa": ROOT / "lvsa", "lvsa.backends": ROOT / "backends", "lvsa.devices": ROOT / "devices",
-            "lvsa_app": ROOT / "examples" / "lvsa_app"}
+            "lvsa_app": ROOT / "examples" / "app"}
 #: what the drivers, devices and the model side build on; it must never reach up to them
 CORE = {"lvsa.settings", "lvsa.geometry", "lvsa.plan", "lvsa.driver", "lvsa.device", "lvsa.registry",
-        "lvsa.dispatch", "lvsa.errors", "lvsa.log", "lvsa.ulysses", "lvsa.riflex", "lvsa.files"}
+        "lvsa.dispatch", "lvsa.driver_status", "lvsa.errors", "lvsa.log", "lvsa.ulysses", "lvsa.riflex", "lvsa.files"}
 MODEL_SIDE = ("lvsa.adapters", "lvsa.parallel", "lvsa_app")
 #: the example application: the library never imports it
 APPLICATION = "lvsa_app"

@@ -164,3 +164,22 @@ def test_scale_is_fixed_at_planning_time_per_problem():
     assert scales == {0.05, 0.2}
     with pytest.raises(GeometryError, match="scale must be a positive finite number"):
         lvsa.sparse_attention(q, k, v, plan, backend="sdpa", scale=float("nan"))
+
+
+def test_a_driver_written_for_the_earlier_contract_is_refused(monkeypatch):
+    """prepare() returning bare state (the contract before the scale moved into the problem) must not run:
+    such a driver would ignore the caller's scale without a word."""
+
+    class OldStyleDriver(SdpaDriver):
+        name = "oldstyle"
+
+        def prepare(self, plan, problem):
+            return (plan, "state")
+
+    plan, q, k, v = small_problem()
+    plugins = dict(registry.driver_plugins())
+    plugins["oldstyle"] = Plugin("oldstyle", "tests:OldStyleDriver", None, OldStyleDriver(), None)
+    monkeypatch.setitem(registry._loaded, registry.DRIVERS_NAMESPACE, plugins)
+    dispatch.clear_caches()
+    with pytest.raises(DriverUnavailable, match=r"oldstyle.*returned tuple, not a lvsa\.driver\.Prepared"):
+        lvsa.sparse_attention(q, k, v, plan, backend="oldstyle", scale=0.05)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import lvsa
 from lvsa.errors import ConfigError, GeometryError
-from lvsa.plan import PatternKnobs, build_plan, global_frames, keyframe_interval
+from lvsa.plan import PatternKnobs, build_plan, choose_keyframe_interval, global_frames
 
 
 def knobs(ref=21, scale=1.0, W=3, n_first=1, kfi=None, rotate=None):
@@ -222,7 +222,7 @@ def test_csr_and_density_agree_with_attended(g, step, text, position):
 
 
 def test_keyframe_interval_examples_directly():
-    assert keyframe_interval(81, knobs()) == 6
-    assert keyframe_interval(21, knobs()) == 1
-    assert keyframe_interval(49, knobs(ref=33)) == 2
+    assert choose_keyframe_interval(81, knobs()) == 6
+    assert choose_keyframe_interval(21, knobs()) == 1
+    assert choose_keyframe_interval(49, knobs(ref=33)) == 2
     assert global_frames(81, 1, 6, 0) == tuple(range(0, 81, 6))
