@@ -18,6 +18,9 @@ from .errors import ConfigError, GeometryError
 if TYPE_CHECKING:
     import torch
 
+#: one attention input: (query, key, value), each [batch, seq, heads, head_dim]
+QKV = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
+
 
 @dataclass(frozen=True)
 class UlyssesGroup:
@@ -100,8 +103,6 @@ def gather_heads(x: torch.Tensor, ulysses: UlyssesGroup) -> torch.Tensor:
     dist.all_gather(parts, x.contiguous(), group=ulysses.group)
     return torch.cat(parts, dim=2)
 
-
-QKV = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
 
 
 def to_heads(video: QKV, text: QKV | None, ulysses: UlyssesGroup) -> tuple[QKV, QKV | None]:

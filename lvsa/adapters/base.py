@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..geometry import ModelFamily
+from ..ulysses import QKV
 from .ops import DEFERRED, DeferredPlan, compiling
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from ..riflex import TemporalRope
     from .runtime import LVSARuntime
 
-QKV = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
 
 
 @dataclass(frozen=True)

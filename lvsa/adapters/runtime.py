@@ -23,7 +23,7 @@ from ..errors import ConfigError, GeometryError
 from ..geometry import ModelFamily, pick_factor, planned_patches_per_frame
 from ..plan import PatternKnobs, SparsePlan, build_plan, resolve_knobs, rotates
 from ..riflex import TemporalRope, rewrite_tables
-from ..ulysses import UlyssesGroup, to_heads, to_sequence
+from ..ulysses import QKV, UlyssesGroup, to_heads, to_sequence
 from . import ops
 from .base import LatentGrid
 from .ops import DeferredPlan
@@ -151,8 +151,8 @@ class LVSARuntime:
 
     def attention(
         self,
-        video: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        video: QKV,
+        text: QKV | None,
         plan: SparsePlan | DeferredPlan,
         key_padding_mask: torch.Tensor | None = None,
         *,
@@ -175,8 +175,8 @@ class LVSARuntime:
     def plan_and_attend(
         self,
         origin: str,
-        video: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        video: QKV,
+        text: QKV | None,
         key_padding_mask: torch.Tensor | None,
         text_position: str,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -196,8 +196,8 @@ class LVSARuntime:
 
     def _attend(
         self,
-        video: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        video: QKV,
+        text: QKV | None,
         plan: SparsePlan | None,
         key_padding_mask: torch.Tensor | None,
         text_position: str = "after",
