@@ -139,6 +139,15 @@ class NpuDriver(Driver[NpuPrepared]):
             reasons.append(f"GQA ratio {Hq // Hkv}: FIA allows at most 64 query heads per key/value head")
         return reasons
 
+    #: the op takes at most this many batch entries: ring steps batch query frames within it
+    max_batch = MAX_BATCH
+
+    def check_lse(self, problem: AttentionProblem) -> list[str]:
+        return []  # FIA returns the log-sum-exp itself (softmax_lse_flag)
+
+    def attend_with_lse(self, q, k, v, key_mask, scale):
+        return fused_attention(q, k, v, key_mask, scale)
+
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> NpuPrepared:
         device = problem.device
         text, video = text_keys(plan, device), None

@@ -60,6 +60,22 @@ def reference_attention(
     return torch.einsum("bhqk,bkhd->bqhd", weights, v64)
 
 
+def attention_with_lse_float64(q, k, v, key_mask=None, scale=None):
+    """Float64 attention of q ``[B, S, Hq, D]`` against k/v ``[B, L, Hkv, D]`` and its log-sum-exp
+    ``[B, Hq, S]``, both returned in float64; a sample that keeps no key gives lse -inf and zeros."""
+    D = q.shape[-1]
+    groups = q.shape[2] // k.shape[2]
+    q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
+    if groups > 1:
+        k64, v64 = k64.repeat_interleave(groups, dim=2), v64.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * (scale if scale is not None else 1 / math.sqrt(D))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :].to(q.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, S]
+    weights = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v64), lse
+
+
 @dataclass(frozen=True)
 class ReferencePrepared(Prepared):
     token_mask: torch.Tensor  # [S, S] on the problem's device
@@ -75,6 +91,13 @@ class ReferenceDriver(Driver[ReferencePrepared]):
     def is_available(self, device_type: str) -> Availability:
         base = super().is_available(device_type)
         return Availability.yes("float64 dense ground truth (tests only)") if base else base
+
+    def check_lse(self, problem: AttentionProblem) -> list[str]:
+        return []
+
+    def attend_with_lse(self, q, k, v, key_mask, scale):
+        out, lse = attention_with_lse_float64(q, k, v, key_mask, scale)
+        return out.to(q.dtype), lse
 
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> ReferencePrepared:
         return ReferencePrepared(plan, problem, token_mask(plan).to(problem.device))

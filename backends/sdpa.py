@@ -65,6 +65,13 @@ class SdpaDriver(Driver[SdpaPrepared]):
                 reasons.append(why)
         return reasons
 
+    def check_lse(self, problem: AttentionProblem) -> list[str]:
+        why = lse_kernel_reason(problem.device_type, problem.dtype, problem.head_dim)
+        return [why] if why else []
+
+    def attend_with_lse(self, q, k, v, key_mask, scale):
+        return attend_with_lse(q, k, v, key_mask, scale)
+
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> SdpaPrepared:
         if plan.is_dense:
             return SdpaPrepared(plan, problem, "dense")

@@ -6,7 +6,7 @@
 #   call 3 (same machine):                        bash benchmarks/gpu.sh "$OUT" pipeline compiled
 # Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
 set -u
-out=${1:?usage: gpu.sh OUTDIR [smoke parity attention pipeline compiled]}
+out=${1:?usage: gpu.sh OUTDIR [smoke parity attention pipeline compiled ring]}
 shift
 parts=${*:-smoke parity attention pipeline compiled}
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0
@@ -27,6 +27,9 @@ for part in $parts; do
                  | tee "$out/attention.txt" ;;
     pipeline) python benchmarks/pipeline.py --models wan --frames 81 321 --dense-fa4 --json "$out/pipeline.json" 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/pipeline.txt" ;;
+    ring) python benchmarks/ring_compute.py --json "$out/ring.json" 2>&1 | tee "$out/ring.txt"
+          LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16,float16 python -P -m pytest -q -p no:cacheprovider \
+              tests/parity/test_ring_parity.py 2>&1 | tail -8 | tee -a "$out/ring.txt" ;;
     compiled) python benchmarks/compiled.py --frames 321 --layers 4 --steps 6 --methods fa4 sdpa 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/compiled.txt" ;;
   esac

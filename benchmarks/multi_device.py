@@ -1,17 +1,23 @@
-"""Context-parallel scaling: one denoising forward on 1 GPU and on N GPUs (Ulysses), dense vs lvsa, one launch.
+"""Context-parallel scaling: one denoising forward on 1 GPU and on N GPUs under Ulysses, ring attention and
+Ulysses x ring, dense vs lvsa, in one launch per GPU count.
 
-    torchrun --nproc-per-node 2 benchmarks/multi_device.py                   # Wan 1.3B @ 321 frames, Wan 14B @ 161
-    torchrun --nproc-per-node 2 benchmarks/multi_device.py --device cpu --small  # gloo smoke run (in the tests)
+    torchrun --nproc-per-node 8 benchmarks/multi_device.py         # Wan 1.3B @ 321 frames, Wan 14B shapes @ 161
+    torchrun --nproc-per-node 4 benchmarks/multi_device.py --device cpu --small  # gloo smoke run (in the tests)
 
-Rank 0 first times the forward alone (the other ranks wait), then every rank joins diffusers' context
-parallelism (``lvsa.parallel.enable_context_parallel``) and the same forward runs sharded. Dense is the
-model's own attention through diffusers (cuDNN SDPA on CUDA, which supports Ulysses); lvsa is
-``lvsa.apply`` with ``--backend``. Transformers are built from their published configs with random weights,
-bfloat16. "scaling" is the 1-device time over the N-device time of the same method."""
+Rank 0 first times the forward alone (the other ranks wait). Then, for each layout that fits N processes
+(``--layouts``: ``ulysses`` N when N divides the heads, ``ring`` N, and ``mixed``: Ulysses U x ring N/U with
+U the largest divisor of N and of the heads below N), a fresh model joins diffusers' context parallelism
+(``lvsa.parallel.enable_context_parallel``) and the same forward runs sharded. Dense is the model's own
+attention through diffusers (cuDNN SDPA on CUDA, which supports Ulysses and ring; diffusers' native CPU
+attention has no ring, so CPU runs time lvsa alone there); lvsa is ``lvsa.apply`` with ``--backend``.
+Transformers are built from their published configs with random weights, bfloat16. "scaling" is the
+1-device time of the same method over the N-device time; "keeps" is lvsa's speedup over dense under the
+layout as a fraction of its single-device speedup (the issue's ring target: at least 90%)."""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -27,7 +33,23 @@ from lvsa.dispatch import clear_caches
 from lvsa.parallel import enable_context_parallel, init_distributed
 
 WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
-CONFIGS = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "wan-small": SMALL_WAN}
+# the small Wan with 4 heads, so that Ulysses 4, ring 4 and Ulysses 2 x ring 2 all fit 4 CPU processes
+CONFIGS = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "wan-small": dict(SMALL_WAN, num_attention_heads=4)}
+
+
+def layouts_for(world: int, heads: int, wanted: list[str]) -> list[tuple[str, int, int]]:
+    """``(name, ulysses_degree, ring_degree)`` of each requested layout that fits ``world`` processes."""
+    if world == 1:
+        return []
+    found = []
+    if "ulysses" in wanted and heads % world == 0:
+        found.append(("ulysses", world, 1))
+    if "ring" in wanted:
+        found.append(("ring", 1, world))
+    mixed = [u for u in range(2, world) if world % u == 0 and heads % u == 0]
+    if "mixed" in wanted and mixed:
+        found.append(("ulysses x ring", mixed[-1], world // mixed[-1]))
+    return found
 
 
 def run_case(label: str, frames: int, args: argparse.Namespace, rank: int, world: int, device: str,
@@ -37,40 +59,58 @@ def run_case(label: str, frames: int, args: argparse.Namespace, rank: int, world
 
     config = CONFIGS[label]
     T = (frames - 1) // 4 + 1
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel(**config).to(dtype).eval()
     inputs = {
-        "hidden_states": torch.randn(1, 16, T, args.height // 8, args.width // 8, device=device, dtype=dtype),
-        "encoder_hidden_states": torch.randn(1, 512, config["text_dim"], device=device, dtype=dtype),
+        "hidden_states": torch.randn(1, 16, T, args.height // 8, args.width // 8, device=device, dtype=dtype,
+                                     generator=torch.Generator(device).manual_seed(0)),
+        "encoder_hidden_states": torch.randn(1, 512, config["text_dim"], device=device, dtype=dtype,
+                                             generator=torch.Generator(device).manual_seed(1)),
         "timestep": torch.tensor([999.0], device=device),
         "return_dict": False,
     }
     dense_backend = "_native_cudnn" if device.startswith("cuda") else None
     rows: list[dict] = []
 
-    def time_both(devices: int) -> None:
-        if dense_backend:
-            model.set_attention_backend(dense_backend)
-        dense_ms, dense_peak, _ = measure(model, inputs, device_module, args.repeats)
-        if dense_backend:
-            model.reset_attention_backend()
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        with torch.device(device):
+            return WanTransformer3DModel(**config).to(dtype).eval()
+
+    def time_both(model: torch.nn.Module, devices: int, layout: str, ulysses: int, ring: int) -> None:
+        common = {"model": label, "frames": frames, "devices": devices, "layout": layout, "ulysses_degree": ulysses,
+                  "ring_degree": ring}
+        if ring == 1 or dense_backend:  # diffusers' native (CPU) attention cannot run ring steps
+            if dense_backend:
+                model.set_attention_backend(dense_backend)
+            dense_ms, dense_peak, _ = measure(model, inputs, device_module, args.repeats)
+            if dense_backend:
+                model.reset_attention_backend()
+            rows.append({**common, "method": "dense", "ms": dense_ms, "peak_gib": dense_peak / 2**30})
         clear_caches()
         handle = lvsa.apply(model, lvsa.LVSASettings(backend=args.backend))
         lvsa_ms, lvsa_peak, _ = measure(model, inputs, device_module, args.repeats)
-        degree, density = handle.stats.ulysses_degree, handle.runtime.last_plan.density
+        stats = handle.stats
+        assert (stats.ulysses_degree, stats.ring_degree) == (ulysses, ring), "the layout did not engage"
+        skipped = stats.ring_steps_skipped / stats.ring_steps if stats.ring_steps else 0.0
+        rows.append({**common, "method": f"lvsa {args.backend}", "ms": lvsa_ms, "peak_gib": lvsa_peak / 2**30,
+                     "density": handle.runtime.last_plan.density, "ring_steps_skipped": skipped})
         handle.remove()
-        for method, ms, peak in (("dense", dense_ms, dense_peak), (f"lvsa {args.backend}", lvsa_ms, lvsa_peak)):
-            rows.append({"model": label, "frames": frames, "devices": devices, "method": method, "ms": ms,
-                         "peak_gib": peak / 2**30, "ulysses_degree": degree if method != "dense" else devices,
-                         "density": density})
 
     if rank == 0:
-        time_both(1)
+        time_both(build(), 1, "single", 1, 1)
     dist.barrier()
-    enable_context_parallel(model, world)
-    time_both(world)
-    clear_caches()
+    heads = config["num_attention_heads"]
+    for layout, ulysses, ring in layouts_for(world, heads, args.layouts):
+        model = build()  # diffusers' parallelism is set once per model
+        enable_context_parallel(model, ulysses, ring_degree=ring)
+        time_both(model, world, layout, ulysses, ring)
+        del model
+        clear_caches()
+        gc.collect()
+        if not device.startswith("cpu"):
+            torch.accelerator.empty_cache()  # the next layout's model fits beside nothing of this one
+    if rank == 0 and "ulysses" in args.layouts and world > 1 and heads % world:
+        print(f"{label}: ulysses alone cannot run on {world} devices ({heads} heads do not split {world} ways)",
+              flush=True)
     return rows
 
 
@@ -84,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--layouts", nargs="+", default=["ulysses", "ring", "mixed"],
+                        choices=["ulysses", "ring", "mixed"], help="context-parallel layouts to time at N > 1")
     parser.add_argument("--json", help="rank 0 writes the rows here")
     args = parser.parse_args(argv)
     if args.small:
@@ -98,21 +140,39 @@ def main(argv: list[str] | None = None) -> int:
         label, _, frames = case.partition("@")
         rows += run_case(label, int(frames), args, rank, world, device, device_module, dtype)
     if rank == 0:
-        base = {(r["model"], r["frames"], r["method"]): r["ms"] for r in rows if r["devices"] == 1}
-        dense = {(r["model"], r["frames"], r["devices"]): r["ms"] for r in rows if r["method"] == "dense"}
-        for r in rows:
-            r["scaling"] = base[(r["model"], r["frames"], r["method"])] / r["ms"]
-            r["speedup_vs_dense"] = dense[(r["model"], r["frames"], r["devices"])] / r["ms"]
-            print(f"{r['model']:<10} {r['frames']:>4}f  {r['devices']} device(s)  {r['method']:<12} "
-                  f"{r['ms']:9.1f} ms  vs dense {r['speedup_vs_dense']:5.2f}x  scaling {r['scaling']:5.2f}x  "
-                  f"peak {r['peak_gib']:6.2f} GiB  (ulysses {r['ulysses_degree']}, density {r['density']:.3f})",
-                  flush=True)
+        report(rows)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
     import torch.distributed as dist
 
     dist.destroy_process_group()
     return 0
+
+
+def report(rows: list[dict]) -> None:
+    """Scaling over the single device, speedup over dense in the same layout, and how much of the
+    single-device speedup each layout keeps; one line per row."""
+    base = {(r["model"], r["frames"], r["method"]): r["ms"] for r in rows if r["devices"] == 1}
+    dense = {(r["model"], r["frames"], r["layout"]): r["ms"] for r in rows if r["method"] == "dense"}
+    for r in rows:
+        r["scaling"] = base[(r["model"], r["frames"], r["method"])] / r["ms"]
+        dense_ms = dense.get((r["model"], r["frames"], r["layout"]))
+        r["speedup_vs_dense"] = dense_ms / r["ms"] if dense_ms else None
+    single = {(r["model"], r["frames"]): r["speedup_vs_dense"] for r in rows
+              if r["layout"] == "single" and r["method"] != "dense"}
+    for r in rows:
+        one = single.get((r["model"], r["frames"]))
+        keeps = (r["speedup_vs_dense"] / one if r["method"] != "dense" and r["devices"] > 1 and r["speedup_vs_dense"]
+                 and one else None)
+        r["keeps"] = keeps
+        vs_dense = f"{r['speedup_vs_dense']:5.2f}x" if r["speedup_vs_dense"] else "  n/a "
+        extra = ""
+        if r["method"] != "dense":
+            extra = f"  density {r['density']:.3f}  ring steps skipped {r['ring_steps_skipped']:.0%}"
+            extra += f"  keeps {keeps:.0%} of the 1-device speedup" if keeps else ""
+        print(f"{r['model']:<10} {r['frames']:>4}f  {r['devices']} dev  {r['layout']:<15} "
+              f"(U{r['ulysses_degree']} x R{r['ring_degree']})  {r['method']:<11} {r['ms']:9.1f} ms  "
+              f"vs dense {vs_dense}  scaling {r['scaling']:5.2f}x  peak {r['peak_gib']:6.2f} GiB{extra}", flush=True)
 
 
 if __name__ == "__main__":

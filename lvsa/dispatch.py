@@ -27,13 +27,14 @@ if TYPE_CHECKING:
 _PREPARED_CACHE_SIZE = 16
 
 
-def _auto_choice(problem: AttentionProblem, exclude: str | None = None) -> tuple[Driver | None, list[str]]:
+def _auto_choice(problem: AttentionProblem, exclude: str | None = None,
+                 lse: bool = False) -> tuple[Driver | None, list[str]]:
     skipped = []
     ordered = sorted(registry.drivers().items(), key=lambda item: -item[1].priority)
     for name, driver in ordered:
         if not driver.auto_select or name == exclude:
             continue
-        status = driver_status(name, problem.device_type, problem)
+        status = driver_status(name, problem.device_type, problem, lse)
         if status.available:
             return driver, skipped
         skipped.append(f"{name}: {status.reason}")
@@ -41,45 +42,49 @@ def _auto_choice(problem: AttentionProblem, exclude: str | None = None) -> tuple
 
 
 _choice_lock = threading.Lock()
-_choices: dict[tuple[str, str, AttentionProblem], Driver] = {}
+_choices: dict[tuple[str, str, AttentionProblem, bool], Driver] = {}
 
 
-def select_driver(problem: AttentionProblem, requested: str, fallback: str) -> Driver:
+def select_driver(problem: AttentionProblem, requested: str, fallback: str, lse: bool = False) -> Driver:
     """The driver for ``problem``: the requested one, the best one under ``auto``, or (fallback=warn) the
-    best other one with a loud ``[LVSA-FALLBACK]`` line. Cached per (request, policy, problem)."""
-    key = (requested, fallback, problem)
+    best other one with a loud ``[LVSA-FALLBACK]`` line. Cached per (request, policy, problem). ``lse``: the
+    driver must run ring attention's steps (attention with log-sum-exp, :meth:`Driver.check_lse`)."""
+    key = (requested, fallback, problem, lse)
     chosen = _choices.get(key)
     if chosen is not None:
         return chosen
     with _choice_lock:
-        chosen = _select(problem, requested, fallback)
+        chosen = _select(problem, requested, fallback, lse)
         _choices[key] = chosen
     return chosen
 
 
-def _select(problem: AttentionProblem, requested: str, fallback: str) -> Driver:
+def _select(problem: AttentionProblem, requested: str, fallback: str, lse: bool) -> Driver:
+    what = "the ring steps of this call" if lse else "this call"
     if requested == "auto":
-        driver, skipped = _auto_choice(problem)
+        driver, skipped = _auto_choice(problem, lse=lse)
         if driver is None:
             raise DriverUnavailable(
-                f"no lvsa driver can run this call on {problem.device}:\n{status_table(problem.device_type, problem)}"
+                f"no lvsa driver can run {what} on {problem.device}:\n"
+                f"{status_table(problem.device_type, problem, lse)}"
             )
         if skipped:
-            log.info(f"backend=auto chose {driver.name} on {problem.device} (skipped {'; '.join(skipped)})")
+            log.info(f"backend=auto chose {driver.name} for {what} on {problem.device} "
+                     f"(skipped {'; '.join(skipped)})")
         return driver
-    status = driver_status(requested, problem.device_type, problem)
+    status = driver_status(requested, problem.device_type, problem, lse)
     if status.available:
         return registry.drivers()[requested]
     if fallback == "warn":
-        driver, _ = _auto_choice(problem, exclude=requested)
+        driver, _ = _auto_choice(problem, exclude=requested, lse=lse)
         if driver is not None:
             log.fallback("dispatch", status.code, requested=requested, using=driver.name,
                          device=problem.device, detail=status.reason)
             return driver
     hint = "" if fallback == "warn" else "\nSet LVSA_FALLBACK=warn (--fallback warn) to use the next usable driver."
     raise DriverUnavailable(
-        f"backend {requested!r} cannot run this call on {problem.device}: {status.reason}\n"
-        f"installed drivers on {problem.device_type}:\n{status_table(problem.device_type, problem)}{hint}"
+        f"backend {requested!r} cannot run {what} on {problem.device}: {status.reason}\n"
+        f"installed drivers on {problem.device_type}:\n{status_table(problem.device_type, problem, lse)}{hint}"
     )
 
 
@@ -107,11 +112,18 @@ def prepared_for(driver: Driver[PreparedT], plan: SparsePlan, problem: Attention
         _prepared[key] = state
         while len(_prepared) > _PREPARED_CACHE_SIZE:
             _prepared.popitem(last=False)
-        if plan.shape_key() != _last_logged_shape[0]:
-            _last_logged_shape[0] = plan.shape_key()
-            for line in plan.log_lines():
-                log.logger.info(line)
+    log_plan_once(plan)
     return state
+
+
+def log_plan_once(plan: SparsePlan) -> None:
+    """The ``[LVSA]`` lines of a plan, when its shape differs from the last one logged (not per layer or step)."""
+    with _prepared_lock:
+        if plan.shape_key() == _last_logged_shape[0]:
+            return
+        _last_logged_shape[0] = plan.shape_key()
+    for line in plan.log_lines():
+        log.logger.info(line)
 
 
 def clear_caches() -> None:

@@ -82,6 +82,37 @@ class AttentionProblem:
     ) -> AttentionProblem:
         """Check q/k/v (``[batch, seq, heads, head_dim]``) against the plan; raise :class:`GeometryError`.
         ``scale`` defaults to ``1/sqrt(head_dim)``."""
+        cls._check_layout(q, k, v)
+        if q.shape[1] != plan.seq_len:
+            raise GeometryError(
+                f"sequence length {q.shape[1]} does not match the plan: {plan.latent_frames} latent frames x "
+                f"{plan.patches_per_frame} tokens per frame + {plan.text_tokens} text tokens = {plan.seq_len}"
+            )
+        return cls._make(q, k, plan, key_padding_mask, scale)
+
+    @classmethod
+    def for_ring(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: SparsePlan,
+        shards: int,
+        key_padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> AttentionProblem:
+        """The problem of ring attention whose ``shards`` ranks each hold one video shard q/k/v
+        ``[batch, video_tokens / shards, heads, head_dim]`` (the text separately): the whole sequence's."""
+        cls._check_layout(q, k, v)
+        if q.shape[1] * shards != plan.video_tokens:
+            raise GeometryError(
+                f"ring shard of {q.shape[1]} tokens x {shards} shards != the plan's {plan.latent_frames} latent "
+                f"frames x {plan.patches_per_frame} tokens = {plan.video_tokens} video tokens"
+            )
+        return cls._make(q, k, plan, key_padding_mask, scale)
+
+    @staticmethod
+    def _check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise GeometryError(
                 f"q, k, v must be [batch, seq, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -93,15 +124,15 @@ class AttentionProblem:
         Hkv = k.shape[2]
         if Hkv < 1 or Hq % Hkv:
             raise GeometryError(f"query heads {Hq} must be a multiple of key/value heads {Hkv} (GQA)")
-        if S != plan.seq_len:
-            raise GeometryError(
-                f"sequence length {S} does not match the plan: {plan.latent_frames} latent frames x "
-                f"{plan.patches_per_frame} tokens per frame + {plan.text_tokens} text tokens = {plan.seq_len}"
-            )
         if not (q.device == k.device == v.device):
             raise GeometryError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
         if not (q.dtype == k.dtype == v.dtype):
             raise GeometryError(f"q, k, v have different dtypes: {q.dtype}, {k.dtype}, {v.dtype}")
+
+    @classmethod
+    def _make(cls, q: torch.Tensor, k: torch.Tensor, plan: SparsePlan, key_padding_mask: torch.Tensor | None,
+              scale: float | None) -> AttentionProblem:
+        B, _, Hq, D = q.shape
         if key_padding_mask is not None:
             if plan.text_tokens == 0:
                 raise GeometryError("key_padding_mask was given but the plan has no text tokens")
@@ -119,9 +150,9 @@ class AttentionProblem:
             device_index=q.device.index,
             dtype=q.dtype,
             batch=B,
-            seq_len=S,
+            seq_len=plan.seq_len,
             q_heads=Hq,
-            kv_heads=Hkv,
+            kv_heads=k.shape[2],
             head_dim=D,
             text_tokens=plan.text_tokens,
             has_padding_mask=key_padding_mask is not None,
@@ -187,6 +218,26 @@ class Driver(ABC, Generic[PreparedT]):
         dtypes = ",".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes)) or "any"
         dims = "any" if self.head_dims is None else ",".join(map(str, sorted(self.head_dims)))
         return f"devices={devices} dtypes={dtypes} head_dims={dims} gqa={self.supports_gqa} text={self.supports_text}"
+
+    # -- ring attention ----------------------------------------------------------------------------
+    def check_lse(self, problem: AttentionProblem) -> list[str]:
+        """Why this driver cannot run the ring steps of ``problem``; empty when it can. A ring step needs
+        :meth:`attend_with_lse`: attention over a gathered key set that also returns its log-sum-exp, which
+        ring attention merges across steps. Drivers without it are refused under ring attention."""
+        return [f"{self.name} returns no log-sum-exp over a gathered key set (ring attention merges them)"]
+
+    def attend_with_lse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [B, S, Hq, D], lse [B, Hq, S] float32, natural log)`` of q against k/v ``[B, L, Hkv, D]``;
+        ``key_mask`` ``[B, L]`` (True = keep) or None. A sample that keeps no key comes back with lse -inf and
+        a zero output. Only called when :meth:`check_lse` is empty."""
+        raise NotImplementedError(f"{self.name}: no attention with log-sum-exp")
 
     @abstractmethod
     def prepare(self, plan: SparsePlan, problem: AttentionProblem) -> PreparedT:

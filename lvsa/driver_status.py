@@ -40,7 +40,9 @@ def _device_reason(device_type: str) -> str | None:
     return None if availability else f"device {device_type} absent: {availability.reason}"
 
 
-def driver_status(name: str, device_type: str, problem: AttentionProblem | None = None) -> DriverStatus:
+def driver_status(name: str, device_type: str, problem: AttentionProblem | None = None,
+                  lse: bool = False) -> DriverStatus:
+    """``lse``: the driver must also run ring attention's steps (:meth:`~lvsa.driver.Driver.check_lse`)."""
     plugin = registry.driver_plugins().get(name)
     if plugin is None:
         installed = ", ".join(registry.driver_plugins()) or "none"
@@ -65,6 +67,8 @@ def driver_status(name: str, device_type: str, problem: AttentionProblem | None 
     if not availability:
         return status(False, availability.reason, "driver_unavailable")
     problems = driver.check(problem) if problem is not None else []
+    if lse and problem is not None:
+        problems += driver.check_lse(problem)
     if problems:
         return status(False, "; ".join(problems), "unsupported_problem")
     return status(True, availability.reason, "ok")
@@ -82,9 +86,9 @@ def available_drivers(device: str | None = None) -> list[DriverStatus]:
 available_backends = available_drivers
 
 
-def status_table(device_type: str, problem: AttentionProblem | None) -> str:
+def status_table(device_type: str, problem: AttentionProblem | None, lse: bool = False) -> str:
     """One line per installed driver: usable or not on ``device_type`` for ``problem``, and why."""
-    rows = [driver_status(n, device_type, problem) for n in registry.driver_plugins()]
+    rows = [driver_status(n, device_type, problem, lse) for n in registry.driver_plugins()]
     if not rows:
         return "  (no driver is installed: is lvsa installed with pip, so that its entry points exist?)"
     return "\n".join(

@@ -14,17 +14,18 @@ from typing import Any
 from . import registry
 from .adapters import adapter_for, transformers_of
 from .errors import ConfigError
+from .ring import ContextParallel, RingGroup, check_degrees, context_parallel_of
 from .ulysses import (
     UlyssesGroup,
     gather_heads,
     heads_to_sequence,
     local_heads,
     sequence_to_heads,
-    ulysses_group_of,
 )
 
-__all__ = ["UlyssesGroup", "enable_context_parallel", "gather_heads", "heads_to_sequence", "init_distributed",
-           "local_heads", "sequence_to_heads", "ulysses_group_of"]
+__all__ = ["ContextParallel", "RingGroup", "UlyssesGroup", "context_parallel_of", "enable_context_parallel",
+           "gather_heads", "heads_to_sequence", "init_distributed", "local_heads", "sequence_to_heads",
+           "ulysses_group_of"]
 
 
 def init_distributed(device_type: str, timeout: float = 600.0) -> tuple[int, int, int]:
@@ -48,30 +49,38 @@ def init_distributed(device_type: str, timeout: float = 600.0) -> tuple[int, int
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def enable_context_parallel(target: Any, ulysses_degree: int, mesh: Any = None) -> None:
-    """Turn on diffusers' Ulysses context parallelism for every transformer of a pipeline (or one
-    transformer), with the adapter's sharding plan where the model has none. ``torch.distributed`` must be
-    initialised with ``ulysses_degree`` ranks (``torchrun --nproc-per-node N``)."""
+def enable_context_parallel(target: Any, ulysses_degree: int = 1, *, ring_degree: int = 1, mesh: Any = None) -> None:
+    """Turn on diffusers' context parallelism for every transformer of a pipeline (or one transformer):
+    Ulysses over ``ulysses_degree`` ranks (it splits the heads), ring attention over ``ring_degree`` ranks (it
+    splits the sequence further, past the head count), or both; with the adapter's sharding plan where the
+    model has none. ``torch.distributed`` must be initialised with ``ulysses_degree x ring_degree`` ranks
+    (``torchrun --nproc-per-node N``), unless ``mesh`` (a ``("ring", "ulysses")`` device mesh) is given."""
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
-    if ulysses_degree < 1:
-        raise ConfigError(f"ulysses_degree={ulysses_degree}: must be >= 1")
     if not dist.is_initialized():
         raise ConfigError("context parallelism needs torch.distributed: launch with torchrun --nproc-per-node N")
-    if dist.get_world_size() % ulysses_degree:
-        raise ConfigError(f"ulysses_degree={ulysses_degree} does not divide the {dist.get_world_size()} ranks")
+    world = dist.get_world_size() if mesh is None else ulysses_degree * ring_degree
+    check_degrees(world, ulysses_degree, ring_degree)
+    if ulysses_degree * ring_degree == 1:
+        raise ConfigError("ulysses_degree=1 x ring_degree=1: context parallelism needs a degree above 1")
     import torch
 
     for transformer in transformers_of(target):
         adapter = adapter_for(transformer)
         adapter.check_context_parallel(transformer, ulysses_degree)
-        config = ContextParallelConfig(ulysses_degree=ulysses_degree, mesh=mesh)
+        config = ContextParallelConfig(ulysses_degree=ulysses_degree, ring_degree=ring_degree, mesh=mesh)
         plan = adapter.cp_plan(transformer)
         if torch.accelerator.device_count() > 0:
             transformer.enable_parallelism(config=config, cp_plan=plan)
         else:
             _enable_on_cpu(transformer, config, plan if plan is not None else transformer._cp_plan)
+
+
+def ulysses_group_of(transformer: Any) -> UlyssesGroup | None:
+    """The Ulysses group of a transformer after ``enable_parallelism``, or ``None``."""
+    parallel = context_parallel_of(transformer)
+    return parallel.ulysses if parallel else None
 
 
 def _enable_on_cpu(transformer: Any, config: Any, plan: dict[str, Any]) -> None:

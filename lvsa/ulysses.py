@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, GeometryError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -34,29 +34,6 @@ class UlyssesGroup:
                 f"{origin}: {heads} attention heads do not split over ulysses_degree={self.degree}; "
                 f"use a degree that divides {heads}"
             )
-
-    def check_tokens(self, tokens: int, latent_frames: int, patches_per_frame: int) -> None:
-        if tokens % self.degree:
-            raise GeometryError(
-                f"{latent_frames} latent frames x {patches_per_frame} tokens = {tokens} video tokens do not "
-                f"split over ulysses_degree={self.degree}; change the frame count or the size, or the degree"
-            )
-
-
-def ulysses_group_of(transformer: Any) -> UlyssesGroup | None:
-    """The Ulysses group of a transformer after diffusers' ``enable_parallelism``, or ``None``."""
-    config = getattr(transformer, "_parallel_config", None)
-    cp = getattr(config, "context_parallel_config", None)
-    if cp is None:
-        return None
-    if (cp.ring_degree or 1) > 1:
-        raise ConfigError(f"lvsa supports Ulysses context parallelism only, not ring_degree={cp.ring_degree}: "
-                          "use ContextParallelConfig(ulysses_degree=N)")
-    degree = cp.ulysses_degree or 1
-    if degree == 1:
-        return None
-    # diffusers builds the mesh in enable_parallelism (ContextParallelConfig.setup)
-    return UlyssesGroup(cp._ulysses_mesh.get_group(), degree, cp._ulysses_local_rank)
 
 
 def sequence_to_heads(x: torch.Tensor, ulysses: UlyssesGroup) -> torch.Tensor:

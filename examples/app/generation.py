@@ -75,7 +75,11 @@ def build_parser(adapter_name: str) -> argparse.ArgumentParser:
                      help="tiled and sliced VAE decoding where the VAE supports it")
     out.add_argument("--show-mask", action="store_true", help="print the frame mask of the first step")
     run.add_argument("--ulysses-degree", type=int, default=1,
-                     help="context parallelism over N processes (torchrun --nproc-per-node N ... --ulysses-degree N)")
+                     help="Ulysses context parallelism over N processes: splits the heads, so N must divide "
+                          "them (torchrun --nproc-per-node N ... --ulysses-degree N)")
+    run.add_argument("--ring-degree", type=int, default=1,
+                     help="ring attention over R processes: splits the sequence, past the head count; with "
+                          "--ulysses-degree U, launch U x R processes (torchrun --nproc-per-node U*R)")
     run.add_argument("--collective-timeout", type=float, default=float(os.environ.get("LVSA_COLLECTIVE_TIMEOUT", 600)),
                      help="seconds a process waits for the others in a collective before the run fails "
                           "(a stopped or stuck rank) [env: LVSA_COLLECTIVE_TIMEOUT]")
@@ -112,7 +116,8 @@ def check_arguments(args: argparse.Namespace, adapter: Any, settings: AppSetting
     before the model is loaded, with the family's factors (checked again against a loaded checkpoint)."""
     family = adapter.family_defaults()
     for option, value in (("--num-frames", args.num_frames), ("--steps", args.steps), ("--height", args.height),
-                          ("--width", args.width), ("--fps", args.fps), ("--ulysses-degree", args.ulysses_degree)):
+                          ("--width", args.width), ("--fps", args.fps), ("--ulysses-degree", args.ulysses_degree),
+                          ("--ring-degree", args.ring_degree)):
         if value is not None and value < 1:
             return f"{option} {value}: must be a positive integer"
     if not args.collective_timeout > 0:
@@ -209,10 +214,13 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
     device_type, device = _pick_device(args.device)
     rank, world = 0, 1
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.ulysses_degree > 1 or launched > 1:
-        if args.ulysses_degree != launched:
-            raise LVSAError(f"launched with {launched} process(es) but --ulysses-degree {args.ulysses_degree}: "
-                            f"use torchrun --nproc-per-node N ... --ulysses-degree N")
+    degrees = args.ulysses_degree * args.ring_degree
+    if degrees > 1 or launched > 1:
+        if degrees != launched:
+            raise LVSAError(
+                f"launched with {launched} process(es) but --ulysses-degree {args.ulysses_degree} x --ring-degree "
+                f"{args.ring_degree} = {degrees}: use torchrun --nproc-per-node {degrees}, or degrees whose "
+                f"product is {launched}")
         from lvsa.parallel import init_distributed
 
         rank, world, local_rank = init_distributed(device_type, timeout=args.collective_timeout)
@@ -242,9 +250,9 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
     if world > 1:
         from lvsa.parallel import enable_context_parallel
 
-        enable_context_parallel(pipe, args.ulysses_degree)
-        say(f"{PRINT_PREFIX} context parallel: Ulysses over {world} processes "
-            f"({registry.get_device(device_type).collective_backend})")
+        enable_context_parallel(pipe, args.ulysses_degree, ring_degree=args.ring_degree)
+        say(f"{PRINT_PREFIX} context parallel over {world} processes: Ulysses {args.ulysses_degree} x ring "
+            f"{args.ring_degree} ({registry.get_device(device_type).collective_backend})")
 
     family: ModelFamily = adapter.model_family(pipe.transformer)
     height = args.height if args.height is not None else (TINY_DEFAULTS["height"] if tiny else family.default_height)
@@ -309,6 +317,9 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
         stats = handle.stats
         say(f"{PRINT_PREFIX} lvsa: {stats.sparse_calls} layer calls sparse, {stats.fallback_calls} fell back, "
             f"{stats.plan_builds} plans built over {stats.steps} steps")
+        if stats.ring_steps:  # rank 0's ring steps: those whose shards share no attended frame pair were skipped
+            say(f"{PRINT_PREFIX} ring attention (rank 0): {stats.ring_steps_skipped} of {stats.ring_steps} ring "
+                "steps skipped (no attended frame pair)")
     say(f"{PRINT_PREFIX} output: {target}")
     say(f"{PRINT_PREFIX} wall time {wall:.1f} s, {denoise / max(steps, 1):.2f} s/step over {steps} steps "
         f"({mode}, {device}{f' x {world} processes' if world > 1 else ''}, {str(dtype).removeprefix('torch.')})")

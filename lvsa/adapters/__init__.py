@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .. import log, registry
 from ..errors import ConfigError
 from ..registry import Plugin
-from ..ulysses import ulysses_group_of
+from ..ring import context_parallel_of
 from . import ops
 from .base import LatentGrid, ModelAdapter
 from .runtime import LVSARuntime, RuntimeStats
@@ -143,7 +143,7 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
             if replaced:
                 runtime.processors_replaced(replaced)
         grid: LatentGrid = adapter.latent_grid(module, hidden_states)
-        runtime.begin_forward(grid, timestep, ulysses_group_of(module))
+        runtime.begin_forward(grid, timestep, context_parallel_of(module))
 
     def hook(index: int) -> Any:
         def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:

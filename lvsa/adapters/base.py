@@ -147,7 +147,8 @@ class ModelAdapter(ABC):
         heads = transformer.config.num_attention_heads
         if heads % degree:
             raise ConfigError(f"{type(transformer).__name__} has {heads} attention heads, which do not split over "
-                              f"ulysses_degree={degree}; use a degree that divides {heads}")
+                              f"ulysses_degree={degree}; use a degree that divides {heads}, and ring_degree for "
+                              "the rest of the processes")
         if self.cp_plan(transformer) is None and getattr(transformer, "_cp_plan", None) is None:
             raise ConfigError(f"{type(transformer).__name__} has no context-parallel plan")
 

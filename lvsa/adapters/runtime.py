@@ -5,7 +5,8 @@ Three small pieces, each with one job: the step (:class:`.steps.StepTracker`: th
 where lvsa was applied to a pipeline, else the timestep), the step's plan (:meth:`LVSARuntime.plan_for`:
 built once, on the first layer that asks, then shared by every layer of every forward of that step), and
 the sequence-parallel call (:func:`lvsa.ulysses.to_heads` / :func:`lvsa.ulysses.to_sequence` around the
-driver). The fallback policy (error, or a loud counted line) is :meth:`LVSARuntime.unsupported`."""
+driver, and :func:`lvsa.ring.ring_attention` in place of it under ring attention). The fallback policy
+(error, or a loud counted line) is :meth:`LVSARuntime.unsupported`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..errors import ConfigError, GeometryError
 from ..geometry import ModelFamily, pick_factor, planned_patches_per_frame
 from ..plan import PatternKnobs, SparsePlan, build_plan, resolve_knobs, rotates
 from ..riflex import TemporalRope, rewrite_tables
+from ..ring import ContextParallel, RingResult, ring_attention
 from ..ulysses import QKV, UlyssesGroup, to_heads, to_sequence
 from . import ops
 from .base import LatentGrid
@@ -40,7 +42,12 @@ class RuntimeStats:
     sparse_calls: int = 0  # layer calls that ran through an lvsa driver
     fallback_calls: int = 0  # layer calls handed back to the model's own attention
     fallback_reasons: dict[str, int] = field(default_factory=dict)
-    ulysses_degree: int = 1  # the context-parallel degree of the last forward
+    ulysses_degree: int = 1  # the Ulysses degree of the last forward
+    ring_degree: int = 1  # the ring degree of the last forward
+    ring_steps: int = 0  # ring steps of this rank's layer calls (ring_degree per call)
+    ring_steps_skipped: int = 0  # of those, skipped: the shards shared no attended frame pair
+    #: the key shards this rank skipped in its last layer call
+    last_skipped_key_shards: tuple[int, ...] = ()
 
 
 class LVSARuntime:
@@ -53,7 +60,7 @@ class LVSARuntime:
         self.knobs: PatternKnobs = resolve_knobs(settings, family, self.vae_temporal_factor)
         self.stats = RuntimeStats()
         self.grid: LatentGrid | None = None
-        self.ulysses: UlyssesGroup | None = None  # set while the transformer runs context-parallel
+        self.parallel: ContextParallel | None = None  # set while the transformer runs context-parallel
         self.steps = StepTracker()
         self.last_plan: SparsePlan | None = None
         self._planned_ppf = 0
@@ -76,12 +83,13 @@ class LVSARuntime:
             return torch.tensor([len(self.layer_names) - 1], dtype=torch.int64)
 
     # -- per forward -------------------------------------------------------------------------------
-    def begin_forward(self, grid: LatentGrid, timestep: Any, ulysses: UlyssesGroup | None = None) -> None:
-        if ulysses is not None:
-            ulysses.check_tokens(grid.latent_frames * grid.patches_per_frame, grid.latent_frames,
-                                 grid.patches_per_frame)
-        self.ulysses = ulysses
-        self.stats.ulysses_degree = ulysses.degree if ulysses else 1
+    def begin_forward(self, grid: LatentGrid, timestep: Any, parallel: ContextParallel | None = None) -> None:
+        if parallel is not None:
+            parallel.check_tokens(grid.latent_frames * grid.patches_per_frame, grid.latent_frames,
+                                  grid.patches_per_frame)
+        self.parallel = parallel
+        self.stats.ulysses_degree = parallel.ulysses.degree if parallel and parallel.ulysses else 1
+        self.stats.ring_degree = parallel.ring.degree if parallel and parallel.ring else 1
         step = self.steps.observe(timestep)
         with self._lock:
             self.stats.steps = self.steps.steps_seen
@@ -89,6 +97,11 @@ class LVSARuntime:
             # what every layer of this forward asks: worked out once here, not per layer call
             self._planned_ppf = self._planned_patches_per_frame(grid)
             self._plan_step = step if rotates(grid.latent_frames, self.knobs) else 0
+
+    @property
+    def ulysses(self) -> UlyssesGroup | None:
+        """The Ulysses group of the current forward, if any."""
+        return self.parallel.ulysses if self.parallel else None
 
     @property
     def step(self) -> int:
@@ -147,7 +160,7 @@ class LVSARuntime:
 
     def video_tokens(self, local_tokens: int) -> int:
         """The whole video's token count from a layer's (possibly sequence-sharded) share of it."""
-        return local_tokens * (self.ulysses.degree if self.ulysses else 1)
+        return local_tokens * (self.parallel.degree if self.parallel else 1)
 
     def attention(
         self,
@@ -207,6 +220,16 @@ class LVSARuntime:
         if ulysses is not None:
             ulysses.check_heads(video[0].shape[2], self.adapter_name)
             video, text = to_heads(video, text, ulysses)
+        ring = self.parallel.ring if self.parallel else None
+        if ring is not None:
+            if plan is None:  # unsupported() raises under context parallelism: no plan never reaches here
+                raise GeometryError("ring attention needs a plan")
+            result = ring_attention(video, text, plan, key_padding_mask, ring, self.settings)
+            self._count_ring_steps(result)
+            video_out, text_out = result.video, result.text
+            if ulysses is not None:
+                video_out, text_out = to_sequence(video_out, text_out, ulysses)
+            return video_out, text_out
         position = plan.text_position if plan is not None else text_position
         video_len = video[0].shape[1]
         if text is None:
@@ -237,7 +260,7 @@ class LVSARuntime:
         if "known_ppf" not in fields and self.grid is not None:
             fields["known_ppf"] = [self.grid.patches_per_frame]
         # under context parallelism the model's own attention would see lvsa's sharding: never fall back there
-        if self.settings.fallback == "error" or self.ulysses is not None:
+        if self.settings.fallback == "error" or self.parallel is not None:
             raise GeometryError(
                 f"[LVSA-FALLBACK] origin={origin} reason={reason} seq_len={seq_len}: {detail}. "
                 "Check the geometry overrides (LVSA_PATCHES_PER_FRAME, LVSA_VIDEO_HEIGHT/WIDTH, "
@@ -289,12 +312,18 @@ class LVSARuntime:
         total = grid.latent_frames * grid.patches_per_frame
         rows = cos.numel() // cos.shape[-1]
         offset = 0
-        if rows != total and self.ulysses is not None and rows * self.ulysses.degree == total:
-            offset = self.ulysses.rank * rows  # this rank's sequence shard of the table
+        if rows != total and self.parallel is not None and rows * self.parallel.degree == total:
+            offset = self.parallel.shard_index * rows  # this rank's sequence shard of the table
         return rewrite_tables(cos, sin, grid.latent_frames, rope, self.knobs.reference_frames, s,
                               total_tokens=total, token_offset=offset)
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _count_ring_steps(self, result: RingResult) -> None:
+        with self._lock:
+            self.stats.ring_steps += result.steps
+            self.stats.ring_steps_skipped += len(result.skipped)
+            self.stats.last_skipped_key_shards = result.skipped
+
     def _planned_patches_per_frame(self, grid: LatentGrid) -> int:
         """The tokens per frame to plan for: the model's grid, unless the settings override the geometry
         (then the geometry module's rule, pattern.md §1, decides)."""

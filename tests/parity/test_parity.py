@@ -87,9 +87,10 @@ def _make(case: Case, device: str, dtype: torch.dtype, seed: int = 0):
     return plan, q.to(**to), k.to(**to), v.to(**to), None if mask is None else mask.to(device)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_driver_matches_reference(parity_target, case, backends_required, request):
-    device, backend, dtype = parity_target
+def usable_target(parity_target, backends_required, request):
+    """``(device, driver, dtype)``, with the npu emulation installed on CPU; skipped (or failed, when
+    ``LVSA_TEST_BACKENDS`` requires it) where the driver cannot run."""
+    device, backend, _ = parity_target
     if backend == "npu" and device == "cpu":
         request.getfixturevalue("npu_emulation")
     status = lvsa.dispatch.driver_status(backend, device)
@@ -97,6 +98,12 @@ def test_driver_matches_reference(parity_target, case, backends_required, reques
         if backend in backends_required:
             pytest.fail(f"LVSA_TEST_BACKENDS requires {backend} on {device}: {status.reason}")
         pytest.skip(f"{backend} on {device}: {status.reason}")
+    return parity_target
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_driver_matches_reference(parity_target, case, backends_required, request):
+    device, backend, dtype = usable_target(parity_target, backends_required, request)
     plan, q, k, v, mask = _make(case, device, dtype)
     assert plan.is_dense != case.expect_sparse, plan.summary()
     problem = lvsa.AttentionProblem.from_tensors(q, k, v, plan, mask)

@@ -1,0 +1,121 @@
+"""Ring attention's edges: drivers without log-sum-exp are refused (or loudly replaced), bad degrees and
+geometry are errors naming the numbers, and the ``[LVSA]`` lines appear under ring attention too. (The
+ring against the reference is tests/parity/test_ring_parity.py; across processes, test_context_parallel.py.)"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import lvsa
+from lvsa import dispatch, registry
+from lvsa.backends.sdpa import SdpaDriver
+from lvsa.driver import Driver
+from lvsa.errors import ConfigError, DriverUnavailable, GeometryError
+from lvsa.registry import Plugin
+from lvsa.ring import RingGroup, check_degrees, ring_attention
+from lvsa.shards import RingStep, shard_span
+from lvsa_app.generation import main
+
+
+class NoLseDriver(SdpaDriver):
+    """A driver that runs self-attention but returns no log-sum-exp (as a third-party one might)."""
+
+    name = "nolse"
+    priority = 100
+    check_lse = Driver.check_lse
+
+
+@pytest.fixture
+def no_lse_driver(monkeypatch):
+    plugins = dict(registry.driver_plugins())
+    plugins["nolse"] = Plugin("nolse", "tests:NoLseDriver", None, NoLseDriver(), None)
+    monkeypatch.setitem(registry._loaded, registry.DRIVERS_NAMESPACE, plugins)
+    dispatch.clear_caches()
+    yield
+    dispatch.clear_caches()
+
+
+def ring_inputs(shards=2, text=3):
+    plan = lvsa.make_plan(12, 6, text_tokens=text, settings=lvsa.LVSASettings(reference_latent_frames=4, window_size=4))
+    gen = torch.Generator().manual_seed(0)
+    size = plan.video_tokens // shards
+    k = [torch.randn(1, size, 2, 16, generator=gen) for _ in range(shards)]
+    v = [torch.randn(1, size, 2, 16, generator=gen) for _ in range(shards)]
+    q = torch.randn(1, size, 2, 16, generator=gen)
+    text_qkv = tuple(torch.randn(1, text, 2, 16, generator=gen) for _ in range(3)) if text else None
+    return plan, (q, k[0], v[0]), text_qkv, (k, v)
+
+
+def run_rank0(plan, video, text, shards, settings):
+    return ring_attention(video, text, plan, None, RingGroup(None, len(shards[0]), 0), settings,
+                          key_value_shards=shards, merge_text=lambda o, lse: o)
+
+
+def test_a_driver_without_log_sum_exp_is_refused_with_the_reason(no_lse_driver):
+    plan, video, text, shards = ring_inputs()
+    with pytest.raises(DriverUnavailable, match=r"backend 'nolse' cannot run the ring steps of this call on cpu: "
+                                                r"nolse returns no log-sum-exp"):
+        run_rank0(plan, video, text, shards, lvsa.LVSASettings(backend="nolse"))
+    # it still runs plain self-attention: the refusal is about ring steps only
+    problem = lvsa.AttentionProblem.for_ring(*video, plan, 2)
+    assert dispatch.select_driver(problem, "nolse", "error").name == "nolse"
+
+
+def test_auto_passes_over_it_and_says_so(no_lse_driver, caplog):
+    plan, video, text, shards = ring_inputs()
+    with caplog.at_level(logging.INFO, logger="lvsa"):
+        result = run_rank0(plan, video, text, shards, lvsa.LVSASettings(backend="auto"))
+    assert result.driver == "sdpa"
+    assert "backend=auto chose sdpa for the ring steps of this call" in caplog.text
+    assert "nolse: nolse returns no log-sum-exp" in caplog.text
+
+
+def test_fallback_warn_replaces_it_loudly(no_lse_driver, caplog):
+    plan, video, text, shards = ring_inputs()
+    with caplog.at_level(logging.WARNING, logger="lvsa"):
+        result = run_rank0(plan, video, text, shards, lvsa.LVSASettings(backend="nolse", fallback="warn"))
+    assert result.driver == "sdpa"
+    assert "[LVSA-FALLBACK]" in caplog.text and "requested=nolse" in caplog.text and "using=sdpa" in caplog.text
+
+
+def test_the_plan_lines_are_logged_under_ring_attention(caplog):
+    dispatch.clear_caches()
+    plan, video, text, shards = ring_inputs()
+    with caplog.at_level(logging.INFO, logger="lvsa"):
+        run_rank0(plan, video, text, shards, lvsa.LVSASettings(backend="sdpa"))
+        run_rank0(plan, video, text, shards, lvsa.LVSASettings(backend="sdpa"))
+    assert caplog.text.count(plan.summary()) == 1  # once per plan shape, not per layer call
+
+
+def test_a_shard_that_does_not_match_the_plan_is_an_error():
+    plan, (q, k, v), _, _ = ring_inputs()
+    with pytest.raises(GeometryError, match=r"ring shard of 36 tokens x 3 shards != the plan's 12 latent frames x 6 "
+                                            r"tokens = 72 video tokens"):
+        lvsa.AttentionProblem.for_ring(q, k, v, plan, 3)
+    with pytest.raises(GeometryError, match="72 video tokens do not split into 5 equal ring shards"):
+        RingStep(plan, 5, 0, 1).attends  # noqa: B018
+    with pytest.raises(GeometryError, match=r"ring shard 4 outside 0\.\.3"):
+        shard_span(72, 4, 4)
+
+
+@pytest.mark.parametrize(("world", "ulysses", "ring", "message"), [
+    (8, 2, 2, r"ulysses_degree=2 x ring_degree=2 = 4 processes, but 8 were launched: launch torchrun "
+              r"--nproc-per-node 4, or choose degrees whose product is 8"),
+    (4, 0, 4, r"ulysses_degree=0: must be an integer >= 1"),
+    (4, 1, 2.0, r"ring_degree=2.0: must be an integer >= 1"),
+])
+def test_bad_degrees_are_errors_naming_the_numbers(world, ulysses, ring, message):
+    with pytest.raises(ConfigError, match=message):
+        check_degrees(world, ulysses, ring)
+
+
+def test_the_example_checks_the_launch_against_both_degrees(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main("wan", ["--lvsa", "--ulysses-degree", "2", "--ring-degree", "2", "--steps", "1"]) == 2
+    assert ("launched with 1 process(es) but --ulysses-degree 2 x --ring-degree 2 = 4: use torchrun "
+            "--nproc-per-node 4" in capsys.readouterr().err)
+    assert main("wan", ["--lvsa", "--ring-degree", "0"]) == 2
+    assert "--ring-degree 0: must be a positive integer" in capsys.readouterr().err
