@@ -27,6 +27,7 @@ import torch
 import lvsa
 from lvsa import registry
 from lvsa.backends.attention_ops import attention_with_lse, dense_attention
+from lvsa.backends.ring_step import LseAccumulator
 from lvsa.ring import RingGroup, ring_attention
 from lvsa.shards import skipped_key_shards
 
@@ -48,18 +49,11 @@ def timed(fn, device_module, repeats: int) -> float:
 
 def dense_ring_rank(q, keys, values, rank):
     """One rank's ring as diffusers runs it: every key shard, cuDNN attention with log-sum-exp, merged."""
-    out = lse = None
+    acc = LseAccumulator(q)
     for s in range(len(keys)):
         j = (rank - s) % len(keys)
-        o, l_ = attention_with_lse(q, keys[j], values[j])
-        if out is None:
-            out, lse = o.float(), l_
-        else:
-            new = torch.logaddexp(lse, l_)
-            out = out * torch.exp(lse - new).transpose(1, 2)[..., None] + o.float() * torch.exp(l_ - new).transpose(
-                1, 2)[..., None]
-            lse = new
-    return out
+        acc.add(*attention_with_lse(q, keys[j], values[j]))
+    return acc.out
 
 
 def time_layout(u: int, r: int, q, k, v, plan, settings, sparse_out, device_module, repeats: int):

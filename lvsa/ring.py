@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .dispatch import log_plan_once, select_driver
 from .driver import AttentionProblem
 from .errors import ConfigError, GeometryError
-from .shards import RingStep
+from .shards import RingStep, skipped_key_shards
 from .ulysses import QKV, UlyssesGroup
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.
     """Partials over disjoint key sets (``[B, S, H, D]``, ``[B, H, S]`` each) merged into one output."""
     import torch
 
+    # not attention_ops.merge: that one computes in float32, and the float64 reference's partials merge here too
     weights = torch.softmax(torch.stack(lses), dim=0)  # [parts, B, H, S]
     total = outs[0] * weights[0].transpose(1, 2).unsqueeze(-1)
     for o, w in zip(outs[1:], weights[1:], strict=True):
@@ -162,7 +163,7 @@ def ring_attention(
 
     keys, values = key_value_shards or (gather_shards(k, ring), gather_shards(v, ring))
     acc = ring_step.LseAccumulator(q)
-    skipped = tuple(j for j in range(ring.degree) if not RingStep(plan, ring.degree, ring.rank, j).attends)
+    skipped = skipped_key_shards(plan, ring.degree, ring.rank)
     if stepwise:
         for s in range(ring.degree):
             j = (ring.rank - s) % ring.degree  # the local shard first, as in a ring pass
@@ -173,21 +174,17 @@ def ring_attention(
         # the attended shards end to end (a skipped shard is never read): one index for every step
         index = ring_step.index_for_shards(plan, ring.degree, ring.rank, problem, budget, max_batch)
         ring_step.run_step(index, q, _end_to_end(keys), _end_to_end(values), scale, attend, acc)
-    if text is not None:
-        tq, tk, tv = text
-        acc.add(*attend(q, tk, tv, key_padding_mask, scale))  # every video query attends the text keys
-    video_out = acc.out.to(q.dtype)
-
     text_out = None
     if text is not None:
         tq, tk, tv = text
+        acc.add(*attend(q, tk, tv, key_padding_mask, scale))  # every video query attends the text keys
         text_acc = ring_step.LseAccumulator(tq)
         text_acc.add(*attend(tq, k, v, None, scale))  # this rank's video shard
         if ring.rank == 0:  # the text keys once in the group, so the merge counts them once
             text_acc.add(*attend(tq, tk, tv, key_padding_mask, scale))
         merged = (merge_text or (lambda o, lse: merge_over_ring(o, lse, ring)))(text_acc.out, text_acc.lse)
         text_out = merged.to(tq.dtype)
-    return RingResult(video_out, text_out, ring.degree, skipped, driver.name)
+    return RingResult(acc.out.to(q.dtype), text_out, ring.degree, skipped, driver.name)
 
 
 def _end_to_end(shards: list[torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ the float64 reference's token mask."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from .errors import GeometryError
 from .plan import SparsePlan
@@ -133,6 +133,8 @@ class RingStep:
         return self.query_shard == self.key_shard
 
 
+@lru_cache(maxsize=256)
 def skipped_key_shards(plan: SparsePlan, shards: int, query_shard: int) -> tuple[int, ...]:
-    """The key shards whose ring step the query shard skips: they share no attended frame pair with it."""
+    """The key shards whose ring step the query shard skips: they share no attended frame pair with it.
+    Cached per plan: layer calls ask it, and working it out walks the shard's frames in Python."""
     return tuple(j for j in range(shards) if not RingStep(plan, shards, query_shard, j).attends)
