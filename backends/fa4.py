@@ -1,18 +1,25 @@
 """FlashAttention-4 block-sparse attention on CUDA (Hopper sm90, Blackwell sm100), through torch's FlexAttention
 with ``kernel_options={"BACKEND": "FLASH"}``, which compiles the mask into FA4's CuTe DSL kernel.
 
-The plan becomes a FlexAttention ``BlockMask`` over ``block x block`` token tiles of the whole sequence (video
+The plan becomes a FlexAttention ``BlockMask`` over ``block x block`` tiles of the kernel's sequence (video
 and text). Tokens belong to *groups*: one per latent frame, and one for the text; a ``[G, G]`` boolean table
 says which query group attends which key group (the plan's frames; text queries attend everything, every
 query attends the text). A tile is
 
 - *full* when every (query, key) pair in it is attended: the kernel skips the mask there;
-- *partial* when only some are (a tile crosses a frame boundary: 1560 tokens per frame = 12 x 128 + 24, or
-  holds several frames when P < 128; or it holds padded text keys): the kernel applies ``mask_mod``;
+- *partial* when only some are (a tile holds parts of several groups, or padded text keys): the kernel
+  applies ``mask_mod``, which costs about three full tiles on an H100;
 - skipped otherwise.
 
-The tiles are classified on the device in a few vectorised operations (a 2-d prefix sum over the group table
-counts the attended pairs of each tile), once per plan: rotation changes these tensors once per step. Shapes
+**Aligned keys.** A frame rarely fills whole tiles (Wan: 1560 tokens = 12 x 128 + 24), so in token order
+about one visited tile in ten is partial. The keys and values are therefore copied into an order where frame
+boundaries fall on tile boundaries (:func:`aligned_side`): each frame's whole tiles, then all the frames'
+short remainders together. Then under 2% of the visited tiles are partial and the work is within 1-2% of the
+density; the copy of k and v costs about 0.3 ms per 400 MB. The queries stay in token order, so the output
+needs no copy back.
+
+The tiles are classified on the device in a few vectorised operations (group counts per tile, times the
+group table), once per plan: rotation changes these tensors once per step. Shapes and the kernel's constants
 depend only on the geometry, so the compiled kernel is reused across the steps of a generation. A dense plan
 without padded text runs FA4's dense kernel (no block mask).
 
@@ -48,6 +55,33 @@ _lock = threading.Lock()
 _SHAPES_PER_PROCESS = 64
 
 
+Slot = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side (queries or keys) of the kernel's sequence: which token sits at each kernel position, and the
+    *slot* of a position, in index arithmetic. A slot is a run of positions of one group (a frame's whole
+    tiles, a frame's remainder, the text); ``slot_groups`` gives each slot's group. The slot formula is the
+    one rule that the tile classification (vectorised over positions) and the kernel's ``mask_mod`` (per
+    position; its Python ints are constants of the compiled kernel) share; positions past the sequence, which
+    the kernel also passes to ``mask_mod``, map to a valid slot."""
+
+    #: ``[S]`` long: kernel position -> token position (None: the token order)
+    order: torch.Tensor | None
+    slot: Slot
+    #: ``[slots]`` long; a rotated plan changes its values, not its shape
+    slot_groups: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    queries: Side
+    keys: Side
+    #: the kernel key positions of the text tokens (where the padding mask is written)
+    text_keys: slice
+
+
 @dataclass(frozen=True)
 class BlockTables:
     """The plan as tiles: FlexAttention's ``from_kv_blocks`` arguments (``[1, 1, query tiles, ...]`` int32)."""
@@ -57,16 +91,19 @@ class BlockTables:
     full_kv_num_blocks: torch.Tensor
     full_kv_indices: torch.Tensor
     block: int
-    #: ``[G, G]`` bool: query group attends key group
+    #: ``[query slots, key slots]`` bool: the group table at the slots' groups
     attended: torch.Tensor
+    layout: TileLayout
 
 
 @dataclass(frozen=True)
 class Fa4Prepared(Prepared):
     #: None: dense plan without padded text keys (FA4's dense kernel)
     block_mask: Any
-    #: ``[B, S]`` bool, True = key kept; rewritten from the padding mask at every call (None: no padding)
+    #: ``[B, tiles x block]`` bool over kernel key positions, True = key kept; the text's entries are rewritten
+    #: from the padding mask at every call (None: no padding)
     keep: torch.Tensor | None
+    layout: TileLayout | None
 
 
 def group_layout(plan: SparsePlan) -> tuple[int, int]:
@@ -78,20 +115,58 @@ def group_layout(plan: SparsePlan) -> tuple[int, int]:
     return T + 1, (0 if plan.text_position == "before" else T)
 
 
-def group_of(plan: SparsePlan) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The group of token positions, in index arithmetic: the one formula that the tile classification
-    (vectorised over positions) and the kernel's ``mask_mod`` (per position, Python ints as constants) share."""
-    P, vs, V = plan.patches_per_frame, plan.video_start, plan.video_tokens
+def token_side(plan: SparsePlan, device: torch.device | str) -> Side:
+    """The token order: one slot per group (a frame, the text)."""
+    P, vs, V, T = plan.patches_per_frame, plan.video_start, plan.video_tokens, plan.latent_frames
+    groups, text_group = group_layout(plan)
+    first = 1 if text_group == 0 else 0
+
+    # only what FA4's CuTe code generation lowers: arithmetic, comparisons, where (no clamp or maximum)
+    def slot(x: torch.Tensor) -> torch.Tensor:
+        if text_group < 0:
+            return torch.where(x < V, x // P, T - 1)
+        return torch.where((x >= vs) & (x < vs + V), (x - vs) // P + first, text_group)
+
+    return Side(None, slot, torch.arange(groups, device=device))
+
+
+def aligned_side(plan: SparsePlan, block: int, device: torch.device | str) -> Side | None:
+    """The order that puts frame boundaries on tile boundaries: every frame's whole tiles (``P // block`` of
+    them) in frame order, then the frames' remainders (``P % block`` tokens each), the global frames' first so
+    that the remainders a query frame attends (its globals and its window) share few tiles, then the text.
+    Slots: ``T`` frames' whole tiles, ``T`` remainders, the text. None where the token order is as good:
+    frames of whole tiles, frames shorter than a tile, or a dense plan."""
+    P, T, vs = plan.patches_per_frame, plan.latent_frames, plan.video_start
+    whole, rest = P // block * block, P % block
+    if whole == 0 or rest == 0 or plan.is_dense:
+        return None
     _, text_group = group_layout(plan)
-    if text_group < 0:
-        return lambda token: token // P
-    first_frame = 1 if text_group == 0 else 0
+    first = 1 if text_group == 0 else 0
+    is_global = set(plan.globals)
+    rest_frames = torch.tensor([*plan.globals, *(f for f in range(T) if f not in is_global)])
+    main_tokens = vs + torch.arange(T)[:, None] * P + torch.arange(whole)[None]
+    rest_tokens = vs + rest_frames[:, None] * P + torch.arange(whole, P)[None]
+    text = torch.arange(plan.text_start, plan.text_start + plan.text_tokens)
+    order = torch.cat([main_tokens.flatten(), rest_tokens.flatten(), text]).to(device)
+    slot_groups = torch.cat([torch.arange(T) + first, rest_frames + first, torch.tensor([max(text_group, 0)])])
+    main_end, video_end = T * whole, T * P
 
-    def group(token: torch.Tensor) -> torch.Tensor:
-        video = (token >= vs) & (token < vs + V)
-        return torch.where(video, (token - vs) // P + first_frame, text_group)
+    def slot(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x < main_end, x // whole, torch.where(x < video_end, T + (x - main_end) // rest, 2 * T))
 
-    return group
+    return Side(order, slot, slot_groups.to(device))
+
+
+def tile_layout(plan: SparsePlan, block: int, device: torch.device | str, align_keys: bool = True) -> TileLayout:
+    """Queries in token order; keys and values in the aligned order where there is one (see
+    :func:`aligned_side`). Reordering the queries as well was measured slower: it copies q and the output
+    too, and each remainder query tile holds several frames, so it visits the union of their keys through the
+    mask."""
+    tokens = token_side(plan, device)
+    aligned = aligned_side(plan, block, device) if align_keys else None
+    if aligned is None:
+        return TileLayout(tokens, tokens, slice(plan.text_start, plan.text_start + plan.text_tokens))
+    return TileLayout(tokens, aligned, slice(plan.seq_len - plan.text_tokens, plan.seq_len))
 
 
 def attended_groups(plan: SparsePlan, device: torch.device | str) -> torch.Tensor:
@@ -109,26 +184,29 @@ def attended_groups(plan: SparsePlan, device: torch.device | str) -> torch.Tenso
     return table.to(device)
 
 
-def block_tables(plan: SparsePlan, block: int, device: torch.device | str, padded_text: bool) -> BlockTables:
-    """Classify every ``block x block`` tile of the sequence as full, partial or skipped (see the module)."""
-    S = plan.seq_len
-    attended = attended_groups(plan, device)
+def _tile_counts(side: Side, S: int, block: int, groups: int) -> torch.Tensor:
+    """``[tiles, G]`` float64: how many tokens of each group a tile of this side holds."""
+    positions = torch.arange(S, device=side.slot_groups.device)
+    counts = torch.zeros(-(-S // block), groups, dtype=torch.float64, device=positions.device)
+    ones = torch.ones(S, dtype=torch.float64, device=positions.device)
+    counts.index_put_((positions // block, side.slot_groups[side.slot(positions)]), ones, accumulate=True)
+    return counts
+
+
+def block_tables(plan: SparsePlan, block: int, device: torch.device | str, padded_text: bool,
+                 align_keys: bool = True) -> BlockTables:
+    """Classify every ``block x block`` tile of the kernel's sequence as full, partial or skipped (see the
+    module): the attended pairs of a tile are its query tile's group counts times the group table times its
+    key tile's group counts (exact in float64)."""
+    groups_table = attended_groups(plan, device)
+    layout = tile_layout(plan, block, device, align_keys)
     groups, text_group = group_layout(plan)
-    tiles = -(-S // block)
-    starts = torch.arange(tiles, device=device) * block
-    ends = torch.clamp(starts + block, max=S) - 1
-    group = group_of(plan)
-    lo, hi = group(starts), group(ends)  # groups are contiguous in token order
-    # prefix[i, j] = attended pairs among query groups < i and key groups < j
-    prefix = torch.zeros(groups + 1, groups + 1, dtype=torch.int64, device=device)
-    prefix[1:, 1:] = attended.long().cumsum(0).cumsum(1)
-    r0, r1 = lo[:, None], hi[:, None] + 1
-    c0, c1 = lo[None, :], hi[None, :] + 1
-    pairs = prefix[r1, c1] - prefix[r0, c1] - prefix[r1, c0] + prefix[r0, c0]
-    full = pairs == (r1 - r0) * (c1 - c0)
+    rows = _tile_counts(layout.queries, plan.seq_len, block, groups)
+    cols = _tile_counts(layout.keys, plan.seq_len, block, groups)
+    pairs = rows @ groups_table.double() @ cols.T
+    full = pairs == rows.sum(1)[:, None] * cols.sum(1)[None, :]
     if padded_text and text_group >= 0:
-        holds_text = (lo <= text_group) & (text_group <= hi)
-        full &= ~holds_text[None, :]  # a padded text key must go through the mask
+        full &= (cols[:, text_group] == 0)[None, :]  # a padded text key must go through the mask
     partial = (pairs > 0) & ~full
 
     def csr(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,20 +216,29 @@ def block_tables(plan: SparsePlan, block: int, device: torch.device | str, padde
 
     kv_num, kv_idx = csr(partial)
     full_num, full_idx = csr(full)
-    return BlockTables(kv_num, kv_idx, full_num, full_idx, block, attended)
+    slots = groups_table[layout.queries.slot_groups][:, layout.keys.slot_groups]
+    return BlockTables(kv_num, kv_idx, full_num, full_idx, block, slots, layout)
 
 
-def mask_mod_for(plan: SparsePlan, attended: torch.Tensor, keep: torch.Tensor | None) -> Callable[..., Any]:
-    """``mask_mod(b, h, q, k)`` over :func:`group_of` (Python ints become constants of the compiled kernel;
-    the tensors are its captured buffers)."""
-    group = group_of(plan)
+def mask_mod_for(tables: BlockTables, keep: torch.Tensor | None) -> Callable[..., Any]:
+    """``mask_mod(b, h, q, k)`` over kernel positions: the slot table at the positions' slots, one load per
+    position (the tensors are the compiled kernel's captured buffers, so a rotated plan changes data, not the
+    kernel; ``keep`` covers whole tiles)."""
+    attended, query_slot, key_slot = tables.attended, tables.layout.queries.slot, tables.layout.keys.slot
     if keep is None:
         def mask_mod(b, h, q, k):
-            return attended[group(q), group(k)]
+            return attended[query_slot(q), key_slot(k)]
     else:
         def mask_mod(b, h, q, k):
-            return attended[group(q), group(k)] & keep[b, k]
+            return attended[query_slot(q), key_slot(k)] & keep[b, k]
     return mask_mod
+
+
+def _to_tiles(values: torch.Tensor, block: int) -> torch.Tensor:
+    """``values`` padded with zeros (a dropped key) to whole tiles along the last dimension: the kernel calls
+    ``mask_mod`` on every position of a tile, including those past the sequence, before it masks them, and an
+    index past a captured tensor's end reads out of bounds."""
+    return torch.nn.functional.pad(values, (0, -values.shape[-1] % block))
 
 
 class Fa4Driver(Driver[Fa4Prepared]):
@@ -162,11 +249,14 @@ class Fa4Driver(Driver[Fa4Prepared]):
     head_dims = frozenset({64, 96, 128})
 
     def __init__(self, block: int = 128, kernel_backend: str | None = "FLASH", compiled: bool = True,
-                 devices: frozenset[str] | None = None, dtypes: frozenset[Any] | None = None) -> None:
+                 devices: frozenset[str] | None = None, dtypes: frozenset[Any] | None = None,
+                 align_keys: bool = True) -> None:
         """The defaults are the CUDA driver. ``kernel_backend=None, compiled=False`` with CPU devices and any
         dtype runs the same block mask through FlexAttention's reference path: the tests check the tiles that
-        way on machines without a GPU."""
+        way on machines without a GPU. ``align_keys=False`` keeps the keys in token order (for comparison:
+        see :func:`aligned_side`)."""
         self.block = block
+        self.align_keys = align_keys
         self.kernel_options = {"BACKEND": kernel_backend} if kernel_backend else None
         self.compiled = compiled
         if devices is not None:
@@ -203,11 +293,17 @@ class Fa4Driver(Driver[Fa4Prepared]):
         device = torch.device(problem.device_type, problem.device_index)
         keep = None
         if problem.has_padding_mask:
-            keep = torch.ones(problem.batch, plan.seq_len, dtype=torch.bool, device=device)
-        if plan.is_dense and keep is None:
-            block_mask = None
-        else:
-            block_mask = self.block_mask(plan, device, keep)
+            keep = _to_tiles(torch.ones(problem.batch, plan.seq_len, dtype=torch.bool, device=device), self.block)
+        block_mask = layout = None
+        if not plan.is_dense or keep is not None:
+            from torch.nn.attention.flex_attention import BlockMask
+
+            tables = block_tables(plan, self.block, device, padded_text=keep is not None,
+                                  align_keys=self.align_keys)
+            S, layout = plan.seq_len, tables.layout
+            block_mask = BlockMask.from_kv_blocks(
+                tables.kv_num_blocks, tables.kv_indices, tables.full_kv_num_blocks, tables.full_kv_indices,
+                BLOCK_SIZE=(self.block, self.block), mask_mod=mask_mod_for(tables, keep), seq_lengths=(S, S))
         key = (problem.dtype, problem.head_dim, problem.q_heads, problem.kv_heads, plan.seq_len, problem.batch,
                block_mask is None, keep is None, device)
         if self.compiled and key not in _compiled:
@@ -216,43 +312,35 @@ class Fa4Driver(Driver[Fa4Prepared]):
             log.info(f"fa4: first call of {str(problem.dtype)[6:]} head_dim={problem.head_dim} seq_len={plan.seq_len} "
                      f"{'dense' if block_mask is None else 'block-sparse'} in this process compiles the kernel "
                      "(several seconds; reused for every step of this shape)")
-        return Fa4Prepared(plan, problem, block_mask, keep)
-
-    def block_mask(self, plan: SparsePlan, device: torch.device, keep: torch.Tensor | None) -> Any:
-        from torch.nn.attention.flex_attention import BlockMask
-
-        tables = block_tables(plan, self.block, device, padded_text=keep is not None)
-        S = plan.seq_len
-        return BlockMask.from_kv_blocks(
-            tables.kv_num_blocks, tables.kv_indices, tables.full_kv_num_blocks, tables.full_kv_indices,
-            BLOCK_SIZE=(self.block, self.block), mask_mod=mask_mod_for(plan, tables.attended, keep),
-            seq_lengths=(S, S),
-        )
+        return Fa4Prepared(plan, problem, block_mask, keep, layout)
 
     def run(self, prepared: Fa4Prepared, q, k, v, key_padding_mask=None):
-        plan = prepared.plan
+        layout = prepared.layout
         if prepared.keep is not None:
             if key_padding_mask is None:
                 raise ValueError("fa4: prepared for a padding mask but called without one")
-            prepared.keep[:, plan.text_start : plan.text_start + plan.text_tokens] = key_padding_mask
+            prepared.keep[:, layout.text_keys] = key_padding_mask
+        if layout is not None and layout.keys.order is not None:
+            k, v = k.index_select(1, layout.keys.order), v.index_select(1, layout.keys.order)
         attention = _flex(self.compiled)
         args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         kwargs = dict(block_mask=prepared.block_mask, scale=prepared.scale, enable_gqa=q.shape[2] != k.shape[2],
                       kernel_options=self.kernel_options)
         if not self.compiled:
-            return attention(*args, **kwargs).transpose(1, 2)
-        # every shape compiles its own kernel; past dynamo's default of 8 shapes it would silently run
-        # FlexAttention's unfused fallback (a full score matrix: slow, or out of memory): raise instead
-        with torch._dynamo.config.patch(recompile_limit=_SHAPES_PER_PROCESS, fail_on_recompile_limit_hit=True):
-            try:
-                out = attention(*args, **kwargs)
-            except Exception as error:
-                if "recompile" not in type(error).__name__.lower() and "RecompileLimit" not in str(error):
-                    raise
-                raise DriverUnavailable(
-                    f"fa4: more than {_SHAPES_PER_PROCESS} attention shapes were compiled in this process; "
-                    "FlexAttention would fall back to its unfused path. Use fewer distinct shapes per process, "
-                    "or another backend") from error
+            out = attention(*args, **kwargs)
+        else:
+            # every shape compiles its own kernel; past dynamo's default of 8 shapes it would silently run
+            # FlexAttention's unfused fallback (a full score matrix: slow, or out of memory): raise instead
+            with torch._dynamo.config.patch(recompile_limit=_SHAPES_PER_PROCESS, fail_on_recompile_limit_hit=True):
+                try:
+                    out = attention(*args, **kwargs)
+                except Exception as error:
+                    if "recompile" not in type(error).__name__.lower() and "RecompileLimit" not in str(error):
+                        raise
+                    raise DriverUnavailable(
+                        f"fa4: more than {_SHAPES_PER_PROCESS} attention shapes were compiled in this process; "
+                        "FlexAttention would fall back to its unfused path. Use fewer distinct shapes per process, "
+                        "or another backend") from error
         return out.transpose(1, 2)
 
 
