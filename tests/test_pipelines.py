@@ -257,3 +257,32 @@ def test_a_custom_loop_can_set_the_step(saved_models):
     runtime.begin_forward(LatentGrid(41, 16), torch.tensor([400.0]))
     assert runtime.step == 6
     assert runtime.plan_for("probe", 41 * 16).step == 6
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fa4_tiles_with_aligned_keys_equal_the_reference_in_real_pipelines(saved_models, name, monkeypatch):
+    """The fa4 driver's tiles and key order, through FlexAttention's CPU path, inside each family's pipeline
+    beyond the horizon (rotating plans, CFG as each pipeline runs it, HunyuanVideo's padded text, CogVideoX's
+    text before the video): the same latents as the float64-exact reference driver. 4-token tiles, so the
+    small models' frames are not whole tiles and the keys are reordered."""
+    from lvsa.backends.fa4 import Fa4Driver, aligned_side
+    from lvsa.registry import Plugin
+
+    cpu_fa4 = Fa4Driver(block=3, kernel_backend=None, compiled=False, devices=frozenset({"cpu"}),
+                        dtypes=frozenset({torch.float32}))
+    cpu_fa4.head_dims = frozenset(range(1, 257))  # the small models' heads (FlexAttention's CPU path takes any)
+    plugins = dict(lvsa.registry.driver_plugins())
+    plugins["fa4"] = Plugin("fa4", "tests:cpu_fa4", None, cpu_fa4, None)
+    monkeypatch.setitem(lvsa.registry._loaded, lvsa.registry.DRIVERS_NAMESPACE, plugins)
+    lvsa.dispatch.clear_caches()
+    pipe = load(saved_models, name)
+    outputs = {}
+    for backend in ("reference", "fa4"):
+        handle = lvsa.apply(pipe, lvsa.LVSASettings(backend=backend))
+        outputs[backend] = generate(pipe, name, BEYOND[name], steps=3)
+        plan = handle.runtime.last_plan
+        assert plan.density < 1 and handle.stats.fallback_calls == 0
+        handle.remove()
+    assert aligned_side(plan, 3, "cpu") is not None  # the keys were really reordered
+    torch.testing.assert_close(outputs["fa4"], outputs["reference"], rtol=1e-4, atol=1e-4)
+    lvsa.dispatch.clear_caches()
