@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -106,20 +106,27 @@ class Fa4Prepared(Prepared):
     layout: TileLayout | None
 
 
-def group_layout(plan: SparsePlan) -> tuple[int, int]:
-    """``(groups, text group)``: groups are numbered in token order, the text's is first when the text comes
-    before the video and last when after (-1 without text)."""
+class Groups(NamedTuple):
+    """Groups are numbered in token order: the text's is first when the text comes before the video and last
+    when after (-1 without text), so the frames start at ``first_frame``."""
+
+    count: int
+    text_group: int
+    first_frame: int
+
+
+def group_layout(plan: SparsePlan) -> Groups:
     T = plan.latent_frames
     if not plan.text_tokens:
-        return T, -1
-    return T + 1, (0 if plan.text_position == "before" else T)
+        return Groups(T, -1, 0)
+    before = plan.text_position == "before"
+    return Groups(T + 1, 0 if before else T, 1 if before else 0)
 
 
 def token_side(plan: SparsePlan, device: torch.device | str) -> Side:
     """The token order: one slot per group (a frame, the text)."""
     P, vs, V, T = plan.patches_per_frame, plan.video_start, plan.video_tokens, plan.latent_frames
-    groups, text_group = group_layout(plan)
-    first = 1 if text_group == 0 else 0
+    groups, text_group, first = group_layout(plan)
 
     # only what FA4's CuTe code generation lowers: arithmetic, comparisons, where (no clamp or maximum)
     def slot(x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +147,7 @@ def aligned_side(plan: SparsePlan, block: int, device: torch.device | str) -> Si
     whole, rest = P // block * block, P % block
     if whole == 0 or rest == 0 or plan.is_dense:
         return None
-    _, text_group = group_layout(plan)
-    first = 1 if text_group == 0 else 0
+    _, text_group, first = group_layout(plan)
     is_global = set(plan.globals)
     rest_frames = torch.tensor([*plan.globals, *(f for f in range(T) if f not in is_global)])
     main_tokens = vs + torch.arange(T)[:, None] * P + torch.arange(whole)[None]
@@ -171,8 +177,7 @@ def tile_layout(plan: SparsePlan, block: int, device: torch.device | str, align_
 
 def attended_groups(plan: SparsePlan, device: torch.device | str) -> torch.Tensor:
     """``[G, G]`` bool: the plan's frame pattern, plus the text group attending and attended by everything."""
-    groups, text_group = group_layout(plan)
-    first_frame = 1 if text_group == 0 else 0
+    groups, text_group, first_frame = group_layout(plan)
     T, L = plan.latent_frames, plan.attended_per_frame
     table = torch.zeros(groups, groups, dtype=torch.bool)
     rows = torch.arange(T).repeat_interleave(L) + first_frame
@@ -200,7 +205,7 @@ def block_tables(plan: SparsePlan, block: int, device: torch.device | str, padde
     key tile's group counts (exact in float64)."""
     groups_table = attended_groups(plan, device)
     layout = tile_layout(plan, block, device, align_keys)
-    groups, text_group = group_layout(plan)
+    groups, text_group, _ = group_layout(plan)
     rows = _tile_counts(layout.queries, plan.seq_len, block, groups)
     cols = _tile_counts(layout.keys, plan.seq_len, block, groups)
     pairs = rows @ groups_table.double() @ cols.T
