@@ -259,30 +259,70 @@ def test_a_custom_loop_can_set_the_step(saved_models):
     assert runtime.plan_for("probe", 41 * 16).step == 6
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_fa4_tiles_with_aligned_keys_equal_the_reference_in_real_pipelines(saved_models, name, monkeypatch):
-    """The fa4 driver's tiles and key order, through FlexAttention's CPU path, inside each family's pipeline
-    beyond the horizon (rotating plans, CFG as each pipeline runs it, HunyuanVideo's padded text, CogVideoX's
-    text before the video): the same latents as the float64-exact reference driver. 4-token tiles, so the
-    small models' frames are not whole tiles and the keys are reordered."""
-    from lvsa.backends.fa4 import Fa4Driver, aligned_side
+@pytest.fixture
+def cpu_fa4(monkeypatch):
+    """The fa4 driver with FlexAttention's CPU path in place of the FLASH backend, registered as ``fa4``;
+    3-token tiles, so the small models' frames are not whole tiles and the keys are reordered."""
+    from lvsa.backends.fa4 import Fa4Driver
     from lvsa.registry import Plugin
 
-    cpu_fa4 = Fa4Driver(block=3, kernel_backend=None, compiled=False, devices=frozenset({"cpu"}),
-                        dtypes=frozenset({torch.float32}))
-    cpu_fa4.head_dims = frozenset(range(1, 257))  # the small models' heads (FlexAttention's CPU path takes any)
+    driver = Fa4Driver(block=3, kernel_backend=None, compiled=False, devices=frozenset({"cpu"}),
+                       dtypes=frozenset({torch.float32}))
+    driver.head_dims = frozenset(range(1, 257))  # the small models' heads (FlexAttention's CPU path takes any)
     plugins = dict(lvsa.registry.driver_plugins())
-    plugins["fa4"] = Plugin("fa4", "tests:cpu_fa4", None, cpu_fa4, None)
+    plugins["fa4"] = Plugin("fa4", "tests:cpu_fa4", None, driver, None)
     monkeypatch.setitem(lvsa.registry._loaded, lvsa.registry.DRIVERS_NAMESPACE, plugins)
     lvsa.dispatch.clear_caches()
-    pipe = load(saved_models, name)
+    yield driver
+    lvsa.dispatch.clear_caches()
+
+
+def _fa4_against_reference(pipe, run):
+    """``run()`` under the reference driver and under fa4: the same latents, a sparse plan with reordered
+    keys, and no call that fell back."""
+    from lvsa.backends.fa4 import aligned_side
+
     outputs = {}
     for backend in ("reference", "fa4"):
         handle = lvsa.apply(pipe, lvsa.LVSASettings(backend=backend))
-        outputs[backend] = generate(pipe, name, BEYOND[name], steps=3)
+        outputs[backend] = run()
         plan = handle.runtime.last_plan
-        assert plan.density < 1 and handle.stats.fallback_calls == 0
+        assert plan.density < 1 and handle.stats.sparse_calls > 0 and handle.stats.fallback_calls == 0
         handle.remove()
     assert aligned_side(plan, 3, "cpu") is not None  # the keys were really reordered
     torch.testing.assert_close(outputs["fa4"], outputs["reference"], rtol=1e-4, atol=1e-4)
-    lvsa.dispatch.clear_caches()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fa4_tiles_with_aligned_keys_equal_the_reference_in_real_pipelines(saved_models, name, cpu_fa4):
+    """The fa4 driver's tiles and key order, through FlexAttention's CPU path, inside each family's pipeline
+    beyond the horizon (rotating plans, CFG as each pipeline runs it, HunyuanVideo's padded text, CogVideoX's
+    text before the video): the same latents as the float64-exact reference driver."""
+    pipe = load(saved_models, name)
+    _fa4_against_reference(pipe, lambda: generate(pipe, name, BEYOND[name], steps=3))
+
+
+def test_fa4_in_the_variants_two_transformers_and_temporal_patching(saved_models, cpu_fa4):
+    """The variants whose geometry differs from the families' defaults: Wan 2.2's two transformers (one step
+    counter, each its own prepared plans) and CogVideoX 1.5's temporal patching (plans in token frames), beyond
+    the horizon, fa4 against the reference."""
+    from diffusers import WanPipeline
+
+    from .test_frame_units import _cogvideox
+
+    pipe = load(saved_models, "wan")
+    second = type(pipe.transformer).from_pretrained(saved_models["wan"] / "transformer")
+    two = WanPipeline(tokenizer=None, text_encoder=None, transformer=pipe.transformer, transformer_2=second,
+                      vae=pipe.vae, scheduler=pipe.scheduler, boundary_ratio=0.5)
+    two.set_progress_bar_config(disable=True)
+    _fa4_against_reference(two, lambda: generate(two, "wan", BEYOND["wan"], steps=4))
+
+    cog = _cogvideox(2)
+    inputs = example_model("cogvideox").pipeline_inputs(cog, None, seed=0)
+
+    def run():
+        with torch.inference_mode():
+            return cog(**inputs, height=64, width=64, num_frames=177, num_inference_steps=2, guidance_scale=5.0,
+                       generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+    _fa4_against_reference(cog, run)
