@@ -146,19 +146,25 @@ def without_empty_samples(
     return out.masked_fill_(empty[:, None, None, None], 0), lse.masked_fill_(empty[:, None, None], float("-inf"))
 
 
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype partial attentions are merged in: float32, or float64 for float64 inputs (the reference's)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> None:
     """Write into ``out`` the attention over the union of disjoint key sets, from each set's output
     ``[B, S, H, D]`` and log-sum-exp ``[B, H, S]``: a softmax over the log-sum-exps weights the outputs
-    (computed in float32)."""
+    (computed in :func:`accumulation_dtype`)."""
+    dtype = accumulation_dtype(parts[0][0])
     if len(parts) == 2:  # the common case, with fewer temporaries: o2 + (o1 - o2) * sigmoid(lse1 - lse2)
         (o1, lse1), (o2, lse2) = parts
-        weight = torch.sigmoid(lse1 - lse2).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
-        out.copy_(torch.lerp(o2.float(), o1.float(), weight))
+        weight = torch.sigmoid((lse1 - lse2).to(dtype)).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+        out.copy_(torch.lerp(o2.to(dtype), o1.to(dtype), weight))
         return
-    weights = torch.softmax(torch.stack([lse for _, lse in parts]), dim=0)  # [parts, B, H, S]
+    weights = torch.softmax(torch.stack([lse.to(dtype) for _, lse in parts]), dim=0)  # [parts, B, H, S]
     total = None
     for (o, _), w in zip(parts, weights, strict=True):
-        term = o.float() * w.transpose(1, 2).unsqueeze(-1)
+        term = o.to(dtype) * w.transpose(1, 2).unsqueeze(-1)
         total = term if total is None else total.add_(term)
     out.copy_(total)
 

@@ -21,6 +21,7 @@ from lvsa.driver import AttentionProblem
 from lvsa.plan import SparsePlan
 from lvsa.shards import RingStep, Span
 
+from .attention_ops import accumulation_dtype
 from .split import GATHER_BUDGET_BYTES, Attend
 
 
@@ -123,7 +124,7 @@ class LseAccumulator:
 
     def __init__(self, like: torch.Tensor) -> None:
         B, S, H, D = like.shape
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(like)
         self.out = torch.zeros(B, S, H, D, dtype=dtype, device=like.device)
         self.lse = torch.full((B, H, S), float("-inf"), dtype=dtype, device=like.device)
         self.empty = True

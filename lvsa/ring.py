@@ -103,23 +103,15 @@ def merge_over_ring(out: torch.Tensor, lse: torch.Tensor, ring: RingGroup) -> to
     import torch
     import torch.distributed as dist
 
+    from .backends.attention_ops import merge
+
     outs = [torch.empty_like(out) for _ in range(ring.degree)]
     lses = [torch.empty_like(lse) for _ in range(ring.degree)]
     dist.all_gather(outs, out.contiguous(), group=ring.group)
     dist.all_gather(lses, lse.contiguous(), group=ring.group)
-    return merge_partials(outs, lses)
-
-
-def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
-    """Partials over disjoint key sets (``[B, S, H, D]``, ``[B, H, S]`` each) merged into one output."""
-    import torch
-
-    # not attention_ops.merge: that one computes in float32, and the float64 reference's partials merge here too
-    weights = torch.softmax(torch.stack(lses), dim=0)  # [parts, B, H, S]
-    total = outs[0] * weights[0].transpose(1, 2).unsqueeze(-1)
-    for o, w in zip(outs[1:], weights[1:], strict=True):
-        total = total + o * w.transpose(1, 2).unsqueeze(-1)
-    return total
+    merged = torch.empty_like(out)
+    merge(list(zip(outs, lses, strict=True)), merged)
+    return merged
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,16 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _run(tmp_path, *argv, timeout=300) -> subprocess.CompletedProcess:
+    """``python argv...`` in ``tmp_path``, output captured."""
+    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path)
+
+
 def test_attention_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "attention.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "attention.py"), "--device", "cpu", "--small", "--repeats", "1",
-         "--warmup", "0", "--cases", "wan-4x (321,hunyuan-1.5x", "--json", str(report)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
+    result = _run(tmp_path, BENCHMARKS / "attention.py", "--device", "cpu", "--small", "--repeats", "1",
+                  "--warmup", "0", "--cases", "wan-4x (321,hunyuan-1.5x", "--json", report)
     assert result.returncode == 0, result.stderr
     assert "kfi=6 global_count=14 attended_per_frame=21/81" in result.stdout
     rows = json.loads(report.read_text())["rows"]
@@ -27,11 +30,8 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
 
 def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "pipeline.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "pipeline.py"), "--device", "cpu", "--small", "--repeats", "1",
-         "--frames", "81", "161", "--hunyuan-frames", "161", "--methods", "sdpa", "--json", str(report)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
+    result = _run(tmp_path, BENCHMARKS / "pipeline.py", "--device", "cpu", "--small", "--repeats", "1",
+                  "--frames", "81", "161", "--hunyuan-frames", "161", "--methods", "sdpa", "--json", report)
     assert result.returncode == 0, result.stderr
     rows = json.loads(report.read_text())
     by_key = {(r["model"], r["frames"], r["method"]): r for r in rows}
@@ -48,12 +48,9 @@ def test_multi_device_benchmark_runs_every_layout_on_four_cpu_processes(tmp_path
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     report = tmp_path / "multi.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
-         "--master-port", str(port), str(BENCHMARKS / "multi_device.py"), "--device", "cpu", "--small",
-         "--cases", "wan@161", "--repeats", "1", "--json", str(report)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
+    result = _run(tmp_path, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
+                  "--master-port", port, BENCHMARKS / "multi_device.py", "--device", "cpu", "--small",
+                  "--cases", "wan@161", "--repeats", "1", "--json", report, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(report.read_text())
     # the small Wan has 4 heads: Ulysses 4, ring 4 and Ulysses 2 x ring 2 all fit; diffusers' CPU attention has
@@ -68,11 +65,8 @@ def test_multi_device_benchmark_runs_every_layout_on_four_cpu_processes(tmp_path
 
 def test_ring_compute_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "ring.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "ring_compute.py"), "--device", "cpu", "--small", "--repeats", "1",
-         "--layouts", "1x2", "2x2", "3x1", "--json", str(report)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
+    result = _run(tmp_path, BENCHMARKS / "ring_compute.py", "--device", "cpu", "--small", "--repeats", "1",
+                  "--layouts", "1x2", "2x2", "3x1", "--json", report)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(report.read_text())
     assert [r["layout"] for r in rows] == ["1 device", "U1 x R2 (2 devices)", "U2 x R2 (4 devices)"]
