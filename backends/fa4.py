@@ -11,12 +11,16 @@ query attends the text). A tile is
   applies ``mask_mod``, which costs about three full tiles on an H100;
 - skipped otherwise.
 
-**Aligned keys.** A frame rarely fills whole tiles (Wan: 1560 tokens = 12 x 128 + 24), so in token order
-about one visited tile in ten is partial. The keys and values are therefore copied into an order where frame
-boundaries fall on tile boundaries (:func:`aligned_side`): each frame's whole tiles, then all the frames'
-short remainders together. Then under 2% of the visited tiles are partial and the work is within 1-2% of the
-density; the copy of k and v costs about 0.3 ms per 400 MB. The queries stay in token order, so the output
-needs no copy back.
+**Reordered keys.** A frame rarely fills whole tiles (Wan: 1560 tokens = 12 x 128 + 24), so in token order
+about one visited tile in ten is partial. The keys and values are therefore reordered so that every tile
+holds one frame's tokens, or frames' short remainders (the global frames' first), or text. Then under 2% of
+the visited tiles are partial and the work is within 1-2% of the density. The order that does it with the
+fewest moves (:func:`in_place_side`) keeps every tile that lies inside one frame where it is, and moves
+about 3% of the tokens; the driver moves them in the caller's k and v, runs the kernel, and moves them back
+(0.1 ms at Wan 4x, where copying every token took 0.55 ms and 0.8 GB). Where the caller's tensors cannot
+be written (inside ``torch.compile``, autograd recording them, k and v sharing memory with each other or
+q), it copies them into that order instead and logs why once. The queries stay in token order, so the
+output needs no copy back.
 
 The tiles are classified on the device in a few vectorised operations (group counts per tile, times the
 group table), once per plan: rotation changes these tensors once per step. Shapes and the kernel's constants
@@ -72,14 +76,17 @@ class Side:
     slot: Slot
     #: ``[slots]`` long; a rotated plan changes its values, not its shape
     slot_groups: torch.Tensor
+    #: ``(kernel positions, token positions)`` of the tokens that ``order`` moves, where that is few enough to
+    #: move them in the caller's tensors and back (see :func:`in_place_side`); None: copy through ``order``
+    moved: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class TileLayout:
     queries: Side
     keys: Side
-    #: the kernel key positions of the text tokens (where the padding mask is written)
-    text_keys: slice
+    #: the kernel key positions of the text tokens, in text order (where the padding mask is written)
+    text_keys: slice | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -137,42 +144,142 @@ def token_side(plan: SparsePlan, device: torch.device | str) -> Side:
     return Side(None, slot, torch.arange(groups, device=device))
 
 
+def _remainder_frames(plan: SparsePlan) -> torch.Tensor:
+    """The order of the frames' remainders in the reordered keys: the global frames' first, so that the
+    remainders a query frame attends (its globals and its window) share few tiles, then the others."""
+    is_global = set(plan.globals)
+    return torch.tensor([*plan.globals, *(f for f in range(plan.latent_frames) if f not in is_global)])
+
+
+def _reordered_slot_groups(plan: SparsePlan, device: torch.device | str) -> torch.Tensor:
+    """The groups of the reordered keys' slots: ``T`` frames' whole tiles, ``T`` remainders, the text."""
+    T, (_, text_group, first) = plan.latent_frames, group_layout(plan)
+    slot_groups = torch.cat([torch.arange(T) + first, _remainder_frames(plan) + first,
+                             torch.tensor([max(text_group, 0)])])
+    return slot_groups.to(device)
+
+
+def _reorders(plan: SparsePlan, block: int) -> bool:
+    """Whether reordering the keys helps: frames with whole tiles and a remainder, in a sparse plan (frames
+    of whole tiles, frames shorter than a tile, or a dense plan: the token order is as good)."""
+    P = plan.patches_per_frame
+    return P >= block and P % block != 0 and not plan.is_dense
+
+
 def aligned_side(plan: SparsePlan, block: int, device: torch.device | str) -> Side | None:
     """The order that puts frame boundaries on tile boundaries: every frame's whole tiles (``P // block`` of
-    them) in frame order, then the frames' remainders (``P % block`` tokens each), the global frames' first so
-    that the remainders a query frame attends (its globals and its window) share few tiles, then the text.
-    Slots: ``T`` frames' whole tiles, ``T`` remainders, the text. None where the token order is as good:
-    frames of whole tiles, frames shorter than a tile, or a dense plan."""
+    them) in frame order, then the frames' remainders (``P % block`` tokens each, see
+    :func:`_remainder_frames`), then the text. Slots: ``T`` frames' whole tiles, ``T`` remainders, the text.
+    None where the token order is as good (:func:`_reorders`). Every token moves: the driver copies k and v."""
+    if not _reorders(plan, block):
+        return None
     P, T, vs = plan.patches_per_frame, plan.latent_frames, plan.video_start
     whole, rest = P // block * block, P % block
-    if whole == 0 or rest == 0 or plan.is_dense:
-        return None
-    _, text_group, first = group_layout(plan)
-    is_global = set(plan.globals)
-    rest_frames = torch.tensor([*plan.globals, *(f for f in range(T) if f not in is_global)])
     main_tokens = vs + torch.arange(T)[:, None] * P + torch.arange(whole)[None]
-    rest_tokens = vs + rest_frames[:, None] * P + torch.arange(whole, P)[None]
+    rest_tokens = vs + _remainder_frames(plan)[:, None] * P + torch.arange(whole, P)[None]
     text = torch.arange(plan.text_start, plan.text_start + plan.text_tokens)
     order = torch.cat([main_tokens.flatten(), rest_tokens.flatten(), text]).to(device)
-    slot_groups = torch.cat([torch.arange(T) + first, rest_frames + first, torch.tensor([max(text_group, 0)])])
     main_end, video_end = T * whole, T * P
 
     def slot(x: torch.Tensor) -> torch.Tensor:
         return torch.where(x < main_end, x // whole, torch.where(x < video_end, T + (x - main_end) // rest, 2 * T))
 
-    return Side(order, slot, slot_groups.to(device))
+    return Side(order, slot, _reordered_slot_groups(plan, device))
 
 
-def tile_layout(plan: SparsePlan, block: int, device: torch.device | str, align_keys: bool = True) -> TileLayout:
-    """Queries in token order; keys and values in the aligned order where there is one (see
-    :func:`aligned_side`). Reordering the queries as well was measured slower: it copies q and the output
-    too, and each remainder query tile holds several frames, so it visits the union of their keys through the
-    mask."""
+def in_place_side(plan: SparsePlan, block: int, device: torch.device | str) -> Side | None:
+    """The aligned order's kind of tiles (every tile holds one frame's tokens, or remainders in the order of
+    :func:`_remainder_frames`, or text) reached by moving few tokens: a tile that lies inside one group
+    (a frame, the text) stays where it is; a group one whole tile short takes over a tile it shares with a
+    neighbour; the tiles nobody takes hold the remainders. About 3% of the tokens move at Wan's and
+    HunyuanVideo's frame sizes, so the driver moves them in the caller's k and v and back rather than
+    copying every token. The slot of a key position reads its tile's entry in a small table. None where
+    the token order is as good (:func:`_reorders`)."""
+    if not _reorders(plan, block):
+        return None
+    S, T, rest = plan.seq_len, plan.latent_frames, plan.patches_per_frame % block
+    groups, text_group, first = group_layout(plan)
+    lengths = torch.full((groups,), plan.patches_per_frame)
+    if text_group >= 0:
+        lengths[text_group] = plan.text_tokens
+    ends = lengths.cumsum(0)
+    starts = ends - lengths
+    group_of = torch.repeat_interleave(torch.arange(groups), lengths)  # token -> group
+    tiles = -(-S // block)
+    tile_start = torch.arange(tiles) * block
+    whole_tile = tile_start + block <= S
+    tile_end = torch.where(whole_tile, tile_start + block, S) - 1
+    single = whole_tile & (group_of[tile_start] == group_of[tile_end])
+    owner = torch.where(single, group_of[tile_start], -1)  # the group whose whole tile it is; -1: remainders
+    have = torch.bincount(owner[owner >= 0], minlength=groups)
+    # a group one tile short (it starts and ends inside tiles) takes the neighbouring tile holding more of its
+    # tokens; from the right, so that its left neighbour tile is always free (earlier groups have not chosen)
+    # and a whole tile (only the sequence's last tile is short, and a group ending there can take its left)
+    for g in reversed(range(groups)):
+        if have[g] == lengths[g] // block:
+            continue
+        s, e = int(starts[g]), int(ends[g])
+        free = [t for t in ((e - 1) // block, s // block) if owner[t] < 0 and whole_tile[t]]
+        owner[max(free, key=lambda t: min(e, (t + 1) * block) - max(s, t * block))] = g
+    tokens = torch.arange(S)
+    stays = owner[tokens // block] == group_of
+    order = torch.where(stays, tokens, -1)
+    # a group's tokens outside its tiles fill the free places of its tiles, in token order; the rest are its
+    # remainder and go to the tiles nobody owns, in the remainder order, the text's last
+    loose = tokens[~stays]
+    free_places = tokens[(owner[tokens // block] >= 0) & ~stays]
+    free_places = free_places[torch.argsort(owner[free_places // block], stable=True)]
+    places_per_group = torch.bincount(owner[free_places // block], minlength=groups)
+    loose_group = group_of[loose]
+    first_loose = torch.cumsum(torch.bincount(loose_group, minlength=groups), 0) - torch.bincount(
+        loose_group, minlength=groups)
+    fills = (torch.arange(len(loose)) - first_loose[loose_group]) < places_per_group[loose_group]
+    order[free_places] = loose[fills]
+    remainder_rank = torch.full((groups,), T)  # the text after every frame
+    remainder_rank[_remainder_frames(plan) + first] = torch.arange(T)
+    remainders = loose[~fills]
+    remainders = remainders[torch.argsort(remainder_rank[group_of[remainders]], stable=True)]
+    order[order < 0] = remainders  # the unowned tiles' positions, in position order
+    slot_of_group = torch.arange(groups) - first
+    if text_group >= 0:
+        slot_of_group[text_group] = 2 * T
+    unowned = owner < 0
+    tile_code = torch.where(unowned, -torch.cumsum(unowned.long(), 0), slot_of_group[owner.clamp(min=0)])
+    tile_code = tile_code.to(device, torch.int32)  # an index of the kernel's width: CuTe rejects an Int64 one
+
+    # for a remainder tile, -(its rank among them + 1): the position's place among the remainders is z
+    def slot(x: torch.Tensor) -> torch.Tensor:
+        code = tile_code[x // block]
+        z = (-code - 1) * block + x - x // block * block
+        return torch.where(code >= 0, code, torch.where(z < T * rest, T + z // rest, 2 * T))
+
+    moved = order != tokens
+    return Side(order.to(device), slot, _reordered_slot_groups(plan, device),
+                (tokens[moved].to(device), order[moved].to(device)))
+
+
+#: the orders the keys and values can take (see :func:`tile_layout`)
+KEY_ORDERS = ("in-place", "aligned", "token")
+
+
+def _key_side(key_order: str) -> Callable[[SparsePlan, int, torch.device | str], Side | None]:
+    sides = {"in-place": in_place_side, "aligned": aligned_side, "token": lambda *_: None}
+    if key_order not in sides:
+        raise ValueError(f"fa4: key_order {key_order!r} is not one of {', '.join(KEY_ORDERS)}")
+    return sides[key_order]
+
+
+def tile_layout(plan: SparsePlan, block: int, device: torch.device | str, key_order: str = "in-place") -> TileLayout:
+    """Queries in token order; keys and values in ``key_order`` where it reorders them (see
+    :func:`in_place_side`, :func:`aligned_side`; "token": none). Reordering the queries as well was measured
+    slower: it copies q and the output too, and each remainder query tile holds several frames, so it visits
+    the union of their keys through the mask."""
     tokens = token_side(plan, device)
-    aligned = aligned_side(plan, block, device) if align_keys else None
-    if aligned is None:
-        return TileLayout(tokens, tokens, slice(plan.text_start, plan.text_start + plan.text_tokens))
-    return TileLayout(tokens, aligned, slice(plan.seq_len - plan.text_tokens, plan.seq_len))
+    keys = _key_side(key_order)(plan, block, device)
+    text = slice(plan.text_start, plan.text_start + plan.text_tokens)
+    if keys is None:
+        return TileLayout(tokens, tokens, text)
+    return TileLayout(tokens, keys, torch.argsort(keys.order)[text])
 
 
 def attended_groups(plan: SparsePlan, device: torch.device | str) -> torch.Tensor:
@@ -199,12 +306,12 @@ def _tile_counts(side: Side, S: int, block: int, groups: int) -> torch.Tensor:
 
 
 def block_tables(plan: SparsePlan, block: int, device: torch.device | str, padded_text: bool,
-                 align_keys: bool = True) -> BlockTables:
+                 key_order: str = "in-place") -> BlockTables:
     """Classify every ``block x block`` tile of the kernel's sequence as full, partial or skipped (see the
     module): the attended pairs of a tile are its query tile's group counts times the group table times its
     key tile's group counts (exact in float64)."""
     groups_table = attended_groups(plan, device)
-    layout = tile_layout(plan, block, device, align_keys)
+    layout = tile_layout(plan, block, device, key_order)
     groups, text_group, _ = group_layout(plan)
     rows = _tile_counts(layout.queries, plan.seq_len, block, groups)
     cols = _tile_counts(layout.keys, plan.seq_len, block, groups)
@@ -227,8 +334,8 @@ def block_tables(plan: SparsePlan, block: int, device: torch.device | str, padde
 
 def mask_mod_for(tables: BlockTables, keep: torch.Tensor | None) -> Callable[..., Any]:
     """``mask_mod(b, h, q, k)`` over kernel positions: the slot table at the positions' slots, one load per
-    position (the tensors are the compiled kernel's captured buffers, so a rotated plan changes data, not the
-    kernel; ``keep`` covers whole tiles)."""
+    position, plus the key tile's entry where the keys moved in place (the tensors are the compiled kernel's
+    captured buffers, so a rotated plan changes data, not the kernel; ``keep`` covers whole tiles)."""
     attended, query_slot, key_slot = tables.attended, tables.layout.queries.slot, tables.layout.keys.slot
     if keep is None:
         def mask_mod(b, h, q, k):
@@ -255,13 +362,14 @@ class Fa4Driver(Driver[Fa4Prepared]):
 
     def __init__(self, block: int = 128, kernel_backend: str | None = "FLASH", compiled: bool = True,
                  devices: frozenset[str] | None = None, dtypes: frozenset[Any] | None = None,
-                 align_keys: bool = True) -> None:
+                 key_order: str = "in-place") -> None:
         """The defaults are the CUDA driver. ``kernel_backend=None, compiled=False`` with CPU devices and any
         dtype runs the same block mask through FlexAttention's reference path: the tests check the tiles that
-        way on machines without a GPU. ``align_keys=False`` keeps the keys in token order (for comparison:
-        see :func:`aligned_side`)."""
+        way on machines without a GPU. ``key_order`` is one of :data:`KEY_ORDERS` (the others for comparison:
+        see :func:`tile_layout`)."""
+        _key_side(key_order)  # an unknown order fails here, not at the first call
         self.block = block
-        self.align_keys = align_keys
+        self.key_order = key_order
         self.kernel_options = {"BACKEND": kernel_backend} if kernel_backend else None
         self.compiled = compiled
         if devices is not None:
@@ -304,7 +412,7 @@ class Fa4Driver(Driver[Fa4Prepared]):
             from torch.nn.attention.flex_attention import BlockMask
 
             tables = block_tables(plan, self.block, device, padded_text=keep is not None,
-                                  align_keys=self.align_keys)
+                                  key_order=self.key_order)
             S, layout = plan.seq_len, tables.layout
             block_mask = BlockMask.from_kv_blocks(
                 tables.kv_num_blocks, tables.kv_indices, tables.full_kv_num_blocks, tables.full_kv_indices,
@@ -325,8 +433,25 @@ class Fa4Driver(Driver[Fa4Prepared]):
             if key_padding_mask is None:
                 raise ValueError("fa4: prepared for a padding mask but called without one")
             prepared.keep[:, layout.text_keys] = key_padding_mask
-        if layout is not None and layout.keys.order is not None:
-            k, v = k.index_select(1, layout.keys.order), v.index_select(1, layout.keys.order)
+        keys = None if layout is None else layout.keys
+        if keys is None or keys.order is None:
+            return self._attend(prepared, q, k, v)
+        refusal = "this key order moves every token" if keys.moved is None else _in_place_refusal(q, k, v)
+        if refusal is not None:
+            _log_copy_once(refusal)
+            return self._attend(prepared, q, k.index_select(1, keys.order), v.index_select(1, keys.order))
+        # the few moved tokens, in the caller's k and v and back: the kernel reads them in between (same stream)
+        kernel_positions, tokens = keys.moved
+        moved_k, moved_v = k.index_select(1, tokens), v.index_select(1, tokens)
+        k.index_copy_(1, kernel_positions, moved_k)
+        v.index_copy_(1, kernel_positions, moved_v)
+        try:
+            return self._attend(prepared, q, k, v)
+        finally:
+            k.index_copy_(1, tokens, moved_k)
+            v.index_copy_(1, tokens, moved_v)
+
+    def _attend(self, prepared: Fa4Prepared, q, k, v):
         attention = _flex(self.compiled)
         args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         kwargs = dict(block_mask=prepared.block_mask, scale=prepared.scale, enable_gqa=q.shape[2] != k.shape[2],
@@ -347,6 +472,32 @@ class Fa4Driver(Driver[Fa4Prepared]):
                         "FlexAttention would fall back to its unfused path. Use fewer distinct shapes per process, "
                         "or another backend") from error
         return out.transpose(1, 2)
+
+
+def _in_place_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the moved tokens cannot be moved in the caller's k and v and back (None: they can). Each case
+    would give a wrong result or an error, so those calls copy every token instead."""
+    if torch.compiler.is_compiling():
+        return "inside torch.compile (the graph copies)"
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        return "autograd records k and v"
+    if (k.is_inference() or v.is_inference()) and not torch.is_inference_mode_enabled():
+        return "k or v was made in inference mode and cannot be written outside it"
+    if any(torch._debug_has_internal_overlap(t) != 0 for t in (k, v)):
+        return "k or v has elements that share memory (an expanded tensor)"
+    storages = [t.untyped_storage().data_ptr() for t in (q, k, v)]
+    if len(set(storages)) < 3:
+        return "q, k and v share memory (views of one tensor, or the same tensor)"
+    return None
+
+
+_copy_reasons: set[str] = set()
+
+
+def _log_copy_once(reason: str) -> None:
+    if not torch.compiler.is_compiling() and reason not in _copy_reasons:
+        _copy_reasons.add(reason)
+        log.info(f"fa4: keys and values are copied into the kernel's order ({reason})")
 
 
 @functools.cache

@@ -2,8 +2,10 @@
 # The GPU measurements recorded in docs/performance.md, in one device call, after the carries are unpacked:
 #   ../shared/device/prepare-carry.sh .carry && ../shared/device/prepare-fa4-carry.sh .fa4   (on the workstation)
 #   call 1, carry [".fa4/a"]:                     bash .fa4/a/stage.sh
-#   call 2, carry [".fa4/b", ".carry"]:           bash benchmarks/gpu.sh "$OUT" smoke parity attention
-#   call 3 (same machine):                        bash benchmarks/gpu.sh "$OUT" pipeline compiled
+#   call 2, carry [".fa4/b", ".carry"]:           bash benchmarks/gpu.sh "$OUT" smoke parity
+#   call 3 (same machine):                        bash benchmarks/gpu.sh "$OUT" attention
+#   call 4 (same machine):                        bash benchmarks/gpu.sh "$OUT" pipeline compiled
+# (one part can take most of a 10-minute call: smoke, parity and compiled together did not fit in one)
 # Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
 set -u
 out=${1:?usage: gpu.sh OUTDIR [smoke parity attention pipeline compiled ring]}

@@ -262,7 +262,9 @@ def test_a_custom_loop_can_set_the_step(saved_models):
 @pytest.fixture
 def cpu_fa4(monkeypatch):
     """The fa4 driver with FlexAttention's CPU path in place of the FLASH backend, registered as ``fa4``;
-    3-token tiles, so the small models' frames are not whole tiles and the keys are reordered."""
+    3-token tiles, so the small models' frames are not whole tiles and the keys are reordered. Yields the
+    reasons of the calls that copied the keys instead of moving them in place (none expected)."""
+    from lvsa.backends import fa4
     from lvsa.backends.fa4 import Fa4Driver
     from lvsa.registry import Plugin
 
@@ -273,14 +275,16 @@ def cpu_fa4(monkeypatch):
     plugins["fa4"] = Plugin("fa4", "tests:cpu_fa4", None, driver, None)
     monkeypatch.setitem(lvsa.registry._loaded, lvsa.registry.DRIVERS_NAMESPACE, plugins)
     lvsa.dispatch.clear_caches()
-    yield driver
+    copies: list[str] = []
+    monkeypatch.setattr(fa4, "_log_copy_once", copies.append)
+    yield copies
     lvsa.dispatch.clear_caches()
 
 
-def _fa4_against_reference(pipe, run):
-    """``run()`` under the reference driver and under fa4: the same latents, a sparse plan with reordered
-    keys, and no call that fell back."""
-    from lvsa.backends.fa4 import aligned_side
+def _fa4_against_reference(pipe, run, copies):
+    """``run()`` under the reference driver and under fa4: the same latents, a sparse plan with keys
+    reordered in the pipeline's own k and v (no copy), and no call that fell back."""
+    from lvsa.backends.fa4 import in_place_side
 
     outputs = {}
     for backend in ("reference", "fa4"):
@@ -289,17 +293,17 @@ def _fa4_against_reference(pipe, run):
         plan = handle.runtime.last_plan
         assert plan.density < 1 and handle.stats.sparse_calls > 0 and handle.stats.fallback_calls == 0
         handle.remove()
-    assert aligned_side(plan, 3, "cpu") is not None  # the keys were really reordered
+    assert in_place_side(plan, 3, "cpu").moved is not None and not copies, copies  # really reordered, in place
     torch.testing.assert_close(outputs["fa4"], outputs["reference"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_fa4_tiles_with_aligned_keys_equal_the_reference_in_real_pipelines(saved_models, name, cpu_fa4):
+def test_fa4_tiles_with_reordered_keys_equal_the_reference_in_real_pipelines(saved_models, name, cpu_fa4):
     """The fa4 driver's tiles and key order, through FlexAttention's CPU path, inside each family's pipeline
     beyond the horizon (rotating plans, CFG as each pipeline runs it, HunyuanVideo's padded text, CogVideoX's
     text before the video): the same latents as the float64-exact reference driver."""
     pipe = load(saved_models, name)
-    _fa4_against_reference(pipe, lambda: generate(pipe, name, BEYOND[name], steps=3))
+    _fa4_against_reference(pipe, lambda: generate(pipe, name, BEYOND[name], steps=3), cpu_fa4)
 
 
 def test_fa4_in_the_variants_two_transformers_and_temporal_patching(saved_models, cpu_fa4):
@@ -315,7 +319,7 @@ def test_fa4_in_the_variants_two_transformers_and_temporal_patching(saved_models
     two = WanPipeline(tokenizer=None, text_encoder=None, transformer=pipe.transformer, transformer_2=second,
                       vae=pipe.vae, scheduler=pipe.scheduler, boundary_ratio=0.5)
     two.set_progress_bar_config(disable=True)
-    _fa4_against_reference(two, lambda: generate(two, "wan", BEYOND["wan"], steps=4))
+    _fa4_against_reference(two, lambda: generate(two, "wan", BEYOND["wan"], steps=4), cpu_fa4)
 
     cog = _cogvideox(2)
     inputs = example_model("cogvideox").pipeline_inputs(cog, None, seed=0)
@@ -325,4 +329,4 @@ def test_fa4_in_the_variants_two_transformers_and_temporal_patching(saved_models
             return cog(**inputs, height=64, width=64, num_frames=177, num_inference_steps=2, guidance_scale=5.0,
                        generator=torch.Generator().manual_seed(0), output_type="latent").frames
 
-    _fa4_against_reference(cog, run)
+    _fa4_against_reference(cog, run, cpu_fa4)

@@ -111,8 +111,11 @@ def test_driver_matches_reference(parity_target, case, backends_required, reques
     if unsupported:
         pytest.skip(f"{backend} does not support this case: {'; '.join(unsupported)}")
 
+    inputs = [t.clone() for t in (q, k, v)]
     out = lvsa.sparse_attention(q, k, v, plan, backend=backend, key_padding_mask=mask)
     expected = reference_attention(*(t.cpu() for t in (q, k, v)), plan, None if mask is None else mask.cpu())
+    # a driver may reorder the caller's tensors during the call (fa4), never leave them changed
+    assert all(torch.equal(t, before) for t, before in zip((q, k, v), inputs, strict=True))
 
     assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
     error = (out.cpu().double() - expected).abs().max().item()
