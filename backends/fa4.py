@@ -18,7 +18,7 @@ the visited tiles are partial and the work is within 1-2% of the density. The or
 fewest moves (:func:`in_place_side`) keeps every tile that lies inside one frame where it is, and moves
 about 3% of the tokens; the driver moves them in the caller's k and v, runs the kernel, and moves them back
 (0.1 ms at Wan 4x, where copying every token took 0.55 ms and 0.8 GB). Where the caller's tensors cannot
-be written (inside ``torch.compile``, autograd recording them, k and v sharing memory with each other or
+be written (inside ``torch.compile``, q, k or v requiring grad, k and v sharing memory with each other or
 q), it copies them into that order instead and logs why once. The queries stay in token order, so the
 output needs no copy back.
 
@@ -479,8 +479,8 @@ def _in_place_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str 
     would give a wrong result or an error, so those calls copy every token instead."""
     if torch.compiler.is_compiling():
         return "inside torch.compile (the graph copies)"
-    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-        return "autograd records k and v"
+    if any(t.requires_grad for t in (q, k, v)):  # autograd may save k and v: a write would break its backward
+        return "q, k or v requires grad"
     if (k.is_inference() or v.is_inference()) and not torch.is_inference_mode_enabled():
         return "k or v was made in inference mode and cannot be written outside it"
     if any(torch._debug_has_internal_overlap(t) != 0 for t in (k, v)):

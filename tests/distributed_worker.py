@@ -42,6 +42,7 @@ def main(models: Path, out: Path, families: list[str], backends: list[str], fram
                         "sparse_calls": stats.sparse_calls, "density": handle.runtime.last_plan.density},
                        out / f"{name}-{backend}-rank{rank}.pt")
             lvsa.remove(pipe)
+    torch.distributed.destroy_process_group()  # exiting with it alive can abort in the teardown
 
 
 if __name__ == "__main__":
