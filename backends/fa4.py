@@ -231,8 +231,8 @@ def in_place_side(plan: SparsePlan, block: int, device: torch.device | str) -> S
     free_places = free_places[torch.argsort(owner[free_places // block], stable=True)]
     places_per_group = torch.bincount(owner[free_places // block], minlength=groups)
     loose_group = group_of[loose]
-    first_loose = torch.cumsum(torch.bincount(loose_group, minlength=groups), 0) - torch.bincount(
-        loose_group, minlength=groups)
+    loose_per_group = torch.bincount(loose_group, minlength=groups)
+    first_loose = loose_per_group.cumsum(0) - loose_per_group
     fills = (torch.arange(len(loose)) - first_loose[loose_group]) < places_per_group[loose_group]
     order[free_places] = loose[fills]
     remainder_rank = torch.full((groups,), T)  # the text after every frame

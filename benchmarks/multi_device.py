@@ -30,7 +30,7 @@ from pipeline import SMALL_WAN, WAN_1_3B, measure  # the single-device benchmark
 import lvsa
 from lvsa import registry
 from lvsa.dispatch import clear_caches
-from lvsa.parallel import enable_context_parallel, init_distributed
+from lvsa.parallel import enable_context_parallel, init_distributed, leave_distributed
 
 WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 # the small Wan with 4 heads, so that Ulysses 4, ring 4 and Ulysses 2 x ring 2 all fit 4 CPU processes
@@ -143,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         report(rows)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    leave_distributed()
     return 0
 
 

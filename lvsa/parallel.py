@@ -24,7 +24,8 @@ from .ulysses import (
 )
 
 __all__ = ["ContextParallel", "RingGroup", "UlyssesGroup", "context_parallel_of", "enable_context_parallel",
-           "gather_heads", "heads_to_sequence", "init_distributed", "local_heads", "sequence_to_heads",
+           "gather_heads", "heads_to_sequence", "init_distributed", "leave_distributed", "local_heads",
+           "sequence_to_heads",
            "ulysses_group_of"]
 
 
@@ -47,6 +48,16 @@ def init_distributed(device_type: str, timeout: float = 600.0) -> tuple[int, int
             device.set_device(local_rank)
         dist.init_process_group(backend=device.collective_backend, timeout=timedelta(seconds=timeout))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def leave_distributed() -> None:
+    """Destroy the process group, if one is up. A process that exits with it alive can abort in the collective
+    library's teardown ("terminate called without an active exception"), and torchrun then reports the whole
+    run failed: call it on every exit path of a process that :func:`init_distributed` joined."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def enable_context_parallel(target: Any, ulysses_degree: int = 1, *, ring_degree: int = 1, mesh: Any = None) -> None:

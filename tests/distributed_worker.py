@@ -12,7 +12,7 @@ import torch.distributed
 
 import lvsa
 from lvsa.adapters import adapter_named
-from lvsa.parallel import enable_context_parallel, init_distributed
+from lvsa.parallel import enable_context_parallel, init_distributed, leave_distributed
 from lvsa_app.generation import _load_pipeline
 from lvsa_app.models import example_model
 
@@ -42,7 +42,7 @@ def main(models: Path, out: Path, families: list[str], backends: list[str], fram
                         "sparse_calls": stats.sparse_calls, "density": handle.runtime.last_plan.density},
                        out / f"{name}-{backend}-rank{rank}.pt")
             lvsa.remove(pipe)
-    torch.distributed.destroy_process_group()  # exiting with it alive can abort in the teardown
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -110,16 +110,9 @@ def main(adapter_name: str, argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        _leave_process_group()
+        from lvsa.parallel import leave_distributed
 
-
-def _leave_process_group() -> None:
-    """A process that exits with its process group alive can abort in the collective library's teardown
-    ("terminate called without an active exception"): torchrun then reports the whole run failed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        leave_distributed()
 
 
 def check_arguments(args: argparse.Namespace, adapter: Any, settings: AppSettings) -> str | None:
