@@ -103,15 +103,20 @@ def sampled_reference(plan, q, k, v, frames, rows_per_frame, valid_text=None):
     return torch.cat(picks), torch.cat(refs)
 
 
+def case_geometry(case: Case, small: bool) -> tuple[lvsa.SparsePlan, int, int, int]:
+    """A case's plan, heads, text tokens and valid text tokens, at CPU sizes with ``small``."""
+    P = 16 if small else case.tokens_per_frame
+    text = min(case.text, 24) if small else case.text
+    settings = lvsa.LVSASettings(reference_latent_frames=case.reference, sparsity_scale=case.scale)
+    plan = lvsa.make_plan(case.frames, P, text_tokens=text, settings=settings)
+    return plan, 2 if small else case.heads, text, min(case.valid_text, 16) if small else case.valid_text
+
+
 def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
     from lvsa.backends.attention_ops import dense_attention, sequence_key_mask
 
-    P = 16 if args.small else case.tokens_per_frame
-    heads = 2 if args.small else case.heads
-    text = min(case.text, 24) if args.small else case.text
-    valid = min(case.valid_text, 16) if args.small else case.valid_text
-    settings = lvsa.LVSASettings(reference_latent_frames=case.reference, sparsity_scale=case.scale)
-    plan = lvsa.make_plan(case.frames, P, text_tokens=text, settings=settings)
+    plan, heads, text, valid = case_geometry(case, args.small)
+    P = plan.patches_per_frame
     shape = (1, plan.seq_len, heads, head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(args.device, dtype) for _ in range(3))
     padding = (torch.arange(text) < valid)[None].to(args.device) if text else None
@@ -200,6 +205,16 @@ def flashinfer_direct(plan, q, workspace_mb: int):
     return wrapper
 
 
+def usable_device(name: str):
+    """The device module of ``name``, or None after saying on stderr why it cannot run here."""
+    device = registry.get_device(name)
+    if device is None or not device.is_available():
+        why = "no device module" if device is None else device.is_available().reason
+        print(f"error: device {name} is not usable: {why}", file=sys.stderr)
+        return None
+    return device
+
+
 def print_case(rows: list[Row]) -> None:
     print(f"  {'method':<16} {'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>9} {'of ideal':>9} {'vs FA4':>7} {'of ideal':>9} "
           f"{'+GB':>6} {'rel err':>9} {'prep ms':>8}")
@@ -229,10 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time FlashInfer's wrapper called directly (128 and 512 MB workspaces)")
     args = parser.parse_args(argv)
 
-    device = registry.get_device(args.device)
-    if device is None or not device.is_available():
-        why = "no device module" if device is None else device.is_available().reason
-        print(f"error: device {args.device} is not usable: {why}", file=sys.stderr)
+    device = usable_device(args.device)
+    if device is None:
         return 2
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     head_dim = args.head_dim or (64 if args.small else 128)

@@ -8,7 +8,7 @@
 # (one part can take most of a 10-minute call: smoke, parity and compiled together did not fit in one)
 # Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
 set -u
-out=${1:?usage: gpu.sh OUTDIR [smoke parity attention pipeline compiled ring]}
+out=${1:?usage: gpu.sh OUTDIR [smoke parity attention pipeline compiled ring ceiling]}
 shift
 parts=${*:-smoke parity attention pipeline compiled}
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0
@@ -32,6 +32,7 @@ for part in $parts; do
     ring) python benchmarks/ring_compute.py --json "$out/ring.json" 2>&1 | tee "$out/ring.txt"
           LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16,float16 python -P -m pytest -q -p no:cacheprovider \
               tests/parity/test_ring_parity.py 2>&1 | tail -8 | tee -a "$out/ring.txt" ;;
+    ceiling) python benchmarks/fa4_ceiling.py --warmup 1 --json "$out/ceiling.json" 2>&1 | tee "$out/ceiling.txt" ;;
     compiled) python benchmarks/compiled.py --frames 321 --layers 4 --steps 6 --methods fa4 sdpa 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/compiled.txt" ;;
   esac

@@ -72,3 +72,21 @@ def test_ring_compute_benchmark_runs_on_cpu(tmp_path):
     assert [r["layout"] for r in rows] == ["1 device", "U1 x R2 (2 devices)", "U2 x R2 (4 devices)"]
     assert "U3 x R1: does not fit (4 heads" in result.stdout
     assert all(r["error"] < 1e-4 for r in rows)  # each layout's lvsa output is the single-device one
+
+
+def test_fa4_ceiling_benchmark_runs_on_cpu(tmp_path):
+    report = tmp_path / "ceiling.json"
+    result = _run(tmp_path, BENCHMARKS / "fa4_ceiling.py", "--device", "cpu", "--small", "--repeats", "1",
+                  "--warmup", "0", "--densities", "1", "0.25", "--cases", "s=0.5,text", "--json", report)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    # the band pattern through FlexAttention's CPU path equals float64 attention over the band's keys
+    assert [r["tiles_per_query_tile"] for r in data["ceiling"]] == [11, 3]
+    assert all(r["rel_error"] < 1e-4 and 0 < r["density"] <= 1 for r in data["ceiling"])
+    census = {r["case"]: r for r in data["census"]}
+    assert set(census) == {"wan-4x s=0.5", "hunyuan-1.5x + 1000 text (padded)"}
+    for row in census.values():
+        # the visited tiles hold every attended pair, and the driver equals the reference
+        assert row["full"] + row["masked"] >= row["needed"] > 0
+        assert 0 <= row["straddling_query_tiles"] <= row["query_tiles"]
+        assert row["rel_error"] < 1e-4 and row["ms"] > 0
