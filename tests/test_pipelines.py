@@ -330,3 +330,110 @@ def test_fa4_in_the_variants_two_transformers_and_temporal_patching(saved_models
                        generator=torch.Generator().manual_seed(0), output_type="latent").frames
 
     _fa4_against_reference(cog, run, cpu_fa4)
+
+
+#: The image-conditioned and TI2V variants (the transformer's config and the pipeline's), built beside the saved
+#: T2V models from their VAE and scheduler:
+#: - Wan 2.1 I2V: image embeddings into the cross-attention, condition latents concatenated (36 channels), with a
+#:   small CLIP image encoder (diffusers takes the image for the condition latents and refuses embeddings beside it);
+#: - Wan 2.2 I2V A14B: two transformers, no image embeddings;
+#: - Wan 2.2 TI2V in image mode: the first frame's tokens at timestep 0, so a timestep per token;
+#: - Wan 2.2 TI2V-5B in text mode: 48 channels and the 5B family's horizon of 31 latent frames;
+#: - HunyuanVideo 1.5 I2V: a small SigLIP image encoder; the image's tokens join the text tokens of the joint
+#:   attention (masked out in T2V), and the pipeline picks the size from the transformer's target size.
+VARIANTS = ["wan-i2v-2.1", "wan-i2v-2.2-two-transformers", "wan-ti2v-image", "wan-ti2v-5b-text", "hunyuan-i2v"]
+#: video frames at each variant's horizon
+VARIANT_HORIZON = {"wan-ti2v-5b-text": 121, "hunyuan-i2v": 129}
+
+
+def _variant(saved_models, variant):
+    from diffusers import HunyuanVideo15ImageToVideoPipeline, WanImageToVideoPipeline, WanPipeline
+
+    family = variant.split("-")[0]
+    base = load(saved_models, family)
+    make = functools.partial(type(base.transformer).from_config, base.transformer.config)
+    torch.manual_seed(0)
+    if variant == "hunyuan-i2v":
+        from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+        encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=base.transformer.config.image_embed_dim,
+                                                       intermediate_size=24, num_hidden_layers=1,
+                                                       num_attention_heads=2, image_size=32, patch_size=8))
+        pipe = HunyuanVideo15ImageToVideoPipeline(
+            transformer=make(task_type="i2v", target_size=64), vae=base.vae, scheduler=base.scheduler,
+            text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, guider=base.guider,
+            image_encoder=encoder, feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    parts = dict(tokenizer=None, text_encoder=None, vae=base.vae, scheduler=base.scheduler)
+    if variant == "wan-i2v-2.1":
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=32, patch_size=8))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        pipe = WanImageToVideoPipeline(**parts, image_encoder=encoder, image_processor=processor,
+                                       transformer=make(in_channels=36, image_dim=32, added_kv_proj_dim=96))
+    elif variant == "wan-i2v-2.2-two-transformers":
+        pipe = WanImageToVideoPipeline(**parts, transformer=make(in_channels=36), transformer_2=make(in_channels=36),
+                                       boundary_ratio=0.5)
+    elif variant == "wan-ti2v-image":
+        pipe = WanImageToVideoPipeline(**parts, transformer=make(), expand_timesteps=True)
+    else:
+        pipe = WanPipeline(**parts, transformer=make(in_channels=48, out_channels=48), expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate_variant(pipe, frames, steps=3):
+    from PIL import Image
+
+    family = "hunyuan" if "Hunyuan" in type(pipe).__name__ else "wan"
+    example = example_model(family)
+    call = {**example.pipeline_inputs(pipe, None, seed=0), **example.call_arguments(pipe, 5.0),
+            "num_frames": frames, "num_inference_steps": steps, "output_type": "latent",
+            "generator": torch.Generator().manual_seed(0)}
+    if family == "wan":
+        call.update(height=64, width=64)
+    if "ImageToVideo" in type(pipe).__name__:
+        pixels = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+        call["image"] = Image.fromarray(pixels.numpy())
+    with torch.inference_mode():
+        return pipe(**call).frames
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_equal_dense_at_their_horizon_and_rotate_beyond_it(saved_models, variant, caplog):
+    """Each variant: at its model's horizon lvsa is dense and equals the model without it; beyond, the plan
+    engages with the variant's horizon, one plan per denoising step (CFG runs two forwards per step, TI2V's
+    timestep is a tensor per token, Wan 2.2 A14B switches transformers), and nothing falls back."""
+    pipe = _variant(saved_models, variant)
+    horizon = VARIANT_HORIZON.get(variant, 81)
+    dense = _generate_variant(pipe, horizon)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings())
+    torch.testing.assert_close(_generate_variant(pipe, horizon), dense, rtol=1e-4, atol=1e-4)
+    assert handle.runtime.last_plan.density == 1.0 and handle.stats.sparse_calls > 0
+    handle.remove()
+
+    beyond = 2 * horizon - 1
+    dense = _generate_variant(pipe, beyond, steps=4)
+    caplog.set_level(logging.INFO, logger="lvsa")
+    handle = lvsa.apply(pipe, lvsa.LVSASettings())
+    sparse = _generate_variant(pipe, beyond, steps=4)
+    plan = handle.runtime.last_plan
+    latent = (horizon - 1) // 4 + 1
+    assert f"[LVSA] reference_latent_frames={latent} target_latent_frames={plan.latent_frames}" in caplog.text
+    assert plan.density < 1 and plan.rotating
+    assert handle.stats.steps == 4 and handle.stats.plan_builds == 4, handle.stats
+    assert handle.stats.sparse_calls > 0 and handle.stats.fallback_calls == 0
+    assert "[LVSA-FALLBACK]" not in caplog.text
+    assert (sparse - dense).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fa4_in_image_and_ti2v_variants(saved_models, variant, cpu_fa4):
+    """The fa4 driver's tiles and in-place key order inside each variant beyond its horizon, against the
+    reference driver."""
+    pipe = _variant(saved_models, variant)
+    frames = 2 * VARIANT_HORIZON.get(variant, 81) - 1
+    _fa4_against_reference(pipe, lambda: _generate_variant(pipe, frames), cpu_fa4)
