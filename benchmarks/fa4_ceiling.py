@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import lvsa
-from lvsa.backends.fa4 import Fa4Driver, block_tables
+from lvsa.backends.fa4 import Fa4Driver, _flex, block_tables
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attention.py beside it, under ``python -P`` too
 from attention import CASES, case_geometry, sampled_reference, timed, usable_device
@@ -105,27 +105,24 @@ def band_error(out, q, k, v, start, n, rows_checked=48) -> float:
     return math.sqrt(errors / norms)
 
 
-def kernel(cuda: bool):
-    """FlexAttention as the fa4 driver runs it: FA4 through the FLASH backend, compiled once per shape (the
-    reference path on CPU)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    options = {"BACKEND": "FLASH"} if cuda else None
-    attend = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
+def kernel(driver: Fa4Driver):
+    """FlexAttention exactly as ``driver`` calls it: the same compiled function (so a shape compiles once in
+    this process) and kernel options (FA4 through the FLASH backend; the reference path on CPU)."""
+    attend = _flex(driver.compiled)
 
     def run(q, k, v, block_mask=None):
         return attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                      kernel_options=options).transpose(1, 2)
+                      kernel_options=driver.kernel_options).transpose(1, 2)
     return run
 
 
-def ceiling(args, device, dtype, gen) -> list[CeilingRow]:
+def ceiling(args, device, dtype, gen, driver) -> list[CeilingRow]:
     frames, P, heads = (81, 16, 2) if args.small else (81, 1560, 12)
     S = frames * P
     tiles = -(-S // BLOCK)
     shape = (1, S, heads, args.head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(args.device, dtype) for _ in range(3))
-    run = kernel(args.device == "cuda")
+    run = kernel(driver)
     dense_ms, _ = timed(lambda: run(q, k, v), device, args.warmup, args.repeats)
     print(f"\nceiling: FA4 block-sparse, whole tiles only, {frames} x {P} tokens x {heads} heads ({tiles} tiles); "
           f"FA4 dense {dense_ms:.2f} ms")
@@ -225,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(f"{k}={v}" for k, v in env.items()))
 
     gen = torch.Generator().manual_seed(0)
-    ceiling_rows = [] if args.census_only else ceiling(args, device, dtype, gen)
+    ceiling_rows = [] if args.census_only else ceiling(args, device, dtype, gen, driver)
     census_rows = [census(c, args, device, dtype, gen, None if args.census_only else driver) for c in cases]
     print_census(census_rows)
     if args.json:

@@ -25,8 +25,7 @@ from .ulysses import (
 
 __all__ = ["ContextParallel", "RingGroup", "UlyssesGroup", "context_parallel_of", "enable_context_parallel",
            "gather_heads", "heads_to_sequence", "init_distributed", "leave_distributed", "local_heads",
-           "sequence_to_heads",
-           "ulysses_group_of"]
+           "sequence_to_heads", "ulysses_group_of"]
 
 
 def init_distributed(device_type: str, timeout: float = 600.0) -> tuple[int, int, int]:

@@ -353,6 +353,7 @@ def _variant(saved_models, variant):
     base = load(saved_models, family)
     make = functools.partial(type(base.transformer).from_config, base.transformer.config)
     torch.manual_seed(0)
+    parts = dict(tokenizer=None, text_encoder=None, vae=base.vae, scheduler=base.scheduler)  # Wan's pipelines
     if variant == "hunyuan-i2v":
         from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
@@ -363,10 +364,7 @@ def _variant(saved_models, variant):
             transformer=make(task_type="i2v", target_size=64), vae=base.vae, scheduler=base.scheduler,
             text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, guider=base.guider,
             image_encoder=encoder, feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    parts = dict(tokenizer=None, text_encoder=None, vae=base.vae, scheduler=base.scheduler)
-    if variant == "wan-i2v-2.1":
+    elif variant == "wan-i2v-2.1":
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
         encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
