@@ -8,7 +8,9 @@ usable) against every lvsa driver, in one run, on the shapes of real long-video 
 For each case it prints every method's ms, effective TFLOP/s (the FLOPs the plan needs over the time), the
 speedup over dense cuDNN and over dense FA4, the fraction of the ideal speedup (1 / density) against each,
 peak extra memory, and the relative error against a float64 masked reference on sampled query rows.
-``--json PATH`` writes it all."""
+``--json PATH`` writes it all. Each time is the median of ``--repeats`` calls queued back to back with device
+events around each, as a layer's attention runs inside a forward (``--timing synchronized``: host clock around
+each call, the host's own work included; see ``timing.py``)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,9 @@ import torch.nn.functional as F
 import lvsa
 from lvsa import dispatch, registry
 from lvsa.backends.sdpa import SdpaDriver
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside it, under ``python -P`` too
+import timing
 
 
 @dataclass(frozen=True)
@@ -66,24 +73,24 @@ class Row:
     #: against dense FlashAttention-4 (None where FA4 is not usable)
     speedup_fa4: float | None = None
     fraction_of_ideal_fa4: float | None = None
+    #: interquartile range of the timed calls over their median (0 with fewer than 2 calls)
+    spread: float = 0.0
+    times_ms: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TimedMethod:
+    name: str
+    run: Callable[[], torch.Tensor]
+    prepare_ms: float | None
+    #: bytes its preparation keeps (block tables, workspaces), counted in its peak extra memory
+    held: int
+    #: a sparse method: checked against the reference, compared with the ideal
+    sparse: bool
 
 
 def sparse_flops(plan: lvsa.SparsePlan, heads: int, head_dim: int) -> float:
     return 4.0 * heads * head_dim * plan.density * plan.seq_len**2
-
-
-def timed(fn, device, warmup: int, repeats: int) -> tuple[float, torch.Tensor]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        device.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        device.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, out
 
 
 def sampled_reference(plan, q, k, v, frames, rows_per_frame, valid_text=None):
@@ -138,58 +145,85 @@ def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
         return dense_attention(q, k, v, key_mask)
 
     allocator = device.memory().kind == "allocator"  # a process RSS peak cannot be reset per method
-    base = device.memory().current or 0
-
-    def peak_extra() -> float | None:
-        return (device.memory().peak - base) / 2**30 if allocator else None
-
     print(f"\n{case.name}: {plan.latent_frames} frames x {P} tokens x {heads} heads + {text} text, density "
           f"{plan.density:.3f}, ideal {1 / plan.density:.2f}x   {plan.summary()}", flush=True)
-    device.reset_peak()
-    dense_ms, _ = timed(dense, device, args.warmup, args.repeats)
-    label = "dense cuDNN" if args.device == "cuda" else "dense SDPA"
-    rows = [Row(case.name, label, dense_ms, dense_flops / dense_ms / 1e9, 1.0, None, peak_extra(), None)]
+    timed_methods: list[TimedMethod] = []
 
-    fa4_ms = None
+    def add(name: str, prepare: Callable[[], Callable[[], torch.Tensor]], sparse: bool = True) -> None:
+        """Prepare a method now (its prepare time and the memory it keeps are counted) and time it later."""
+        before = device.memory().current or 0
+        start = time.perf_counter()
+        run = prepare()
+        device.synchronize()
+        prepare_ms = (time.perf_counter() - start) * 1e3 if sparse else None
+        timed_methods.append(TimedMethod(name, run, prepare_ms, (device.memory().current or 0) - before, sparse))
+
+    add("dense cuDNN" if args.device == "cuda" else "dense SDPA", lambda: dense, sparse=False)
     if "fa4" in methods:  # FA4's dense kernel: the fa4 driver on the dense plan of the same geometry
         dense_plan = lvsa.make_plan(case.frames, P, text_tokens=text,
                                     settings=lvsa.LVSASettings(reference_latent_frames=case.frames))
-        driver = methods["fa4"]
-        prepared = driver.prepare(dense_plan, lvsa.AttentionProblem.from_tensors(q, k, v, dense_plan, padding))
-        device.reset_peak()
-        fa4_ms, _ = timed(lambda p=prepared: driver.run(p, q, k, v, padding), device, args.warmup, args.repeats)
-        rows.append(Row(case.name, "dense FA4", fa4_ms, dense_flops / fa4_ms / 1e9, dense_ms / fa4_ms, None,
-                        peak_extra(), None, None, 1.0, None))
-        del prepared
+        fa4 = methods["fa4"]
 
-    def measured(name, run, prepare_ms):
-        device.reset_peak()
-        ms, out = timed(run, device, args.warmup, args.repeats)
-        peak = peak_extra()
-        got = out[0, picks].double()
-        rel = ((got - reference).norm() / reference.norm()).item()
-        speedup = dense_ms / ms
-        vs_fa4 = None if fa4_ms is None else fa4_ms / ms
-        rows.append(Row(case.name, name, ms, flops / ms / 1e9, speedup, speedup * plan.density, peak, rel,
-                        prepare_ms, vs_fa4, None if vs_fa4 is None else vs_fa4 * plan.density))
-
+        def dense_fa4():
+            prepared = fa4.prepare(dense_plan, lvsa.AttentionProblem.from_tensors(q, k, v, dense_plan, padding))
+            return lambda: fa4.run(prepared, q, k, v, padding)
+        add("dense FA4", dense_fa4, sparse=False)
     for name, driver in methods.items():
         problem = lvsa.AttentionProblem.from_tensors(q, k, v, plan, padding)
         if driver.check(problem):
             print(f"  ({name}: not measured: {'; '.join(driver.check(problem))})")
             continue
-        start = time.perf_counter()
-        prepared = driver.prepare(plan, problem)
-        device.synchronize()
-        prepare_ms = (time.perf_counter() - start) * 1e3
-        measured(name, lambda d=driver, p=prepared: d.run(p, q, k, v, padding), prepare_ms)
-        del prepared
+
+        def driven(d=driver, problem=problem):
+            prepared = d.prepare(plan, problem)
+            return lambda: d.run(prepared, q, k, v, padding)
+        add(name, driven)
     if args.flashinfer_direct and not text and "flashinfer" in methods:
         for megabytes in (128, 512):
-            wrapper = flashinfer_direct(plan, q, megabytes)
-            measured(f"FI direct {megabytes}M", lambda w=wrapper: w.run(q[0], k[0], v[0])[None], None)
-            del wrapper
+            def direct(megabytes=megabytes):
+                wrapper = flashinfer_direct(plan, q, megabytes)
+                return lambda: wrapper.run(q[0], k[0], v[0])[None]
+            add(f"FI direct {megabytes}M", direct)
+
+    # memory and accuracy: one call of each method alone
+    peaks: dict[str, float | None] = {}
+    errors: dict[str, float] = {}
+    for method in timed_methods:
+        before = device.memory().current or 0
+        device.reset_peak()
+        out = method.run()
+        device.synchronize()
+        peaks[method.name] = (method.held + (device.memory().peak or 0) - before) / 2**30 if allocator else None
+        if method.sparse:
+            errors[method.name] = ((out[0, picks].double() - reference).norm() / reference.norm()).item()
+        del out
+    # time: the methods in turn, so that a drift of the device touches all of them alike (see timing.py)
+    times, outs = timing.interleaved([m.run for m in timed_methods], device, args.warmup, args.repeats, args.timing)
+    del outs
+    samples = {m.name: t for m, t in zip(timed_methods, times, strict=True)}
+    median = {name: statistics.median(times) for name, times in samples.items()}
+    dense_ms = median[timed_methods[0].name]
+    fa4_ms = median.get("dense FA4")
+    rows = []
+    for method in timed_methods:
+        ms = median[method.name]
+        spread = _spread(samples[method.name])
+        vs_fa4 = None if fa4_ms is None else fa4_ms / ms
+        if method.sparse:
+            rows.append(Row(case.name, method.name, ms, flops / ms / 1e9, dense_ms / ms, dense_ms / ms * plan.density,
+                            peaks[method.name], errors[method.name], method.prepare_ms, vs_fa4,
+                            None if vs_fa4 is None else vs_fa4 * plan.density, spread, samples[method.name]))
+        else:
+            rows.append(Row(case.name, method.name, ms, dense_flops / ms / 1e9, dense_ms / ms, None,
+                            peaks[method.name], None, None, vs_fa4, None, spread, samples[method.name]))
     return rows
+
+
+def _spread(times: list[float]) -> float:
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / statistics.median(times)
 
 
 def flashinfer_direct(plan, q, workspace_mb: int):
@@ -217,7 +251,7 @@ def usable_device(name: str):
 
 def print_case(rows: list[Row]) -> None:
     print(f"  {'method':<16} {'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>9} {'of ideal':>9} {'vs FA4':>7} {'of ideal':>9} "
-          f"{'+GB':>6} {'rel err':>9} {'prep ms':>8}")
+          f"{'+GB':>6} {'rel err':>9} {'prep ms':>8} {'spread':>7}")
     for r in rows:
         gb = "-" if r.peak_extra_gb is None else f"{r.peak_extra_gb:.1f}"
         err = "-" if r.rel_error is None else f"{r.rel_error:.1e}"
@@ -226,7 +260,7 @@ def print_case(rows: list[Row]) -> None:
         fa4 = "-" if r.speedup_fa4 is None else f"{r.speedup_fa4:.2f}x"
         ideal_fa4 = "-" if r.fraction_of_ideal_fa4 is None else f"{r.fraction_of_ideal_fa4:.0%}"
         print(f"  {r.method:<16} {r.ms:>9.2f} {r.tflops:>8.1f} {r.speedup:>8.2f}x {ideal:>9} {fa4:>7} {ideal_fa4:>9} "
-              f"{gb:>6} {err:>9} {prep:>8}", flush=True)
+              f"{gb:>6} {err:>9} {prep:>8} {r.spread:>7.1%}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="16 tokens per frame, 2 heads (CPU-sized)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on accelerators, float32 on CPU")
     parser.add_argument("--head-dim", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    timing.add_arguments(parser)
     parser.add_argument("--cases", default=None, help="comma-separated substrings of case names")
     parser.add_argument("--methods", default=None, help="comma-separated substrings of driver names to measure")
     parser.add_argument("--json", default=None, help="write every number to this file")
@@ -267,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods:
         wanted_methods = [w.strip() for w in args.methods.split(",")]
         methods = {n: d for n, d in methods.items() if any(w in n for w in wanted_methods)}
-    env = {"device": device.describe(), "torch": torch.__version__, "dtype": str(dtype)[6:], "head_dim": head_dim}
+    env = {"device": device.describe(), "torch": torch.__version__, "dtype": str(dtype)[6:], "head_dim": head_dim,
+           "timing": f"{args.timing}, median of {args.repeats} interleaved after {args.warmup} warm-up"}
     if args.device == "cuda":
         env["cudnn"] = torch.backends.cudnn.version()
     for module in ("flashinfer", "flash_attn.cute"):

@@ -12,7 +12,7 @@ tiles stand against that ceiling, in one run.
 2. **The census of each case of** ``attention.py``: the key tiles per query tile that the plan needs
    (density x tiles), the full and masked tiles the fa4 driver visits, and the query tiles that straddle
    two frames (their windows differ, so they visit both frames' keys, partly through the mask). Then the
-   driver against FA4 dense in the same run (the timing of ``attention.py``: synchronised calls, median).
+   driver against FA4 dense in the same run (the timing of ``attention.py``, see ``timing.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ import lvsa
 from lvsa.backends.fa4 import Fa4Driver, _flex, block_tables
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attention.py beside it, under ``python -P`` too
-from attention import CASES, case_geometry, sampled_reference, timed, usable_device
+import timing
+from attention import CASES, case_geometry, sampled_reference, usable_device
 
 BLOCK = 128
 
@@ -123,14 +125,17 @@ def ceiling(args, device, dtype, gen, driver) -> list[CeilingRow]:
     shape = (1, S, heads, args.head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(args.device, dtype) for _ in range(3))
     run = kernel(driver)
-    dense_ms, _ = timed(lambda: run(q, k, v), device, args.warmup, args.repeats)
+    bands = {n: band_block_mask(S, n, args.device) for n in
+             sorted({max(1, round(d * tiles)) for d in args.densities}, reverse=True)}
+    calls = [lambda: run(q, k, v)] + [lambda m=mask: run(q, k, v, m) for mask, _ in bands.values()]
+    times, outs = timing.interleaved(calls, device, args.warmup, args.repeats, args.timing)
+    dense_ms = statistics.median(times[0])
     print(f"\nceiling: FA4 block-sparse, whole tiles only, {frames} x {P} tokens x {heads} heads ({tiles} tiles); "
           f"FA4 dense {dense_ms:.2f} ms")
     print(f"  {'tiles/row':>9} {'density':>8} {'ms':>9} {'of ideal':>9} {'rel err':>9}")
     rows = []
-    for n in sorted({max(1, round(d * tiles)) for d in args.densities}, reverse=True):
-        mask, start = band_block_mask(S, n, args.device)
-        ms, out = timed(lambda m=mask: run(q, k, v, m), device, args.warmup, args.repeats)
+    for (n, (_, start)), band_times, out in zip(bands.items(), times[1:], outs[1:], strict=True):
+        ms = statistics.median(band_times)
         density = band_density(S, start, n)
         row = CeilingRow(n, density, ms, dense_ms, dense_ms * density / ms, band_error(out, q, k, v, start, n))
         rows.append(row)
@@ -159,10 +164,11 @@ def census(case, args, device, dtype, gen, driver) -> CensusRow:
         dense_plan = lvsa.make_plan(case.frames, P, text_tokens=text,
                                     settings=lvsa.LVSASettings(reference_latent_frames=case.frames))
         dense = driver.prepare(dense_plan, lvsa.AttentionProblem.from_tensors(q, k, v, dense_plan, padding))
-        row.dense_fa4_ms, _ = timed(lambda: driver.run(dense, q, k, v, padding), device, args.warmup, args.repeats)
-        del dense
         prepared = driver.prepare(plan, lvsa.AttentionProblem.from_tensors(q, k, v, plan, padding))
-        row.ms, out = timed(lambda: driver.run(prepared, q, k, v, padding), device, args.warmup, args.repeats)
+        times, (_, out) = timing.interleaved([lambda: driver.run(dense, q, k, v, padding),
+                                              lambda: driver.run(prepared, q, k, v, padding)],
+                                             device, args.warmup, args.repeats, args.timing)
+        row.dense_fa4_ms, row.ms = (statistics.median(t) for t in times)
         row.fraction_of_ideal = row.dense_fa4_ms * plan.density / row.ms
         frames = sorted({0, plan.latent_frames // 2, plan.latent_frames - 1})
         picks, reference = sampled_reference(plan, q, k, v, frames, 32, valid if text else None)
@@ -175,11 +181,11 @@ def print_census(rows: list[CensusRow]) -> None:
     print(f"  {'case':<36} {'density':>7} {'needed':>7} {'full':>7} {'masked':>7} {'straddling':>11} "
           f"{'masked/str.':>11} {'masked/other':>12} {'ms':>8} {'FA4 ms':>8} {'of ideal':>9} {'rel err':>8}")
     for r in rows:
-        timing = ("" if r.ms is None else
+        times = ("" if r.ms is None else
                   f" {r.ms:>8.2f} {r.dense_fa4_ms:>8.2f} {r.fraction_of_ideal:>9.1%} {r.rel_error:>8.1e}")
         print(f"  {r.case:<36} {r.density:>7.4f} {r.needed:>7.1f} {r.full:>7.1f} {r.masked:>7.2f} "
               f"{r.straddling_query_tiles:>5}/{r.query_tiles:<5} {r.masked_per_straddling:>11.1f} "
-              f"{'-' if math.isnan(r.masked_per_other) else f'{r.masked_per_other:.2f}':>12}{timing}", flush=True)
+              f"{'-' if math.isnan(r.masked_per_other) else f'{r.masked_per_other:.2f}':>12}{times}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="16 tokens per frame, 2 heads (CPU-sized)")
     parser.add_argument("--head-dim", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    timing.add_arguments(parser)
     parser.add_argument("--densities", type=float, nargs="+", default=[1, 0.5, 0.25, 0.125, 0.0625, 0.03125],
                         help="band widths of the ceiling, as shares of the key tiles")
     parser.add_argument("--cases", default=None, help="comma-separated substrings of attention.py's case names")

@@ -4,11 +4,12 @@
 #   call 1, carry [".fa4/a"]:                     bash .fa4/a/stage.sh
 #   call 2, carry [".fa4/b", ".carry"]:           bash benchmarks/gpu.sh "$OUT" smoke parity
 #   call 3 (same machine):                        bash benchmarks/gpu.sh "$OUT" attention
+#   (attention-sync: fa4 against both dense kernels with the host's work per call counted; see timing.py)
 #   call 4 (same machine):                        bash benchmarks/gpu.sh "$OUT" pipeline compiled
 # (one part can take most of a 10-minute call: smoke, parity and compiled together did not fit in one)
 # Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
 set -u
-out=${1:?usage: gpu.sh OUTDIR [smoke parity attention pipeline compiled ring ceiling]}
+out=${1:?usage: gpu.sh OUTDIR [smoke parity attention attention-sync pipeline compiled ring ceiling]}
 shift
 parts=${*:-smoke parity attention pipeline compiled}
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0
@@ -25,14 +26,16 @@ for part in $parts; do
     smoke) python benchmarks/attention.py --small --cases wan-2x,text --methods fa4 --repeats 2 2>&1 | tee "$out/smoke.txt" ;;
     parity) LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16,float16 python -P -m pytest -q -p no:cacheprovider \
               tests/parity tests/backends -k "fa4 or (flashinfer and bfloat16)" 2>&1 | tail -25 | tee "$out/parity.txt" ;;
-    attention) python benchmarks/attention.py --warmup 1 --flashinfer-direct --json "$out/attention.json" 2>&1 \
-                 | tee "$out/attention.txt" ;;
+    attention) python benchmarks/attention.py --warmup 1 --repeats 10 --flashinfer-direct --json "$out/attention.json" \
+                 2>&1 | tee "$out/attention.txt" ;;
+    attention-sync) python benchmarks/attention.py --warmup 1 --repeats 10 --methods fa4 --timing synchronized \
+                      --json "$out/attention-sync.json" 2>&1 | tee "$out/attention-sync.txt" ;;
     pipeline) python benchmarks/pipeline.py --models wan --frames 81 321 --dense-fa4 --json "$out/pipeline.json" 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/pipeline.txt" ;;
     ring) python benchmarks/ring_compute.py --json "$out/ring.json" 2>&1 | tee "$out/ring.txt"
           LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16,float16 python -P -m pytest -q -p no:cacheprovider \
               tests/parity/test_ring_parity.py 2>&1 | tail -8 | tee -a "$out/ring.txt" ;;
-    ceiling) python benchmarks/fa4_ceiling.py --warmup 1 --json "$out/ceiling.json" 2>&1 | tee "$out/ceiling.txt" ;;
+    ceiling) python benchmarks/fa4_ceiling.py --warmup 1 --repeats 10 --json "$out/ceiling.json" 2>&1 | tee "$out/ceiling.txt" ;;
     compiled) python benchmarks/compiled.py --frames 321 --layers 4 --steps 6 --methods fa4 sdpa 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/compiled.txt" ;;
   esac

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -31,20 +29,16 @@ from lvsa.backends.ring_step import LseAccumulator
 from lvsa.ring import RingGroup, ring_attention
 from lvsa.shards import skipped_key_shards
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside it, under ``python -P`` too
+from timing import timed
+
 WAN_1_3B = {"frames": 321, "height": 480, "width": 832, "heads": 12, "head_dim": 128, "model": "wan"}
 SMALL = {"frames": 161, "height": 64, "width": 64, "heads": 4, "head_dim": 32, "model": "wan"}
 
 
-def timed(fn, device_module, repeats: int) -> float:
-    fn()
-    device_module.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        device_module.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def ms(fn, device_module, repeats: int) -> float:
+    """One rank's work, synchronised around each call (as recorded in docs/performance.md), after one warm-up."""
+    return timed(fn, device_module, 1, repeats, "synchronized")[0]
 
 
 def dense_ring_rank(q, keys, values, rank):
@@ -64,13 +58,13 @@ def time_layout(u: int, r: int, q, k, v, plan, settings, sparse_out, device_modu
     qs, ks, vs = ([t[:, i * size:(i + 1) * size, heads].contiguous() for i in range(r)] for t in (q, k, v))
     dense_ranks, lvsa_ranks, stepwise_ranks, error = [], [], [], 0.0
     for rank in range(r):
-        dense_ranks.append(timed(partial(dense_ring_rank, qs[rank], ks, vs, rank), device_module, repeats))
+        dense_ranks.append(ms(partial(dense_ring_rank, qs[rank], ks, vs, rank), device_module, repeats))
         for stepwise, times in ((False, lvsa_ranks), (True, stepwise_ranks)):
             run = partial(ring_attention, (qs[rank], ks[rank], vs[rank]), None, plan, None, RingGroup(None, r, rank),
                           settings, key_value_shards=(ks, vs), stepwise=stepwise)
             expected = sparse_out[:, rank * size:(rank + 1) * size, heads]
             error = max(error, (run().video.float() - expected.float()).abs().max().item())
-            times.append(timed(run, device_module, repeats))
+            times.append(ms(run, device_module, repeats))
     return dense_ranks, lvsa_ranks, stepwise_ranks, error
 
 
@@ -96,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     q, k, v = (torch.randn(1, T * P, H, D, device=args.device, dtype=dtype, generator=gen) for _ in range(3))
     print(f"{plan.summary()}  {T} x {P} tokens, {H} heads x {D}, {dtype}, {device_module.describe()}", flush=True)
 
-    dense_ms = timed(lambda: dense_attention(q, k, v), device_module, args.repeats)
+    dense_ms = ms(lambda: dense_attention(q, k, v), device_module, args.repeats)
     sparse_out = lvsa.sparse_attention(q, k, v, plan, settings=settings)
-    lvsa_ms = timed(lambda: lvsa.sparse_attention(q, k, v, plan, settings=settings), device_module, args.repeats)
+    lvsa_ms = ms(lambda: lvsa.sparse_attention(q, k, v, plan, settings=settings), device_module, args.repeats)
     single = dense_ms / lvsa_ms
     rows = [{"layout": "1 device", "dense_ms": dense_ms, "lvsa_ms": lvsa_ms, "speedup": single, "keeps": 1.0,
              "skipped": 0.0, "stepwise_ms": lvsa_ms, "error": 0.0}]

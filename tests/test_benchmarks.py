@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -18,7 +20,7 @@ def _run(tmp_path, *argv, timeout=300) -> subprocess.CompletedProcess:
 
 def test_attention_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "attention.json"
-    result = _run(tmp_path, BENCHMARKS / "attention.py", "--device", "cpu", "--small", "--repeats", "1",
+    result = _run(tmp_path, BENCHMARKS / "attention.py", "--device", "cpu", "--small", "--repeats", "2",
                   "--warmup", "0", "--cases", "wan-4x (321,hunyuan-1.5x", "--json", report)
     assert result.returncode == 0, result.stderr
     assert "kfi=6 global_count=14 attended_per_frame=21/81" in result.stdout
@@ -26,6 +28,8 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
     methods = {(r["case"], r["method"]) for r in rows}
     assert ("wan-4x (321 frames)", "sdpa (split)") in methods and ("wan-4x (321 frames)", "dense SDPA") in methods
     assert all(r["rel_error"] is None or r["rel_error"] < 1e-4 for r in rows)
+    # every method's calls are kept, and the reported time is their median
+    assert all(len(r["times_ms"]) == 2 and r["ms"] == pytest.approx(sum(r["times_ms"]) / 2) for r in rows)
 
 
 def test_pipeline_benchmark_runs_on_cpu(tmp_path):
@@ -90,3 +94,89 @@ def test_fa4_ceiling_benchmark_runs_on_cpu(tmp_path):
         assert row["full"] + row["masked"] >= row["needed"] > 0
         assert 0 <= row["straddling_query_tiles"] <= row["query_tiles"]
         assert row["rel_error"] < 1e-4 and row["ms"] > 0
+
+
+class _CountingDevice:
+    """An lvsa device module that logs its synchronisations among the calls it times."""
+
+    def __init__(self, name: str, log: list[str]):
+        self.name, self.log = name, log
+
+    def synchronize(self, index=None) -> None:
+        self.log.append("sync")
+
+
+def _timing():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import timing
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return timing
+
+
+def test_queued_timing_keeps_calls_back_to_back_and_reads_device_events(monkeypatch):
+    timing = _timing()
+    log: list[str] = []
+    made: list[object] = []
+
+    class FakeEvent:  # each pair's elapsed time is the call's number, so the median is known
+        def __init__(self, device, enable_timing):
+            assert enable_timing and device == "cuda"
+            self.index = len(made) // 2
+            made.append(self)
+
+        def record(self):
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return float([5, 1, 3][self.index])
+
+    monkeypatch.setattr(timing.torch, "Event", FakeEvent)
+    calls = iter(range(100))
+    ms, out = timing.timed(lambda: log.append("call") or next(calls), _CountingDevice("cuda", log), 2, 3, "queued")
+    assert (ms, out) == (3.0, 4)
+    # no synchronisation between the timed calls: the host queues them as a forward queues its layers
+    assert log == ["call", "call", "sync"] + ["record", "call", "record"] * 3 + ["sync"]
+
+
+def test_interleaved_timing_calls_every_method_once_per_round_in_shuffled_orders(monkeypatch):
+    timing = _timing()
+    log: list[str] = []
+
+    class FakeEvent:  # an event pair's time is that of the call recorded between them (the log's length)
+        def __init__(self, device, enable_timing):
+            self.at = None
+
+        def record(self):
+            self.at = len(log)
+
+        def elapsed_time(self, end):
+            return float(int(log[end.at - 1][1:]))
+
+    monkeypatch.setattr(timing.torch, "Event", FakeEvent)
+    count = iter(range(1000))
+    fns = [lambda name=name: log.append(f"{name}{next(count)}") or name for name in "abc"]
+    times, outs = timing.interleaved(fns, _CountingDevice("cuda", log), 1, 6, "queued")
+    calls = [entry for entry in log if entry != "sync"]
+    assert [c[0] for c in calls[:3]] == ["a", "b", "c"] and outs == ["a", "b", "c"]  # warm-up in order
+    rounds = [[c[0] for c in calls[3 + 3 * r: 6 + 3 * r]] for r in range(6)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # each method once per round
+    assert len({tuple(r) for r in rounds}) > 1  # in more than one order
+    # each method's times are its own calls' (the call number is the fake's time), in call order
+    for name, method_times in zip("abc", times, strict=True):
+        assert method_times == [float(int(c[1:])) for c in calls[3:] if c[0] == name]
+    again, _ = timing.interleaved(fns, _CountingDevice("cpu", []), 0, 6, "synchronized")
+    assert [len(t) for t in again] == [6, 6, 6]
+
+
+def test_synchronized_timing_waits_around_each_call_and_cpu_always_does():
+    timing = _timing()
+    for name, mode in (("cuda", "synchronized"), ("cpu", "queued")):
+        log: list[str] = []
+        ms, out = timing.timed(lambda log=log: log.append("call") or len(log), _CountingDevice(name, log), 1, 2, mode)
+        assert log == ["call"] + ["sync", "call", "sync"] * 2 and out == 6 and ms >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        timing.timed(lambda: None, _CountingDevice("cpu", []), 0, 0)
+    with pytest.raises(ValueError, match="timing must be one of"):
+        timing.timed(lambda: None, _CountingDevice("cpu", []), 0, 1, "events")
