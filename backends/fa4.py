@@ -258,15 +258,16 @@ def in_place_side(plan: SparsePlan, block: int, device: torch.device | str) -> S
                 (tokens[moved].to(device), order[moved].to(device)))
 
 
+_KEY_SIDES: dict[str, Callable[[SparsePlan, int, torch.device | str], Side | None]] = {
+    "in-place": in_place_side, "aligned": aligned_side, "token": lambda *_: None}
 #: the orders the keys and values can take (see :func:`tile_layout`)
-KEY_ORDERS = ("in-place", "aligned", "token")
+KEY_ORDERS = tuple(_KEY_SIDES)
 
 
 def _key_side(key_order: str) -> Callable[[SparsePlan, int, torch.device | str], Side | None]:
-    sides = {"in-place": in_place_side, "aligned": aligned_side, "token": lambda *_: None}
-    if key_order not in sides:
+    if key_order not in _KEY_SIDES:
         raise ValueError(f"fa4: key_order {key_order!r} is not one of {', '.join(KEY_ORDERS)}")
-    return sides[key_order]
+    return _KEY_SIDES[key_order]
 
 
 def tile_layout(plan: SparsePlan, block: int, device: torch.device | str, key_order: str = "in-place") -> TileLayout:

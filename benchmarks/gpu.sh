@@ -19,7 +19,7 @@ python -m pip install -q --no-deps --no-build-isolation --target /tmp/lvsa --upg
 export PYTHONPATH=/tmp/lvsa:/tmp/site:$PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 python -c "import torch, flashinfer, flash_attn.cute as f; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'flashinfer', flashinfer.__version__, 'fa4', getattr(f, '__version__', '?'))"
-python -c "import sys; from lvsa.cli import main; sys.exit(main(['drivers', '--device', 'cuda']))" 2>&1 | tail -8
+python -P -c "import sys; from lvsa.cli import main; sys.exit(main(['drivers', '--device', 'cuda']))" 2>&1 | tail -8
 for part in $parts; do
   echo "=== $part"
   case $part in
