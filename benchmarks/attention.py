@@ -10,7 +10,8 @@ speedup over dense cuDNN and over dense FA4, the fraction of the ideal speedup (
 peak extra memory, and the relative error against a float64 masked reference on sampled query rows.
 ``--json PATH`` writes it all. Each time is the median of ``--repeats`` calls queued back to back with device
 events around each, as a layer's attention runs inside a forward (``--timing synchronized``: host clock around
-each call, the host's own work included; see ``timing.py``)."""
+each call, the host's own work included); each speedup is the median of the per-round ratios of the methods'
+times, taken in the same interleaved rounds (see ``timing.py``)."""
 
 from __future__ import annotations
 
@@ -202,20 +203,21 @@ def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
     del outs
     samples = {m.name: t for m, t in zip(timed_methods, times, strict=True)}
     median = {name: statistics.median(times) for name, times in samples.items()}
-    dense_ms = median[timed_methods[0].name]
-    fa4_ms = median.get("dense FA4")
+    dense_times = samples[timed_methods[0].name]
+    fa4_times = samples.get("dense FA4")
     rows = []
     for method in timed_methods:
-        ms = median[method.name]
-        spread = _spread(samples[method.name])
-        vs_fa4 = None if fa4_ms is None else fa4_ms / ms
+        ms, own = median[method.name], samples[method.name]
+        spread = _spread(own)
+        vs_dense = timing.speedup(dense_times, own)  # paired per round (see timing.py)
+        vs_fa4 = None if fa4_times is None else timing.speedup(fa4_times, own)
         if method.sparse:
-            rows.append(Row(case.name, method.name, ms, flops / ms / 1e9, dense_ms / ms, dense_ms / ms * plan.density,
+            rows.append(Row(case.name, method.name, ms, flops / ms / 1e9, vs_dense, vs_dense * plan.density,
                             peaks[method.name], errors[method.name], method.prepare_ms, vs_fa4,
-                            None if vs_fa4 is None else vs_fa4 * plan.density, spread, samples[method.name]))
+                            None if vs_fa4 is None else vs_fa4 * plan.density, spread, own))
         else:
-            rows.append(Row(case.name, method.name, ms, dense_flops / ms / 1e9, dense_ms / ms, None,
-                            peaks[method.name], None, None, vs_fa4, None, spread, samples[method.name]))
+            rows.append(Row(case.name, method.name, ms, dense_flops / ms / 1e9, vs_dense, None,
+                            peaks[method.name], None, None, vs_fa4, None, spread, own))
     return rows
 
 
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         wanted_methods = [w.strip() for w in args.methods.split(",")]
         methods = {n: d for n, d in methods.items() if any(w in n for w in wanted_methods)}
     env = {"device": device.describe(), "torch": torch.__version__, "dtype": str(dtype)[6:], "head_dim": head_dim,
-           "timing": f"{args.timing}, median of {args.repeats} interleaved after {args.warmup} warm-up"}
+           "timing": f"{args.timing}, median of {args.repeats} interleaved after {args.warmup} warm-up; "
+                     "speedups: median of per-round ratios"}
     if args.device == "cuda":
         env["cudnn"] = torch.backends.cudnn.version()
     for module in ("flashinfer", "flash_attn.cute"):

@@ -12,7 +12,8 @@ tiles stand against that ceiling, in one run.
 2. **The census of each case of** ``attention.py``: the key tiles per query tile that the plan needs
    (density x tiles), the full and masked tiles the fa4 driver visits, and the query tiles that straddle
    two frames (their windows differ, so they visit both frames' keys, partly through the mask). Then the
-   driver against FA4 dense in the same run (the timing of ``attention.py``, see ``timing.py``).
+   driver against FA4 dense in the same run (the timing of ``attention.py``, see ``timing.py``), once per
+   form of its ``mask_mod`` (``--mask-forms``; the first is the row's, the others are listed beside it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 import lvsa
-from lvsa.backends.fa4 import Fa4Driver, _flex, block_tables
+from lvsa.backends.fa4 import MASK_FORMS, Fa4Driver, _flex, block_tables
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attention.py beside it, under ``python -P`` too
 import timing
@@ -62,6 +63,9 @@ class CensusRow:
     dense_fa4_ms: float | None = None
     fraction_of_ideal: float | None = None
     rel_error: float | None = None
+    #: every timed mask form's fraction of the ideal against FA4 dense, and its relative error
+    by_mask_form: dict[str, float] | None = None
+    rel_error_by_mask_form: dict[str, float] | None = None
 
 
 def band_block_mask(S: int, n: int, device: str):
@@ -137,13 +141,14 @@ def ceiling(args, device, dtype, gen, driver) -> list[CeilingRow]:
     for (n, (_, start)), band_times, out in zip(bands.items(), times[1:], outs[1:], strict=True):
         ms = statistics.median(band_times)
         density = band_density(S, start, n)
-        row = CeilingRow(n, density, ms, dense_ms, dense_ms * density / ms, band_error(out, q, k, v, start, n))
+        row = CeilingRow(n, density, ms, dense_ms, timing.speedup(times[0], band_times) * density,
+                         band_error(out, q, k, v, start, n))
         rows.append(row)
         print(f"  {n:>9} {density:>8.4f} {ms:>9.2f} {row.fraction_of_ideal:>9.1%} {row.rel_error:>9.1e}", flush=True)
     return rows
 
 
-def census(case, args, device, dtype, gen, driver) -> CensusRow:
+def census(case, args, device, dtype, gen, drivers: dict[str, Fa4Driver] | None) -> CensusRow:
     plan, heads, text, valid = case_geometry(case, args.small)
     P = plan.patches_per_frame
     tables = block_tables(plan, BLOCK, "cpu", padded_text=bool(text))
@@ -157,22 +162,28 @@ def census(case, args, device, dtype, gen, driver) -> CensusRow:
                     masked.mean().item(), int(straddling.sum()),
                     masked[straddling].mean().item() if straddling.any() else 0.0,
                     masked[~straddling].mean().item() if not straddling.all() else math.nan)
-    if driver is not None:
+    if drivers:
         shape = (1, S, heads, args.head_dim)
         q, k, v = (torch.randn(shape, generator=gen).to(args.device, dtype) for _ in range(3))
         padding = (torch.arange(text) < valid)[None].to(args.device) if text else None
         dense_plan = lvsa.make_plan(case.frames, P, text_tokens=text,
                                     settings=lvsa.LVSASettings(reference_latent_frames=case.frames))
-        dense = driver.prepare(dense_plan, lvsa.AttentionProblem.from_tensors(q, k, v, dense_plan, padding))
-        prepared = driver.prepare(plan, lvsa.AttentionProblem.from_tensors(q, k, v, plan, padding))
-        times, (_, out) = timing.interleaved([lambda: driver.run(dense, q, k, v, padding),
-                                              lambda: driver.run(prepared, q, k, v, padding)],
-                                             device, args.warmup, args.repeats, args.timing)
-        row.dense_fa4_ms, row.ms = (statistics.median(t) for t in times)
-        row.fraction_of_ideal = row.dense_fa4_ms * plan.density / row.ms
+        first = next(iter(drivers.values()))
+        dense = first.prepare(dense_plan, lvsa.AttentionProblem.from_tensors(q, k, v, dense_plan, padding))
+        problem = lvsa.AttentionProblem.from_tensors(q, k, v, plan, padding)
+        prepared = {form: driver.prepare(plan, problem) for form, driver in drivers.items()}
+        calls = [lambda: first.run(dense, q, k, v, padding)] + [
+            lambda d=driver, p=prepared[form]: d.run(p, q, k, v, padding) for form, driver in drivers.items()]
+        times, outs = timing.interleaved(calls, device, args.warmup, args.repeats, args.timing)
+        medians = [statistics.median(t) for t in times]
         frames = sorted({0, plan.latent_frames // 2, plan.latent_frames - 1})
         picks, reference = sampled_reference(plan, q, k, v, frames, 32, valid if text else None)
-        row.rel_error = ((out[0, picks].double() - reference).norm() / reference.norm()).item()
+        errors = [((out[0, picks].double() - reference).norm() / reference.norm()).item() for out in outs[1:]]
+        row.dense_fa4_ms, row.ms, row.rel_error = medians[0], medians[1], errors[0]
+        row.by_mask_form = {form: timing.speedup(times[0], own) * plan.density
+                            for form, own in zip(drivers, times[1:], strict=True)}
+        row.fraction_of_ideal = row.by_mask_form[next(iter(drivers))]
+        row.rel_error_by_mask_form = dict(zip(drivers, errors, strict=True))
     return row
 
 
@@ -183,6 +194,8 @@ def print_census(rows: list[CensusRow]) -> None:
     for r in rows:
         times = ("" if r.ms is None else
                   f" {r.ms:>8.2f} {r.dense_fa4_ms:>8.2f} {r.fraction_of_ideal:>9.1%} {r.rel_error:>8.1e}")
+        if r.by_mask_form and len(r.by_mask_form) > 1:
+            times += "  " + " ".join(f"{form} {share:.1%}" for form, share in r.by_mask_form.items())
         print(f"  {r.case:<36} {r.density:>7.4f} {r.needed:>7.1f} {r.full:>7.1f} {r.masked:>7.2f} "
               f"{r.straddling_query_tiles:>5}/{r.query_tiles:<5} {r.masked_per_straddling:>11.1f} "
               f"{'-' if math.isnan(r.masked_per_other) else f'{r.masked_per_other:.2f}':>12}{times}", flush=True)
@@ -198,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="band widths of the ceiling, as shares of the key tiles")
     parser.add_argument("--cases", default=None, help="comma-separated substrings of attention.py's case names")
     parser.add_argument("--census-only", action="store_true", help="count the tiles, time nothing")
+    parser.add_argument("--mask-forms", nargs="+", choices=MASK_FORMS, default=list(MASK_FORMS[:1]),
+                        help="time the driver with each form of its mask_mod (the first is the driver's row)")
     parser.add_argument("--json", default=None, help="write every number to this file")
     args = parser.parse_args(argv)
 
@@ -207,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     args.head_dim = args.head_dim or (64 if args.small else 128)
-    driver = Fa4Driver() if cuda else Fa4Driver(kernel_backend=None, compiled=False, devices=frozenset({"cpu"}),
-                                                  dtypes=frozenset({torch.float32}))
+    options = {} if cuda else dict(kernel_backend=None, compiled=False, devices=frozenset({"cpu"}),
+                                   dtypes=frozenset({torch.float32}))
+    drivers = {form: Fa4Driver(mask_form=form, **options) for form in dict.fromkeys(args.mask_forms)}
+    driver = next(iter(drivers.values()))
     if not args.census_only:
         status = driver.is_available(args.device)
         if not status:
@@ -228,14 +245,15 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = torch.Generator().manual_seed(0)
     ceiling_rows = [] if args.census_only else ceiling(args, device, dtype, gen, driver)
-    census_rows = [census(c, args, device, dtype, gen, None if args.census_only else driver) for c in cases]
+    census_rows = [census(c, args, device, dtype, gen, None if args.census_only else drivers) for c in cases]
     print_census(census_rows)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"environment": env, "ceiling": [asdict(r) for r in ceiling_rows],
                        "census": [asdict(r) for r in census_rows]}, handle, indent=2)
     tolerance = 2e-2 if dtype != torch.float32 else 1e-4
-    errors = [r.rel_error for r in (*ceiling_rows, *census_rows) if r.rel_error is not None]
+    errors = [r.rel_error for r in ceiling_rows]
+    errors += [e for r in census_rows for e in (r.rel_error_by_mask_form or {}).values()]
     if not all(e < tolerance for e in errors):
         print(f"\nFAILED accuracy: relative errors {errors}", file=sys.stderr)
         return 1

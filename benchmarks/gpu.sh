@@ -26,7 +26,7 @@ for part in $parts; do
     smoke) python benchmarks/attention.py --small --cases wan-2x,text --methods fa4 --repeats 2 2>&1 | tee "$out/smoke.txt" ;;
     parity) LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16,float16 python -P -m pytest -q -p no:cacheprovider \
               tests/parity tests/backends -k "fa4 or (flashinfer and bfloat16)" 2>&1 | tail -25 | tee "$out/parity.txt" ;;
-    attention) python benchmarks/attention.py --warmup 1 --repeats 10 --flashinfer-direct --json "$out/attention.json" \
+    attention) python benchmarks/attention.py --warmup 1 --repeats 30 --flashinfer-direct --json "$out/attention.json" \
                  2>&1 | tee "$out/attention.txt" ;;
     attention-sync) python benchmarks/attention.py --warmup 1 --repeats 10 --methods fa4 --timing synchronized \
                       --json "$out/attention-sync.json" 2>&1 | tee "$out/attention-sync.txt" ;;

@@ -16,7 +16,12 @@ Methods that are compared are timed **interleaved** (:func:`interleaved`): every
 in an order shuffled per round (seeded). A lent H100 drifts by 5-15% within seconds and even alternates
 between fast and slow rounds (clocks and power, measured 2026-11-24), so methods timed one after the other
 differ by the drift as much as by their speed; taken in turn, every method sees the same device, and the
-shuffle keeps a method from always following the same one (a hot kernel before it, a cool one after)."""
+shuffle keeps a method from always following the same one (a hot kernel before it, a cool one after).
+
+A speedup of one method over another is the median over the rounds of the ratio of their times in that round
+(:func:`speedup`): the two calls of a round ran within a fraction of a second of each other, so the drift
+cancels in the ratio. The ratio of the two medians keeps the round-to-round spread (3-9% on a lent H100) and
+moved by as much between runs of the same code; the paired median moved by about 1%."""
 
 from __future__ import annotations
 
@@ -71,6 +76,14 @@ def interleaved(fns: Sequence[Callable[[], Any]], device: Any, warmup: int, repe
             device.synchronize()
             times[i].append((time.perf_counter() - start_s) * 1e3)
     return times, outs
+
+
+def speedup(reference_ms: Sequence[float], ms: Sequence[float]) -> float:
+    """How many times faster a method ran than the reference, from their times in the same rounds of
+    :func:`interleaved`: the median over rounds of the per-round ratio."""
+    if len(reference_ms) != len(ms) or not ms:
+        raise ValueError(f"speedup needs the same rounds of both methods, got {len(reference_ms)} and {len(ms)}")
+    return statistics.median(r / m for r, m in zip(reference_ms, ms, strict=True))
 
 
 def timed(fn: Callable[[], Any], device: Any, warmup: int, repeats: int,

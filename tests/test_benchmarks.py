@@ -81,7 +81,8 @@ def test_ring_compute_benchmark_runs_on_cpu(tmp_path):
 def test_fa4_ceiling_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "ceiling.json"
     result = _run(tmp_path, BENCHMARKS / "fa4_ceiling.py", "--device", "cpu", "--small", "--repeats", "1",
-                  "--warmup", "0", "--densities", "1", "0.25", "--cases", "s=0.5,text", "--json", report)
+                  "--warmup", "0", "--densities", "1", "0.25", "--cases", "s=0.5,text",
+                  "--mask-forms", "interval", "table", "--json", report)
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
     # the band pattern through FlexAttention's CPU path equals float64 attention over the band's keys
@@ -94,6 +95,9 @@ def test_fa4_ceiling_benchmark_runs_on_cpu(tmp_path):
         assert row["full"] + row["masked"] >= row["needed"] > 0
         assert 0 <= row["straddling_query_tiles"] <= row["query_tiles"]
         assert row["rel_error"] < 1e-4 and row["ms"] > 0
+        assert set(row["by_mask_form"]) == {"interval", "table"}
+        assert all(share > 0 for share in row["by_mask_form"].values())
+        assert all(error < 1e-4 for error in row["rel_error_by_mask_form"].values())
 
 
 class _CountingDevice:
@@ -180,3 +184,18 @@ def test_synchronized_timing_waits_around_each_call_and_cpu_always_does():
         timing.timed(lambda: None, _CountingDevice("cpu", []), 0, 0)
     with pytest.raises(ValueError, match="timing must be one of"):
         timing.timed(lambda: None, _CountingDevice("cpu", []), 0, 1, "events")
+
+
+def test_speedup_is_the_median_of_the_per_round_ratios():
+    """Each round's two calls share the device's state, so their ratio cancels the drift between rounds; the
+    median over rounds then sets aside a round where one call alone was disturbed."""
+    timing = _timing()
+    drift = [1.0, 1.3, 0.9, 1.3, 1.1]
+    dense = [10.0 * d for d in drift]
+    assert timing.speedup(dense, [5.0 * d for d in drift]) == pytest.approx(2.0)
+    disturbed = [5.0 * d for d in drift]
+    disturbed[1] *= 3  # one sparse call hit by something else
+    assert timing.speedup(dense, disturbed) == pytest.approx(2.0)
+    assert timing.speedup([4.0, 9.0, 6.0], [2.0, 3.0, 1.0]) == pytest.approx(3.0)  # ratios 2, 3, 6
+    with pytest.raises(ValueError, match="same rounds"):
+        timing.speedup(dense, disturbed[:3])

@@ -16,7 +16,7 @@ import torch
 
 import lvsa
 from lvsa.backends import fa4
-from lvsa.backends.fa4 import KEY_ORDERS, Fa4Driver, _to_tiles, block_tables, mask_mod_for
+from lvsa.backends.fa4 import KEY_ORDERS, MASK_FORMS, Fa4Driver, _to_tiles, block_tables, mask_mod_for
 from lvsa.backends.reference import reference_attention, token_mask
 from lvsa.plan import PatternKnobs, build_plan
 
@@ -45,10 +45,14 @@ def _expanded(plan, tables, mask_mod, batch):
     return mask
 
 
-@pytest.mark.parametrize("key_order", KEY_ORDERS)
+ORDERS_AND_FORMS = [*((order, "interval") for order in KEY_ORDERS), ("in-place", "table"), ("token", "table")]
+assert {form for _, form in ORDERS_AND_FORMS} == set(MASK_FORMS)
+
+
+@pytest.mark.parametrize(("key_order", "mask_form"), ORDERS_AND_FORMS)
 @pytest.mark.parametrize("block", TILES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_tiles_expand_to_the_plans_mask(case, block, key_order):
+def test_tiles_expand_to_the_plans_mask(case, block, key_order, mask_form):
     plan, _, _, _, padding = _make(case, "cpu", torch.float32)
     keep = None
     expected = token_mask(plan)[None].expand(case.batch, -1, -1).clone()
@@ -65,7 +69,9 @@ def test_tiles_expand_to_the_plans_mask(case, block, key_order):
         keep = None if keep is None else keep[:, layout.keys.order]
     if keep is not None:
         keep = _to_tiles(keep, block)
-    mask_mod = mask_mod_for(tables, keep)
+    # every plan of the grid has the interval shape (globals, text, one window), so the fast form engages
+    assert tables.intervals is not None
+    mask_mod = mask_mod_for(tables, keep, mask_form)
     got = _expanded(plan, tables, mask_mod, case.batch)
     assert torch.equal(got, expected)
     # the kernel calls mask_mod on every position of a tile, past the sequence too: no index out of bounds
@@ -120,10 +126,10 @@ def test_tiles_are_really_skipped_full_and_partial():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("key_order", KEY_ORDERS)
-def test_driver_equals_the_reference_through_flex_attention(case, dtype, key_order):
+@pytest.mark.parametrize(("key_order", "mask_form"), ORDERS_AND_FORMS)
+def test_driver_equals_the_reference_through_flex_attention(case, dtype, key_order, mask_form):
     plan, q, k, v, padding = _make(case, "cpu", dtype)
-    driver = Fa4Driver(block=3, compiled=False, key_order=key_order, **CPU)
+    driver = Fa4Driver(block=3, compiled=False, key_order=key_order, mask_form=mask_form, **CPU)
     problem = lvsa.AttentionProblem.from_tensors(q, k, v, plan, padding)
     assert not driver.check(problem)
     prepared = driver.prepare(plan, problem)
@@ -229,6 +235,32 @@ def test_on_cuda_keys_move_in_place_with_real_tiles(dtype, monkeypatch):
     assert all(torch.equal(t, b) for t, b in zip(on_gpu, before, strict=True))
     expected = reference_attention(*(t.cpu() for t in on_gpu), plan, padding)
     assert (out.cpu().double() - expected).abs().max().item() <= 3e-2
+
+
+def test_a_table_without_the_interval_shape_keeps_the_table_form():
+    """The interval form is derived from the group table and checked against it: a query group attending
+    two separate runs of groups (not a plan lvsa makes, but a table of another shape) gets no intervals, and
+    ``mask_mod`` then reads the table, exactly."""
+    plan = build_plan(8, 5, PatternKnobs(2, 1.0, 1, 1, None, None), step=0)
+    layout = fa4.tile_layout(plan, 4, "cpu")
+    table = fa4.attended_groups(plan, "cpu")
+    assert fa4.interval_mask(table, layout, 40) is not None
+    holes = table.clone()
+    holes[5] = False
+    holes[5, [1, 2, 6, 7]] = True  # frame 0 (a global) dropped: not common; two runs left
+    assert fa4.interval_mask(holes, layout, 40) is None
+    tables = block_tables(plan, 4, "cpu", padded_text=False)
+    tables = fa4.BlockTables(*(getattr(tables, f) for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks",
+                                                              "full_kv_indices", "block", "attended", "layout")))
+    where = torch.arange(plan.seq_len)
+    got = mask_mod_for(tables, None, "interval")(0, 0, where[:, None], where[None, :])
+    expected = token_mask(plan)[:, layout.keys.order] if layout.keys.order is not None else token_mask(plan)
+    assert torch.equal(got, expected)
+
+
+def test_unknown_mask_form_is_refused():
+    with pytest.raises(ValueError, match="mask_form 'bits' is not one of interval, table"):
+        Fa4Driver(mask_form="bits")
 
 
 def test_unknown_key_order_is_refused():
