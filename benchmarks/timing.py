@@ -20,8 +20,8 @@ shuffle keeps a method from always following the same one (a hot kernel before i
 
 A speedup of one method over another is the median over the rounds of the ratio of their times in that round
 (:func:`speedup`): the two calls of a round ran within a fraction of a second of each other, so the drift
-cancels in the ratio. The ratio of the two medians keeps the round-to-round spread (3-9% on a lent H100) and
-moved by as much between runs of the same code; the paired median moved by about 1%."""
+cancels in the ratio, while the ratio of the two medians keeps the round-to-round spread (3-9% on a lent
+H100)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -249,9 +251,7 @@ def test_a_table_without_the_interval_shape_keeps_the_table_form():
     holes[5] = False
     holes[5, [1, 2, 6, 7]] = True  # frame 0 (a global) dropped: not common; two runs left
     assert fa4.interval_mask(holes, layout, 40) is None
-    tables = block_tables(plan, 4, "cpu", padded_text=False)
-    tables = fa4.BlockTables(*(getattr(tables, f) for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks",
-                                                              "full_kv_indices", "block", "attended", "layout")))
+    tables = dataclasses.replace(block_tables(plan, 4, "cpu", padded_text=False), intervals=None)
     where = torch.arange(plan.seq_len)
     got = mask_mod_for(tables, None, "interval")(0, 0, where[:, None], where[None, :])
     expected = token_mask(plan)[:, layout.keys.order] if layout.keys.order is not None else token_mask(plan)
