@@ -24,9 +24,15 @@ import torch
 from lvsa import log, registry
 from lvsa.driver import AttentionProblem, Availability, Driver, Prepared
 from lvsa.errors import DriverUnavailable, GeometryError
+from lvsa.kernels.attention_ops import (
+    attend_with_lse,
+    dense_attention,
+    lse_kernel_reason,
+    merge,
+    sequence_key_mask,
+    text_keys,
+)
 from lvsa.plan import SparsePlan
-
-from .attention_ops import attend_with_lse, dense_attention, lse_kernel_reason, merge, sequence_key_mask, text_keys
 
 _LN2 = math.log(2.0)
 _workspaces: dict[torch.device, torch.Tensor] = {}

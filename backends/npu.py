@@ -44,15 +44,15 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
-from lvsa.devices.npu import INSTALL_HINT  # one install hint: the device module's
+from lvsa.device import NPU_INSTALL_HINT as INSTALL_HINT
 from lvsa.driver import AttentionProblem, Availability, Driver, Prepared
+from lvsa.kernels import split
+from lvsa.kernels.attention_ops import merge, sequence_key_mask, text_keys, without_empty_samples
 from lvsa.plan import SparsePlan
-
-from . import split
-from .attention_ops import merge, sequence_key_mask, text_keys, without_empty_samples
 
 #: the op's B axis limit ("各轴取值范围速查": B <= 65536)
 MAX_BATCH = 65536
@@ -110,9 +110,6 @@ class NpuDriver(Driver[NpuPrepared]):
     devices = frozenset({"npu"})
     dtypes = frozenset({torch.float16, torch.bfloat16})
 
-    #: upper bound on the gathered keys and values of one chunk of query frames
-    gather_budget_bytes = split.GATHER_BUDGET_BYTES
-
     def is_available(self, device_type: str) -> Availability:
         base = super().is_available(device_type)
         if not base:
@@ -140,7 +137,7 @@ class NpuDriver(Driver[NpuPrepared]):
         return reasons
 
     #: the op takes at most this many batch entries: ring steps batch query frames within it
-    max_batch = MAX_BATCH
+    max_batch: ClassVar[int | None] = MAX_BATCH
 
     def check_lse(self, problem: AttentionProblem) -> list[str]:
         return []  # FIA returns the log-sum-exp itself (softmax_lse_flag)

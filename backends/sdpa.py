@@ -21,10 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from lvsa.driver import AttentionProblem, Availability, Driver, Prepared
+from lvsa.kernels import split
+from lvsa.kernels.attention_ops import (
+    attend_with_lse,
+    dense_attention,
+    lse_kernel_reason,
+    sdpa,
+    sequence_key_mask,
+    text_keys,
+)
 from lvsa.plan import SparsePlan
-
-from . import split
-from .attention_ops import attend_with_lse, dense_attention, lse_kernel_reason, sdpa, sequence_key_mask, text_keys
 
 Strategy = Literal["auto", "split", "gather"]
 
@@ -43,9 +49,6 @@ class SdpaDriver(Driver[SdpaPrepared]):
     priority = 10
     devices = None
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
-    #: upper bound on the gathered keys and values of one chunk of query frames
-    gather_budget_bytes = split.GATHER_BUDGET_BYTES
 
     def __init__(self, strategy: Strategy = "auto") -> None:
         if strategy not in ("auto", "split", "gather"):

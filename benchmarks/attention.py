@@ -1,9 +1,9 @@
 """Attention benchmark: the two fastest dense kernels (cuDNN SDPA, and FlashAttention-4 where the fa4 driver is
 usable) against every lvsa driver, in one run, on the shapes of real long-video models.
 
-    python benchmarks/attention.py                          # CUDA, full sizes, bf16
-    python benchmarks/attention.py --flashinfer-direct      # also FlashInfer's wrapper called directly
-    python benchmarks/attention.py --device cpu --small     # CPU, small sizes (keeps the script alive in CI)
+    python -m benchmarks.attention                          # CUDA, full sizes, bf16
+    python -m benchmarks.attention --flashinfer-direct      # also FlashInfer's wrapper called directly
+    python -m benchmarks.attention --device cpu --small     # CPU, small sizes (keeps the script alive in CI)
 
 For each case it prints every method's ms, effective TFLOP/s (the FLOPs the plan needs over the time), the
 speedup over dense cuDNN and over dense FA4, the fraction of the ideal speedup (1 / density) against each,
@@ -23,17 +23,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import lvsa
-from lvsa import dispatch, registry
+from lvsa import registry
 from lvsa.backends.sdpa import SdpaDriver
+from lvsa.driver_status import driver_status
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside it, under ``python -P`` too
-import timing
+from . import timing
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def case_geometry(case: Case, small: bool) -> tuple[lvsa.SparsePlan, int, int, i
 
 
 def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
-    from lvsa.backends.attention_ops import dense_attention, sequence_key_mask
+    from lvsa.kernels.attention_ops import dense_attention, sequence_key_mask
 
     plan, heads, text, valid = case_geometry(case, args.small)
     P = plan.patches_per_frame
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, driver in registry.drivers().items():
         if name in ("sdpa", "reference") or not driver.auto_select:
             continue
-        status = dispatch.driver_status(name, args.device)
+        status = driver_status(name, args.device)
         if status.available:
             methods[name] = driver
         else:

@@ -1,8 +1,8 @@
 """A compiled transformer with lvsa over the steps of a generation: graphs compiled, time per step, and the
 output against the same model uncompiled, for each driver, in one run.
 
-    python benchmarks/compiled.py --frames 321 --layers 4 --methods sdpa flashinfer fa4     # CUDA
-    python benchmarks/compiled.py --device cpu --small --methods sdpa                       # CPU smoke run
+    python -m benchmarks.compiled --frames 321 --layers 4 --methods sdpa flashinfer fa4     # CUDA
+    python -m benchmarks.compiled --device cpu --small --methods sdpa                       # CPU smoke run
 
 Wan 2.1 1.3B's real block shapes (``--layers`` of its 30 blocks, random weights). lvsa is applied to the bare
 transformer; each step sets the rotation step (``handle.runtime.set_step``) as a custom loop would, so the
@@ -20,10 +20,9 @@ from torch._dynamo.utils import counters
 
 import lvsa
 from lvsa import registry
-from lvsa.dispatch import clear_caches
+from lvsa.caches import clear as clear_caches
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from pipeline import SMALL_WAN, WAN_1_3B
+from .pipeline import SMALL_WAN, WAN_1_3B
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """How close FlashAttention-4's block-sparse kernel can come to the ideal speedup, and where the fa4 driver's
 tiles stand against that ceiling, in one run.
 
-    python benchmarks/fa4_ceiling.py                        # CUDA with the [fa4] extra, bf16
-    python benchmarks/fa4_ceiling.py --device cpu --small   # FlexAttention's CPU path (keeps the script alive in CI)
+    python -m benchmarks.fa4_ceiling                        # CUDA with the [fa4] extra, bf16
+    python -m benchmarks.fa4_ceiling --device cpu --small   # FlexAttention's CPU path (keeps the script alive in CI)
 
 1. **The kernel's ceiling.** FA4 block-sparse on a pattern of whole tiles only: every query tile visits the
    same number ``n`` of key tiles (a band), so no tile is masked and no frame boundary exists. It is timed
@@ -24,16 +24,15 @@ import math
 import statistics
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 import lvsa
-from lvsa.backends.fa4 import MASK_FORMS, Fa4Driver, _flex, block_tables
+from lvsa.backends.fa4 import Fa4Driver
+from lvsa.kernels.block_mask import MASK_FORMS, block_tables, flex_attention
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # attention.py beside it, under ``python -P`` too
-import timing
-from attention import CASES, case_geometry, sampled_reference, usable_device
+from . import timing
+from .attention import CASES, case_geometry, sampled_reference, usable_device
 
 BLOCK = 128
 
@@ -114,7 +113,7 @@ def band_error(out, q, k, v, start, n, rows_checked=48) -> float:
 def kernel(driver: Fa4Driver):
     """FlexAttention exactly as ``driver`` calls it: the same compiled function (so a shape compiles once in
     this process) and kernel options (FA4 through the FLASH backend; the reference path on CPU)."""
-    attend = _flex(driver.compiled)
+    attend = flex_attention(driver.compiled)
 
     def run(q, k, v, block_mask=None):
         return attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,

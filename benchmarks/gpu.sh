@@ -9,7 +9,7 @@
 # (one part can take most of a 10-minute call: smoke, parity and compiled together did not fit in one)
 # Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
 set -u
-out=${1:?usage: gpu.sh OUTDIR [smoke parity attention attention-sync pipeline compiled ring ceiling]}
+out=${1:?usage: gpu.sh OUTDIR [smoke parity parity-fa4 parity-flashinfer attention attention-sync pipeline compiled ring ceiling]}
 shift
 parts=${*:-smoke parity attention pipeline compiled}
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0
@@ -17,26 +17,35 @@ source .fa4/b/activate.sh || exit 3
 [ -d /tmp/site/flashinfer ] || bash .carry/unpack-carry.sh .carry >/dev/null
 python -m pip install -q --no-deps --no-build-isolation --target /tmp/lvsa --upgrade . >/dev/null
 export PYTHONPATH=/tmp/lvsa:/tmp/site:$PYTHONPATH
+# the benchmarks run as a package from a folder holding only a link to them: the repository root on the path
+# would put the source folder lvsa/ (without its drivers) in place of the installed lvsa
+mkdir -p /tmp/bench && ln -sfn "$PWD/benchmarks" /tmp/bench/benchmarks
+bench() { (cd /tmp/bench && python -m "benchmarks.$1" "${@:2}"); }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 python -c "import torch, flashinfer, flash_attn.cute as f; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'flashinfer', flashinfer.__version__, 'fa4', getattr(f, '__version__', '?'))"
 python -P -c "import sys; from lvsa.cli import main; sys.exit(main(['drivers', '--device', 'cuda']))" 2>&1 | tail -8
 for part in $parts; do
   echo "=== $part"
   case $part in
-    smoke) python benchmarks/attention.py --small --cases wan-2x,text --methods fa4 --repeats 2 2>&1 | tee "$out/smoke.txt" ;;
+    smoke) bench attention --small --cases wan-2x,text --methods fa4 --repeats 2 2>&1 | tee "$out/smoke.txt" ;;
     parity) LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16,float16 python -P -m pytest -q -p no:cacheprovider \
               tests/parity tests/backends -k "fa4 or (flashinfer and bfloat16)" 2>&1 | tail -25 | tee "$out/parity.txt" ;;
-    attention) python benchmarks/attention.py --warmup 1 --repeats 30 --flashinfer-direct --json "$out/attention.json" \
+    # the same two halves, one call each on a fresh machine (FlashInfer compiles its kernels first)
+    parity-fa4) LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16,float16 python -P -m pytest -q -p no:cacheprovider \
+              tests/parity tests/backends -k "fa4" 2>&1 | tail -25 | tee "$out/parity-fa4.txt" ;;
+    parity-flashinfer) LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16 python -P -m pytest -q -p no:cacheprovider \
+              tests/parity tests/backends -k "flashinfer" 2>&1 | tail -25 | tee "$out/parity-flashinfer.txt" ;;
+    attention) bench attention --warmup 1 --repeats 30 --flashinfer-direct --json "$out/attention.json" \
                  2>&1 | tee "$out/attention.txt" ;;
-    attention-sync) python benchmarks/attention.py --warmup 1 --repeats 10 --methods fa4 --timing synchronized \
+    attention-sync) bench attention --warmup 1 --repeats 10 --methods fa4 --timing synchronized \
                       --json "$out/attention-sync.json" 2>&1 | tee "$out/attention-sync.txt" ;;
-    pipeline) python benchmarks/pipeline.py --models wan --frames 81 321 --dense-fa4 --json "$out/pipeline.json" 2>&1 \
+    pipeline) bench pipeline --models wan --frames 81 321 --dense-fa4 --json "$out/pipeline.json" 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/pipeline.txt" ;;
-    ring) python benchmarks/ring_compute.py --json "$out/ring.json" 2>&1 | tee "$out/ring.txt"
+    ring) bench ring_compute --json "$out/ring.json" 2>&1 | tee "$out/ring.txt"
           LVSA_TEST_DEVICES=cuda LVSA_TEST_DTYPES=bfloat16,float16 python -P -m pytest -q -p no:cacheprovider \
               tests/parity/test_ring_parity.py 2>&1 | tail -8 | tee -a "$out/ring.txt" ;;
-    ceiling) python benchmarks/fa4_ceiling.py --warmup 1 --repeats 10 --json "$out/ceiling.json" 2>&1 | tee "$out/ceiling.txt" ;;
-    compiled) python benchmarks/compiled.py --frames 321 --layers 4 --steps 6 --methods fa4 sdpa 2>&1 \
+    ceiling) bench fa4_ceiling --warmup 1 --repeats 10 --json "$out/ceiling.json" 2>&1 | tee "$out/ceiling.txt" ;;
+    compiled) bench compiled --frames 321 --layers 4 --steps 6 --methods fa4 sdpa 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/compiled.txt" ;;
   esac
 done

@@ -1,8 +1,8 @@
 """Context-parallel scaling: one denoising forward on 1 GPU and on N GPUs under Ulysses, ring attention and
 Ulysses x ring, dense vs lvsa, in one launch per GPU count.
 
-    torchrun --nproc-per-node 8 benchmarks/multi_device.py         # Wan 1.3B @ 321 frames, Wan 14B shapes @ 161
-    torchrun --nproc-per-node 4 benchmarks/multi_device.py --device cpu --small  # gloo smoke run (in the tests)
+    torchrun --nproc-per-node 8 -m benchmarks.multi_device         # Wan 1.3B @ 321 frames, Wan 14B shapes @ 161
+    torchrun --nproc-per-node 4 -m benchmarks.multi_device --device cpu --small  # gloo smoke run (in the tests)
 
 Rank 0 first times the forward alone (the other ranks wait). Then, for each layout that fits N processes
 (``--layouts``: ``ulysses`` N when N divides the heads, ``ring`` N, and ``mixed``: Ulysses U x ring N/U with
@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import SMALL_WAN, WAN_1_3B, measure  # the single-device benchmark's pieces
-
 import lvsa
 from lvsa import registry
-from lvsa.dispatch import clear_caches
+from lvsa.caches import clear as clear_caches
 from lvsa.parallel import enable_context_parallel, init_distributed, leave_distributed
+
+from .pipeline import SMALL_WAN, WAN_1_3B, measure  # the single-device benchmark's pieces
 
 WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 # the small Wan with 4 heads, so that Ulysses 4, ring 4 and Ulysses 2 x ring 2 all fit 4 CPU processes

@@ -1,7 +1,7 @@
 """One denoising forward of a real-size video transformer: dense attention vs each lvsa driver, in one run.
 
-    python benchmarks/pipeline.py --dense-fa4          # CUDA: Wan 2.1 1.3B at 81/161/321 frames + HunyuanVideo 1.5
-    python benchmarks/pipeline.py --small --device cpu # a small config on CPU (what the test suite runs)
+    python -m benchmarks.pipeline --dense-fa4          # CUDA: Wan 2.1 1.3B at 81/161/321 frames + HunyuanVideo 1.5
+    python -m benchmarks.pipeline --small --device cpu # a small config on CPU (what the test suite runs)
 
 The transformers are built from their real configs with random weights (no download) in bfloat16. Dense
 is the model's own attention through diffusers with cuDNN SDPA (``_native_cudnn``) on CUDA; ``--dense-fa4``
@@ -24,7 +24,7 @@ import torch
 
 import lvsa
 from lvsa import registry
-from lvsa.dispatch import clear_caches
+from lvsa.caches import clear as clear_caches
 
 # Wan 2.1 T2V 1.3B and HunyuanVideo 1.5 480p, as published in their diffusers configs
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,

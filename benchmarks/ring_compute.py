@@ -1,8 +1,8 @@
 """The compute of ring attention's steps on one device: does lvsa keep its speedup over dense when the
 sequence is cut into ring shards? (Communication excluded: dense and lvsa exchange the same key/value shards.)
 
-    python benchmarks/ring_compute.py                       # Wan 2.1 1.3B @ 321 frames, one attention layer
-    python benchmarks/ring_compute.py --device cpu --small  # a smoke run (in the tests)
+    python -m benchmarks.ring_compute                       # Wan 2.1 1.3B @ 321 frames, one attention layer
+    python -m benchmarks.ring_compute --device cpu --small  # a smoke run (in the tests)
 
 For each layout (Ulysses U x ring R over U*R devices), every ring rank's work is timed on this one device:
 dense is the ring as diffusers runs it (each key shard through cuDNN attention with log-sum-exp, merged),
@@ -24,13 +24,13 @@ import torch
 
 import lvsa
 from lvsa import registry
-from lvsa.backends.attention_ops import attention_with_lse, dense_attention
-from lvsa.backends.ring_step import LseAccumulator
-from lvsa.ring import RingGroup, ring_attention
+from lvsa.attention import RingGroup
+from lvsa.attention.ring import ring_attention
+from lvsa.kernels.attention_ops import attention_with_lse, dense_attention
+from lvsa.kernels.ring_step import LseAccumulator
 from lvsa.shards import skipped_key_shards
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside it, under ``python -P`` too
-from timing import timed
+from .timing import timed
 
 WAN_1_3B = {"frames": 321, "height": 480, "width": 832, "heads": 12, "head_dim": 128, "model": "wan"}
 SMALL = {"frames": 161, "height": 64, "width": 64, "heads": 4, "head_dim": 32, "model": "wan"}

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 
+from lvsa.device import NPU_INSTALL_HINT as INSTALL_HINT
 from lvsa.device import Device, MemoryStats, SmiReading
 from lvsa.driver import Availability
 
 from .npu_smi import query_npu
-
-INSTALL_HINT = "pip install 'lvsa[npu]' on a host with the CANN toolkit, then source its set_env.sh"
 
 
 def import_torch_npu():

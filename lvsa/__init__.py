@@ -2,8 +2,9 @@
 
 ``make_plan`` turns geometry and knobs into a :class:`SparsePlan` (pure Python); ``sparse_attention`` runs a
 plan through a driver found by entry point (``lvsa.backends``); ``LVSASettings`` / ``configure`` hold the
-knobs; ``apply`` installs lvsa on a diffusers pipeline (``remove`` undoes it). Parts that need torch
-are imported on first use, so ``import lvsa`` stays light."""
+knobs; ``apply`` installs lvsa on a diffusers pipeline (``remove`` undoes it); :mod:`lvsa.attention` is
+where every layer call is executed. Parts that need torch are imported on first use, so ``import lvsa``
+stays light."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import log
 from .errors import (
-    BackendUnavailable,
     ConfigError,
     DriverUnavailable,
     GeometryError,
     LVSAError,
 )
 from .log import setup_logging
-from .plan import SparsePlan, make_plan
+from .plan import SparsePlan
+from .planning import make_plan
 from .settings import LVSASettings, configure, get_settings, reset_settings
 
 __version__ = "0.1.0"
@@ -28,9 +29,8 @@ _LAZY = {
     "apply": "lvsa.adapters",
     "remove": "lvsa.adapters",
     "LVSAHandle": "lvsa.adapters",
-    "sparse_attention": "lvsa.dispatch",
+    "sparse_attention": "lvsa.attention",
     "available_drivers": "lvsa.driver_status",
-    "available_backends": "lvsa.driver_status",
     "DriverStatus": "lvsa.driver_status",
     "Driver": "lvsa.driver",
     "Availability": "lvsa.driver",
@@ -42,10 +42,10 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .adapters import LVSAHandle, apply, remove
+    from .attention import sparse_attention
     from .device import Device, MemoryStats
-    from .dispatch import sparse_attention
     from .driver import AttentionProblem, Availability, Driver, Prepared
-    from .driver_status import DriverStatus, available_backends, available_drivers
+    from .driver_status import DriverStatus, available_drivers
 
 
 def __getattr__(name: str) -> Any:
@@ -60,7 +60,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AttentionProblem",
     "Availability",
-    "BackendUnavailable",
     "ConfigError",
     "Device",
     "Driver",
@@ -75,7 +74,6 @@ __all__ = [
     "SparsePlan",
     "__version__",
     "apply",
-    "available_backends",
     "available_drivers",
     "configure",
     "get_settings",

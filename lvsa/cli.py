@@ -1,6 +1,6 @@
 """The ``lvsa`` command: ``lvsa plan`` shows what the scheduler does for a video, ``lvsa drivers`` which
-drivers can run on which device here (``lvsa backends``, its earlier name, still works), ``lvsa report``
-the settings, drivers and memory. Flags of the settings work on each (``lvsa plan --help``)."""
+drivers can run on which device here (``lvsa backends``, its earlier name, works until lvsa 0.3), ``lvsa
+report`` the settings, drivers and memory. Flags of the settings work on each (``lvsa plan --help``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from . import __version__
 from .errors import LVSAError
 from .geometry import FAMILIES, family, resolve_video_geometry, token_frames
 from .log import setup_logging
-from .plan import make_plan
+from .planning import make_plan
 from .settings import LVSASettings, add_cli_arguments
 
 
@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     add_cli_arguments(report.add_argument_group("lvsa settings (shown with their source)"))
 
     drivers = commands.add_parser("drivers", aliases=["backends"],
-                                  help="which drivers can run on which device here, and why not")
+                                  help="which drivers can run on which device here, and why not "
+                                  "(`lvsa backends`: its earlier name, removed in lvsa 0.3)")
     drivers.add_argument("--device", help="only this torch device type (cpu, cuda, npu, ...)")
     drivers.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -104,9 +105,16 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the version that drops ``lvsa backends``, the earlier name of ``lvsa drivers``
+BACKENDS_COMMAND_REMOVED_IN = "0.3"
+
+
 def _drivers(args: argparse.Namespace) -> int:
     from .driver_status import available_drivers
 
+    if args.command == "backends":
+        print(f"lvsa: note: `lvsa backends` is the earlier name of `lvsa drivers` and goes away in lvsa "
+              f"{BACKENDS_COMMAND_REMOVED_IN}", file=sys.stderr)
     rows = available_drivers(args.device)
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))

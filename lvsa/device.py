@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
     from .driver import Availability
 
+#: how to get torch_npu, named by the npu device module and the npu driver alike
+NPU_INSTALL_HINT = "pip install 'lvsa[npu]' on a host with the CANN toolkit, then source its set_env.sh"
+
 
 @dataclass(frozen=True)
 class DeviceMemory:

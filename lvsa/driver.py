@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from .plan import SparsePlan
 
 
+#: the default upper bound on the keys and values one chunk of query frames gathers (:attr:`Driver.gather_budget_bytes`)
+GATHER_BUDGET_BYTES = 1 << 30
+
+
 @dataclass(frozen=True)
 class Availability:
     """Truthy when the driver (or device) can run; ``reason`` says why not, naming the fix."""
@@ -192,6 +196,10 @@ class Driver(ABC, Generic[PreparedT]):
     supports_text: ClassVar[bool] = True
     #: ``False`` keeps a driver out of ``backend=auto`` (the float64 reference is for tests)
     auto_select: ClassVar[bool] = True
+    #: upper bound on the keys and values that one chunk of query frames gathers (split, gather and ring steps)
+    gather_budget_bytes: ClassVar[int] = GATHER_BUDGET_BYTES
+    #: the most batch entries one kernel call takes (``None``: no limit); ring steps batch query frames within it
+    max_batch: ClassVar[int | None] = None
 
     def is_available(self, device_type: str) -> Availability:
         """Whether this driver can run on ``device_type`` here; subclasses add dependency checks."""

@@ -82,10 +82,6 @@ def available_drivers(device: str | None = None) -> list[DriverStatus]:
     return [driver_status(n, d) for d in device_types for n in names]
 
 
-#: the earlier name of :func:`available_drivers`
-available_backends = available_drivers
-
-
 def status_table(device_type: str, problem: AttentionProblem | None, lse: bool = False) -> str:
     """One line per installed driver: usable or not on ``device_type`` for ``problem``, and why."""
     rows = [driver_status(n, device_type, problem, lse) for n in registry.driver_plugins()]

@@ -18,8 +18,3 @@ class GeometryError(LVSAError, ValueError):
 
 class DriverUnavailable(LVSAError, RuntimeError):
     """The requested driver is not installed or cannot run here; the message lists every installed driver."""
-
-
-#: the earlier name of :class:`DriverUnavailable`, kept so that callers catching it keep working
-BackendUnavailable = DriverUnavailable
-

@@ -18,6 +18,15 @@ TextPosition = Literal["before", "after"]
 
 
 @dataclass(frozen=True)
+class LatentGrid:
+    """A transformer input of one forward, in patches: ``latent_frames x patches_per_frame`` tokens (frames
+    in the plan's unit: token frames, for a model that patches time)."""
+
+    latent_frames: int
+    patches_per_frame: int
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """What lvsa needs to know about a model family to plan without loading it."""
 

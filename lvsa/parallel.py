@@ -13,8 +13,9 @@ from typing import Any
 
 from . import registry
 from .adapters import adapter_for, transformers_of
+from .adapters.layout import context_parallel_of
+from .attention.layout import ContextParallel, RingGroup, check_degrees
 from .errors import ConfigError
-from .ring import ContextParallel, RingGroup, check_degrees, context_parallel_of
 from .ulysses import (
     UlyssesGroup,
     gather_heads,

@@ -19,14 +19,10 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from . import log
 from .errors import ConfigError, GeometryError
-from .geometry import FAMILIES, ModelFamily, TextPosition, pick_factor, token_frames, video_frames_to_latent
-
-if TYPE_CHECKING:
-    from .settings import LVSASettings
+from .geometry import FAMILIES, TextPosition, token_frames, video_frames_to_latent
 
 
 @dataclass(frozen=True)
@@ -254,47 +250,44 @@ class SparsePlan:
 
 
 def resolve_knobs(
-    settings: LVSASettings, model: ModelFamily | None = None, vae_temporal_factor: int | None = None
+    *,
+    reference_latent_frames: int | None,
+    sparsity_scale: float,
+    window_size: int,
+    n_first_frames: int,
+    key_frame_interval: int | None,
+    rotate: bool | None,
+    vae_temporal_factor: int,
+    temporal_patch: int = 1,
 ) -> PatternKnobs:
-    """Convert the settings' video-frame knobs to frames of the plan (latent frames, or token frames for a
-    transformer that patches time), filling the model's defaults. The VAE factor by
-    :func:`~lvsa.geometry.pick_factor`: the setting, else ``vae_temporal_factor`` (what the caller knows, such
-    as the pipeline's), else the model's (4 without a model)."""
-    temporal_patch = model.temporal_patch if model else 1
-    vae = pick_factor(settings, "vae_temporal_factor", vae_temporal_factor, model.vae_temporal_factor if model else 4)
-    vt = vae * temporal_patch  # video frames per frame of the plan
-    unit = "latent frame" if temporal_patch == 1 else f"token frame ({temporal_patch} latent frames)"
-    if settings.window_size % vt and settings.source_of("window_size") != "default":
-        log.logger.warning(
-            "[LVSA] window_size=%d video frames is not a multiple of %d video frames per %s: using %d video "
-            "frames (LVSA_WINDOW_SIZE, --window-size)", settings.window_size, vt, unit,
-            settings.window_size // vt * vt)
-    reference = settings.reference_latent_frames or (model.reference_latent_frames if model else None)
-    if reference is None:
+    """The pattern's knobs in frames of the plan (latent frames, or token frames for a transformer that
+    patches time) from counts in video frames: ``window_size``, ``n_first_frames`` and ``key_frame_interval``
+    (``None``: derived from the budget, auto keyframes) are divided by ``vae_temporal_factor x temporal_patch``
+    video frames per frame of the plan. Raises :class:`ConfigError` for a horizon that is unknown or a
+    keyframe spacing under one frame of the plan."""
+    vt = vae_temporal_factor * temporal_patch  # video frames per frame of the plan
+    if reference_latent_frames is None:
         raise ConfigError(
             "reference_latent_frames is unknown: set LVSA_REFERENCE_LATENT_FRAMES "
             "(flag --reference-latent-frames; Wan 21, HunyuanVideo 1.5 33, CogVideoX 13) or pass a model "
             f"family ({', '.join(FAMILIES)})"
         )
     kfi = None
-    if not settings.auto_keyframes:
-        kfi = video_frames_to_latent(settings.key_frame_interval, vt)
+    if key_frame_interval is not None:
+        kfi = video_frames_to_latent(key_frame_interval, vt)
         if kfi < 1:
+            unit = "latent frame" if temporal_patch == 1 else f"token frame ({temporal_patch} latent frames)"
             raise ConfigError(
-                f"key_frame_interval={settings.key_frame_interval} video frames is less than one {unit} "
+                f"key_frame_interval={key_frame_interval} video frames is less than one {unit} "
                 f"({vt} video frames); use at least {vt} (LVSA_KEY_FRAME_INTERVAL, --key-frame-interval)"
             )
-        if settings.key_frame_interval % vt:
-            log.logger.warning(
-                "[LVSA] key_frame_interval=%d video frames is not a multiple of %d video frames per %s: "
-                "using %d video frames", settings.key_frame_interval, vt, unit, kfi * vt)
     return PatternKnobs(
-        reference_latent_frames=reference,
-        sparsity_scale=settings.sparsity_scale,
-        window=video_frames_to_latent(settings.window_size, vt),
-        n_first=-(-settings.n_first_frames // vt),  # any part of a latent frame makes it a leading frame
+        reference_latent_frames=reference_latent_frames,
+        sparsity_scale=sparsity_scale,
+        window=video_frames_to_latent(window_size, vt),
+        n_first=-(-n_first_frames // vt),  # any part of a latent frame makes it a leading frame
         key_frame_interval=kfi,
-        rotate=settings.rotate_keyframes,
+        rotate=rotate,
         temporal_patch=temporal_patch,
     )
 
@@ -354,34 +347,4 @@ def build_plan(
         globals=globals_,
         windows=windows,
         temporal_patch=knobs.temporal_patch,
-    )
-
-
-def make_plan(
-    latent_frames: int,
-    patches_per_frame: int,
-    *,
-    text_tokens: int = 0,
-    text_position: Literal["before", "after"] = "after",
-    step: int = 0,
-    settings: LVSASettings | None = None,
-    model: str | ModelFamily | None = None,
-) -> SparsePlan:
-    """Plan the sparse pattern for ``latent_frames x patches_per_frame`` video tokens at denoising ``step``.
-
-    ``settings`` defaults to :func:`lvsa.get_settings`; ``model`` (a family name such as ``"wan"``) fills
-    knobs the settings leave unset, such as ``reference_latent_frames``."""
-    from .geometry import family
-    from .settings import get_settings
-
-    settings = settings if settings is not None else get_settings()
-    fam = family(model) if isinstance(model, str) else model
-    knobs = resolve_knobs(settings, fam)
-    return build_plan(
-        latent_frames,
-        patches_per_frame,
-        knobs,
-        text_tokens=text_tokens,
-        text_position=text_position,
-        step=step,
     )

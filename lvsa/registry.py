@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from stevedore import ExtensionManager
 
-from . import log
+from . import caches, log
 from .device import Device
 from .driver import Availability, Driver
 
@@ -124,8 +126,32 @@ def device_capability(name: str) -> tuple[Availability, tuple[int, int]]:
     return present, ((device.capability() or (0, 0)) if present else (0, 0))
 
 
-def clear_cache() -> None:
+def _forget_plugins() -> None:
     """Forget loaded plugins (stevedore keeps its own per-process entry-point cache: use a subprocess to
     see a distribution installed after start-up)."""
     with _lock:
         _loaded.clear()
+
+
+caches.register("plugins", _forget_plugins)
+
+
+@contextmanager
+def use_plugins(namespace: str, found: Mapping[str, Plugin]) -> Iterator[None]:
+    """Within the block, ``namespace`` holds exactly ``found`` (objects made in-process: tests, notebooks,
+    applications embedding a driver), then what it held before. The other process-wide caches are cleared on
+    the way in and out, so no driver choice or prepared state made with one set of plugins outlives it."""
+    others = [name for name in caches.registered() if name != "plugins"]
+    with _lock:
+        before = _loaded.get(namespace)
+        _loaded[namespace] = dict(sorted(found.items()))
+    caches.clear(*others)
+    try:
+        yield
+    finally:
+        with _lock:
+            if before is None:
+                _loaded.pop(namespace, None)
+            else:
+                _loaded[namespace] = before
+        caches.clear(*others)

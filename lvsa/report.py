@@ -43,7 +43,7 @@ def git_revision() -> str | None:
 _MODULES = {"flashinfer-python": "flashinfer", "diffusers": "diffusers"}
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -87,7 +87,7 @@ def collect(settings: LVSASettings | None = None, memory: bool = True) -> dict[s
         "lvsa": {"version": __version__, "git_revision": git_revision(), "location": str(Path(__file__).parent)},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: package_version(name) for name in PACKAGES},
         "devices": devices,
         # drivers on the devices present here (absent devices say why in "devices")
         "drivers": [asdict(row) for row in available_drivers()

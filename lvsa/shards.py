@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+from . import caches
 from .errors import GeometryError
 from .plan import SparsePlan
 
@@ -138,3 +139,6 @@ def skipped_key_shards(plan: SparsePlan, shards: int, query_shard: int) -> tuple
     """The key shards whose ring step the query shard skips: they share no attended frame pair with it.
     Cached per plan: layer calls ask it, and working it out walks the shard's frames in Python."""
     return tuple(j for j in range(shards) if not RingStep(plan, shards, query_shard, j).attends)
+
+
+caches.register("ring-shards", skipped_key_shards.cache_clear)

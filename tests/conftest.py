@@ -1,4 +1,4 @@
-"""Shared fixtures: a clean settings/dispatch state per test, and the devices the parity matrix runs on.
+"""Shared fixtures: a clean settings and cache state per test, and the devices the parity matrix runs on.
 
 ``LVSA_TEST_DEVICES=cuda`` (what ``tox -e cuda`` sets) makes those devices required: a missing one fails
 the run instead of being skipped. Without it, every registered device present on this host is tested."""
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import lvsa
-from lvsa import dispatch, registry
+import lvsa.attention
+from lvsa import caches, registry
 from lvsa.settings import declare_variables
 
 TEST_VARIABLES = {
@@ -31,10 +32,10 @@ def clean_lvsa_state(monkeypatch):
         if key.upper().startswith("LVSA_") and key.upper() not in KEEP_ENV:
             monkeypatch.delenv(key)
     lvsa.reset_settings()
-    dispatch.clear_caches()
+    caches.clear("drivers")
     yield
     lvsa.reset_settings()
-    dispatch.clear_caches()
+    caches.clear("drivers")
 
 
 def _split(variable: str) -> list[str]:
@@ -114,9 +115,9 @@ def npu_emulation(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", module)
     monkeypatch.setattr(torch, "npu", module.EmulatedNpu(), raising=False)
     monkeypatch.setattr(NpuDriver, "devices", frozenset({"npu", "cpu"}))
-    dispatch.clear_caches()
+    caches.clear("drivers")
     yield module
-    dispatch.clear_caches()
+    caches.clear("drivers")
 
 
 @pytest.fixture

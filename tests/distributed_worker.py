@@ -13,7 +13,7 @@ import torch.distributed
 import lvsa
 from lvsa.adapters import adapter_named
 from lvsa.parallel import enable_context_parallel, init_distributed, leave_distributed
-from lvsa_app.generation import _load_pipeline
+from lvsa_app.generation import load_pipeline
 from lvsa_app.models import example_model
 
 
@@ -23,7 +23,7 @@ def main(models: Path, out: Path, families: list[str], backends: list[str], fram
     for name in families:
         adapter = adapter_named(name)
         example = example_model(adapter.name)
-        pipe = _load_pipeline(adapter, str(models / name), torch.float32)
+        pipe = load_pipeline(adapter, str(models / name), torch.float32)
         pipe.set_progress_bar_config(disable=True)
         enable_context_parallel(pipe, ulysses, ring_degree=ring)
         for backend in backends:

@@ -13,14 +13,19 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(tmp_path, *argv, timeout=300) -> subprocess.CompletedProcess:
-    """``python argv...`` in ``tmp_path``, output captured."""
+    """``python argv...`` in ``tmp_path``, output captured. The benchmarks package is linked into
+    ``tmp_path``, so ``-m benchmarks.<name>`` finds it while ``lvsa`` is the installed one (the repository
+    root on the path would put the source folder, without its drivers, in its place)."""
+    link = tmp_path / "benchmarks"
+    if not link.exists():
+        link.symlink_to(BENCHMARKS, target_is_directory=True)
     return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=timeout,
                           cwd=tmp_path)
 
 
 def test_attention_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "attention.json"
-    result = _run(tmp_path, BENCHMARKS / "attention.py", "--device", "cpu", "--small", "--repeats", "2",
+    result = _run(tmp_path, "-m", "benchmarks.attention", "--device", "cpu", "--small", "--repeats", "2",
                   "--warmup", "0", "--cases", "wan-4x (321,hunyuan-1.5x", "--json", report)
     assert result.returncode == 0, result.stderr
     assert "kfi=6 global_count=14 attended_per_frame=21/81" in result.stdout
@@ -34,7 +39,7 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
 
 def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "pipeline.json"
-    result = _run(tmp_path, BENCHMARKS / "pipeline.py", "--device", "cpu", "--small", "--repeats", "1",
+    result = _run(tmp_path, "-m", "benchmarks.pipeline", "--device", "cpu", "--small", "--repeats", "1",
                   "--frames", "81", "161", "--hunyuan-frames", "161", "--methods", "sdpa", "--json", report)
     assert result.returncode == 0, result.stderr
     rows = json.loads(report.read_text())
@@ -53,7 +58,7 @@ def test_multi_device_benchmark_runs_every_layout_on_four_cpu_processes(tmp_path
         port = probe.getsockname()[1]
     report = tmp_path / "multi.json"
     result = _run(tmp_path, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
-                  "--master-port", port, BENCHMARKS / "multi_device.py", "--device", "cpu", "--small",
+                  "--master-port", port, "-m", "benchmarks.multi_device", "--device", "cpu", "--small",
                   "--cases", "wan@161", "--repeats", "1", "--json", report, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(report.read_text())
@@ -69,7 +74,7 @@ def test_multi_device_benchmark_runs_every_layout_on_four_cpu_processes(tmp_path
 
 def test_ring_compute_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "ring.json"
-    result = _run(tmp_path, BENCHMARKS / "ring_compute.py", "--device", "cpu", "--small", "--repeats", "1",
+    result = _run(tmp_path, "-m", "benchmarks.ring_compute", "--device", "cpu", "--small", "--repeats", "1",
                   "--layouts", "1x2", "2x2", "3x1", "--json", report)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(report.read_text())
@@ -80,7 +85,7 @@ def test_ring_compute_benchmark_runs_on_cpu(tmp_path):
 
 def test_fa4_ceiling_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "ceiling.json"
-    result = _run(tmp_path, BENCHMARKS / "fa4_ceiling.py", "--device", "cpu", "--small", "--repeats", "1",
+    result = _run(tmp_path, "-m", "benchmarks.fa4_ceiling", "--device", "cpu", "--small", "--repeats", "1",
                   "--warmup", "0", "--densities", "1", "0.25", "--cases", "s=0.5,text",
                   "--mask-forms", "interval", "table", "--json", report)
     assert result.returncode == 0, result.stderr
@@ -111,11 +116,11 @@ class _CountingDevice:
 
 
 def _timing():
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path.insert(0, str(BENCHMARKS.parent))
     try:
-        import timing
+        from benchmarks import timing
     finally:
-        sys.path.remove(str(BENCHMARKS))
+        sys.path.remove(str(BENCHMARKS.parent))
     return timing
 
 

@@ -111,5 +111,5 @@ def test_report_reads_a_version_without_package_metadata(tmp_path, monkeypatch):
     (tmp_path / "flashinfer").mkdir()
     (tmp_path / "flashinfer" / "__init__.py").write_text("__version__ = '9.9.9'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert report._version("flashinfer-python") == "9.9.9 (no package metadata)"
-    assert report._version("lvsa-no-such-package") is None
+    assert report.package_version("flashinfer-python") == "9.9.9 (no package metadata)"
+    assert report.package_version("lvsa-no-such-package") is None

@@ -14,7 +14,7 @@ import lvsa
 from lvsa.adapters import adapter_named
 from lvsa.backends.reference import token_mask
 from lvsa.parallel import ContextParallel, RingGroup, UlyssesGroup
-from lvsa_app.generation import _load_pipeline, main
+from lvsa_app.generation import load_pipeline, main
 from lvsa_app.models import example_model
 
 FAMILIES = ["wan", "hunyuan", "cogvideox"]
@@ -39,7 +39,7 @@ def saved_models(tmp_path_factory):
 def single_process(models: Path, name: str, backend: str) -> torch.Tensor:
     adapter = adapter_named(name)
     example = example_model(adapter.name)
-    pipe = _load_pipeline(adapter, str(models / name), torch.float32)
+    pipe = load_pipeline(adapter, str(models / name), torch.float32)
     pipe.set_progress_bar_config(disable=True)
     lvsa.apply(pipe, lvsa.LVSASettings(backend=backend, sparsity_scale=SPARSITY_SCALE))
     call = {**example.pipeline_inputs(pipe, None, seed=0), **example.call_arguments(pipe, 5.0),
@@ -122,7 +122,7 @@ def test_the_example_runs_under_torchrun(saved_models, tmp_path, degree):
 
 
 def test_a_degree_that_does_not_divide_the_heads_is_refused(saved_models):
-    pipe = _load_pipeline(adapter_named("wan"), str(saved_models / "wan"), torch.float32)
+    pipe = load_pipeline(adapter_named("wan"), str(saved_models / "wan"), torch.float32)
     with pytest.raises(lvsa.ConfigError, match="4 attention heads, which do not split over ulysses_degree=3"):
         adapter_named("wan").check_context_parallel(pipe.transformer, 3)
 

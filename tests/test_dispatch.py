@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lvsa
-from lvsa import dispatch, registry
+from lvsa import caches, registry
+from lvsa.attention import drivers as dispatch
 from lvsa.backends.sdpa import SdpaDriver
 from lvsa.errors import DriverUnavailable, GeometryError
 from lvsa.registry import Plugin
@@ -45,11 +46,9 @@ def extra_drivers(monkeypatch):
     plugins = dict(registry.driver_plugins())
     for cls in (CountingDriver, FussyDriver):
         plugins[cls.name] = Plugin(cls.name, f"tests:{cls.__name__}", None, cls(), None)
-    monkeypatch.setitem(registry._loaded, registry.DRIVERS_NAMESPACE, plugins)
     CountingDriver.prepares = 0
-    dispatch.clear_caches()
-    yield
-    dispatch.clear_caches()
+    with registry.use_plugins(registry.DRIVERS_NAMESPACE, plugins):
+        yield
 
 
 def test_auto_uses_sdpa_on_cpu_and_never_the_reference():
@@ -156,11 +155,11 @@ def test_explicit_scale_is_used():
 def test_scale_is_fixed_at_planning_time_per_problem():
     """The scale is part of the problem: each scale gets its own prepared state, and a bad one is refused."""
     plan, q, k, v = small_problem()
-    dispatch.clear_caches()
+    caches.clear()
     for scale in (0.05, 0.2):
         out = lvsa.sparse_attention(q, k, v, plan, backend="sdpa", scale=scale)
         torch.testing.assert_close(out, lvsa.sparse_attention(q, k, v, plan, backend="reference", scale=scale))
-    scales = {key[2].scale for key in dispatch._prepared if key[0] == "sdpa"}
+    scales = {state.problem.scale for name, state in dispatch.prepared_states() if name == "sdpa"}
     assert scales == {0.05, 0.2}
     with pytest.raises(GeometryError, match="scale must be a positive finite number"):
         lvsa.sparse_attention(q, k, v, plan, backend="sdpa", scale=float("nan"))
@@ -179,7 +178,6 @@ def test_a_driver_written_for_the_earlier_contract_is_refused(monkeypatch):
     plan, q, k, v = small_problem()
     plugins = dict(registry.driver_plugins())
     plugins["oldstyle"] = Plugin("oldstyle", "tests:OldStyleDriver", None, OldStyleDriver(), None)
-    monkeypatch.setitem(registry._loaded, registry.DRIVERS_NAMESPACE, plugins)
-    dispatch.clear_caches()
-    with pytest.raises(DriverUnavailable, match=r"oldstyle.*returned tuple, not a lvsa\.driver\.Prepared"):
+    with registry.use_plugins(registry.DRIVERS_NAMESPACE, plugins), \
+            pytest.raises(DriverUnavailable, match=r"oldstyle.*returned tuple, not a lvsa\.driver\.Prepared"):
         lvsa.sparse_attention(q, k, v, plan, backend="oldstyle", scale=0.05)

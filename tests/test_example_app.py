@@ -34,7 +34,7 @@ def no_model_load(monkeypatch):
 
     for name in ("wan", "hunyuan", "cogvideox"):
         monkeypatch.setattr(type(example_model(name)), "tiny_pipeline", refuse)
-    monkeypatch.setattr(generation, "_load_pipeline", refuse)
+    monkeypatch.setattr(generation, "load_pipeline", refuse)
 
 
 # -- bad numbers, names and places: one line, exit status 2, nothing loaded ------------------------------------
@@ -170,14 +170,14 @@ def test_the_encoder_checks_the_frame_count(tmp_path, monkeypatch):
     import imageio_ffmpeg
 
     from lvsa.errors import LVSAError
-    from lvsa_app.generation import _write_mp4
+    from lvsa_app.generation import write_mp4
 
     frames = torch.rand(5, 32, 32, 3).numpy()
-    _write_mp4(frames, tmp_path / "ok.mp4", 8)
+    write_mp4(frames, tmp_path / "ok.mp4", 8)
     assert imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "ok.mp4"))[0] == 5
     monkeypatch.setattr(imageio_ffmpeg, "count_frames_and_secs", lambda path: (3, 0.4))
     with pytest.raises(LVSAError, match="3 of 5 frames"):
-        _write_mp4(frames, tmp_path / "short.mp4", 8)
+        write_mp4(frames, tmp_path / "short.mp4", 8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.mp4"]
 
 

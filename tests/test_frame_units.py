@@ -13,7 +13,7 @@ import torch
 import lvsa
 from lvsa.adapters import adapter_for
 from lvsa.geometry import FAMILIES, token_frames
-from lvsa.plan import resolve_knobs
+from lvsa.planning import knobs_from_settings
 from lvsa_app.models import example_model
 
 
@@ -106,16 +106,16 @@ def test_every_family_converts_knobs_through_its_frame_unit(name):
     per = family.video_frames_per_plan_frame()
     settings = lvsa.LVSASettings(window_size=3 * per, n_first_frames=per + 1, auto_keyframes=False,
                                  key_frame_interval=5 * per)
-    knobs = resolve_knobs(settings, family)
+    knobs = knobs_from_settings(settings, family)
     assert (knobs.window, knobs.n_first, knobs.key_frame_interval) == (3, 2, 5)
     assert knobs.reference_frames == token_frames(family.reference_latent_frames, family.temporal_patch)
 
 
 def test_window_not_a_multiple_of_the_frame_unit_is_said(caplog):
     caplog.set_level(logging.WARNING, logger="lvsa")
-    knobs = resolve_knobs(lvsa.LVSASettings(window_size=10), FAMILIES["wan"])
+    knobs = knobs_from_settings(lvsa.LVSASettings(window_size=10), FAMILIES["wan"])
     assert knobs.window == 2
     assert "window_size=10 video frames is not a multiple of 4" in caplog.text and "using 8" in caplog.text
     caplog.clear()
-    resolve_knobs(lvsa.LVSASettings(), FAMILIES["cogvideox-1.5"])  # the default is not the user's choice
+    knobs_from_settings(lvsa.LVSASettings(), FAMILIES["cogvideox-1.5"])  # the default is not the user's choice
     assert "window_size" not in caplog.text

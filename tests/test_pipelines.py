@@ -14,8 +14,8 @@ import torch
 
 import lvsa
 from lvsa.adapters import adapter_named, handle_of
-from lvsa.adapters import runtime as runtime_module
-from lvsa_app.generation import _load_pipeline, main
+from lvsa.attention import context as context_module
+from lvsa_app.generation import load_pipeline, main
 from lvsa_app.models import example_model
 
 FAMILIES = ["wan", "hunyuan", "cogvideox"]
@@ -37,7 +37,7 @@ def saved_models(tmp_path_factory):
 
 
 def load(saved_models, name):
-    pipe = _load_pipeline(adapter_named(name), str(saved_models[name]), torch.float32)
+    pipe = load_pipeline(adapter_named(name), str(saved_models[name]), torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -99,13 +99,13 @@ def test_beyond_the_horizon_the_plan_engages(saved_models, name, caplog):
 def test_rotation_advances_once_per_step(saved_models, monkeypatch):
     """Wan runs the two CFG branches as two forwards per step; the plan is still built once per step."""
     built = []
-    real_build = runtime_module.build_plan
+    real_build = context_module.build_plan
 
     def counting_build(*args, **kwargs):
         built.append(kwargs["step"])
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "build_plan", counting_build)
+    monkeypatch.setattr(context_module, "build_plan", counting_build)
     pipe = load(saved_models, "wan")
     forwards = []
     pipe.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
@@ -256,7 +256,7 @@ def test_a_custom_loop_can_set_the_step(saved_models):
     assert runtime.step == 5  # the timestep seen after set_step does not restart the count
     runtime.begin_forward(LatentGrid(41, 16), torch.tensor([400.0]))
     assert runtime.step == 6
-    assert runtime.plan_for("probe", 41 * 16).step == 6
+    assert runtime.context.plan("probe", 41 * 16).step == 6
 
 
 @pytest.fixture
@@ -273,18 +273,16 @@ def cpu_fa4(monkeypatch):
     driver.head_dims = frozenset(range(1, 257))  # the small models' heads (FlexAttention's CPU path takes any)
     plugins = dict(lvsa.registry.driver_plugins())
     plugins["fa4"] = Plugin("fa4", "tests:cpu_fa4", None, driver, None)
-    monkeypatch.setitem(lvsa.registry._loaded, lvsa.registry.DRIVERS_NAMESPACE, plugins)
-    lvsa.dispatch.clear_caches()
     copies: list[str] = []
-    monkeypatch.setattr(fa4, "_log_copy_once", copies.append)
-    yield copies
-    lvsa.dispatch.clear_caches()
+    monkeypatch.setattr(fa4, "log_copy_once", copies.append)
+    with lvsa.registry.use_plugins(lvsa.registry.DRIVERS_NAMESPACE, plugins):
+        yield copies
 
 
 def _fa4_against_reference(pipe, run, copies):
     """``run()`` under the reference driver and under fa4: the same latents, a sparse plan with keys
     reordered in the pipeline's own k and v (no copy), and no call that fell back."""
-    from lvsa.backends.fa4 import in_place_side
+    from lvsa.kernels.block_mask import in_place_side
 
     outputs = {}
     for backend in ("reference", "fa4"):

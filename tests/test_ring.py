@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import lvsa
-from lvsa import dispatch, registry
+from lvsa import caches, registry
+from lvsa.attention import RingGroup, check_degrees
+from lvsa.attention import drivers as dispatch
+from lvsa.attention.ring import ring_attention
 from lvsa.backends.sdpa import SdpaDriver
 from lvsa.driver import Driver
 from lvsa.errors import ConfigError, DriverUnavailable, GeometryError
 from lvsa.registry import Plugin
-from lvsa.ring import RingGroup, check_degrees, ring_attention
 from lvsa.shards import RingStep, shard_span
 from lvsa_app.generation import main
 
@@ -32,10 +34,8 @@ class NoLseDriver(SdpaDriver):
 def no_lse_driver(monkeypatch):
     plugins = dict(registry.driver_plugins())
     plugins["nolse"] = Plugin("nolse", "tests:NoLseDriver", None, NoLseDriver(), None)
-    monkeypatch.setitem(registry._loaded, registry.DRIVERS_NAMESPACE, plugins)
-    dispatch.clear_caches()
-    yield
-    dispatch.clear_caches()
+    with registry.use_plugins(registry.DRIVERS_NAMESPACE, plugins):
+        yield
 
 
 def ring_inputs(shards=2, text=3):
@@ -82,7 +82,7 @@ def test_fallback_warn_replaces_it_loudly(no_lse_driver, caplog):
 
 
 def test_the_plan_lines_are_logged_under_ring_attention(caplog):
-    dispatch.clear_caches()
+    caches.clear()
     plan, video, text, shards = ring_inputs()
     with caplog.at_level(logging.INFO, logger="lvsa"):
         run_rank0(plan, video, text, shards, lvsa.LVSASettings(backend="sdpa"))

@@ -92,9 +92,7 @@ def test_bad_choice_is_an_error(monkeypatch):
 
 
 def test_deprecated_schedule_variables_are_accepted_with_a_warning(monkeypatch):
-    from lvsa import settings as module
-
-    module._warned.discard("LVSA_SCHEDULE_START")
+    lvsa.caches.clear("settings-warnings")
     monkeypatch.setenv("LVSA_SCHEDULE_START", "0.2")
     with pytest.warns(FutureWarning, match="LVSA_SCHEDULE_START.*LVSA_SPARSITY_SCALE"):
         s = lvsa.get_settings()
@@ -104,9 +102,7 @@ def test_deprecated_schedule_variables_are_accepted_with_a_warning(monkeypatch):
 
 
 def test_unknown_lvsa_variable_is_reported_with_a_guess(monkeypatch):
-    from lvsa import settings as module
-
-    module._warned.discard("LVSA_BAKEND")
+    lvsa.caches.clear("settings-warnings")
     monkeypatch.setenv("LVSA_BAKEND", "sdpa")
     with pytest.warns(FutureWarning, match="LVSA_BAKEND.*did you mean LVSA_BACKEND"):
         lvsa.get_settings()

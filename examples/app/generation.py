@@ -241,7 +241,7 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
 
     torch.manual_seed(args.seed)  # the small model's random weights: the same on every rank
     example = example_model(adapter.name)
-    pipe = example.tiny_pipeline() if tiny else _load_pipeline(adapter, args.model, dtype)
+    pipe = example.tiny_pipeline() if tiny else load_pipeline(adapter, args.model, dtype)
     if tiny:
         say(f"{PRINT_PREFIX} no --model given: using a small {type(pipe.transformer).__name__} with RANDOM "
             "weights (the video is noise; pass --model PATH for real weights)")
@@ -313,7 +313,7 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
         atomic_write(target, lambda path: torch.save(_latent_record(result, frames, height, width, settings,
                                                                        adapter.name, args.model), path))
     else:
-        _write_mp4(result[0], target, args.fps)
+        write_mp4(result[0], target, args.fps)
     # named after the whole output name: a latent run and an mp4 run of one name keep their own reports
     report_path = write_report(report if world == 1 else {"ranks": reports},
                                target.with_name(target.name + ".memory.json"))
@@ -364,7 +364,8 @@ def _pick_device(requested: str | None) -> tuple[str, str]:
     return "cpu", "cpu"
 
 
-def _load_pipeline(adapter: Any, path: str, dtype: Any) -> Any:
+def load_pipeline(adapter: Any, path: str, dtype: Any) -> Any:
+    """The diffusers pipeline saved in folder ``path`` (the family's pipeline class for ``adapter``), in ``dtype``."""
     import diffusers
 
     folder = Path(path).expanduser()
@@ -434,7 +435,8 @@ def _latent_record(latent: Any, frames: int, height: int, width: int, settings: 
     }
 
 
-def _write_mp4(frames: Any, target: Path, fps: int) -> None:
+def write_mp4(frames: Any, target: Path, fps: int) -> None:
+    """``frames`` as an mp4 at ``target``, written atomically (nothing under that name unless it is complete)."""
     atomic_write(target, lambda path: encode_mp4(frames, path, fps))
 
 

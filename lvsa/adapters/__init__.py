@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import log, registry
 from ..errors import ConfigError
+from ..geometry import LatentGrid
 from ..registry import Plugin
-from ..ring import context_parallel_of
-from . import ops
-from .base import LatentGrid, ModelAdapter
+from . import compiled
+from .base import ModelAdapter
+from .layout import context_parallel_of
 from .runtime import LVSARuntime, RuntimeStats
 
 if TYPE_CHECKING:
@@ -137,32 +138,33 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
         runtime.schedule.add(target)  # the pipeline's schedule gives the exact denoising step
     handle = LVSAHandle(runtime, adapter, transformers, target=_describe(target, transformers))
 
-    def start_forward(module: Any, hidden_states: Any, timestep: Any) -> None:
+    def start_forward(module: Any, hidden_states: Any, timestep: Any) -> int:
         if handle.layers:
             replaced = handle.replaced_layers()
             if replaced:
                 runtime.processors_replaced(replaced)
         grid: LatentGrid = adapter.latent_grid(module, hidden_states)
-        runtime.begin_forward(grid, timestep, context_parallel_of(module))
+        return runtime.begin_forward(grid, timestep, context_parallel_of(module))
 
     def hook(index: int) -> Any:
         def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
             hidden_states = adapter.forward_argument("hidden_states", args, kwargs)
             timestep = adapter.forward_argument("timestep", args, kwargs)
-            if not ops.compiling():
+            if not compiled.compiling():
                 start_forward(module, hidden_states, timestep)
                 return
             # traced by dynamo: the step's state changes behind the op, so the graph holds no guard on it
-            ops.forward_start(runtime.ticket, hidden_states, ops.as_tensor(timestep), runtime.key, index)
+            calls = runtime.compiled
+            compiled.forward_start(calls.ticket, hidden_states, compiled.as_tensor(timestep), calls.key, index)
             if settings.riflex:  # the rotary hook reads the grid while dynamo traces (shapes only)
-                runtime.grid = adapter.latent_grid(module, hidden_states)
+                runtime.rope_grid = adapter.latent_grid(module, hidden_states)
 
         return before_forward
 
     try:
         for index, transformer in enumerate(transformers):
             prefix = _TRANSFORMER_ATTRIBUTES[index] + "." if len(transformers) > 1 else ""
-            runtime.forward_callbacks.append(functools.partial(start_forward, transformer))
+            runtime.compiled.forward_callbacks.append(functools.partial(start_forward, transformer))
             handle._hooks.append(transformer.register_forward_pre_hook(hook(index), with_kwargs=True))
             if settings.riflex:
                 handle._hooks.extend(adapter.install_riflex(transformer, runtime))

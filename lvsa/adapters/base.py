@@ -10,12 +10,16 @@ imports diffusers until a model is in hand."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..geometry import ModelFamily
+from ..attention import execute
+from ..errors import ConfigError, GeometryError
+from ..geometry import LatentGrid, ModelFamily
+from ..riflex import rewrite_tables
 from ..ulysses import QKV
-from .ops import DEFERRED, DeferredPlan, compiling
+from . import compiled
+from .compiled import DEFERRED, DeferredPlan, compiling
 
 if TYPE_CHECKING:
     import torch
@@ -24,56 +28,71 @@ if TYPE_CHECKING:
     from ..riflex import TemporalRope
     from .runtime import LVSARuntime
 
-
-
-@dataclass(frozen=True)
-class LatentGrid:
-    """The transformer input of one forward, in patches: ``latent_frames x patches_per_frame`` tokens."""
-
-    latent_frames: int
-    patches_per_frame: int
+__all__ = ["LVSAProcessor", "LatentGrid", "ModelAdapter", "rewrite_rope_output", "riflex_tables"]
 
 
 class LVSAProcessor:
     """Base of the adapters' attention processors: the layer's name, the shared runtime, and the model's own
     processor, which runs whatever lvsa cannot plan (after a loud fallback).
 
-    A processor asks :meth:`plan` first (``None``: call ``self.original``), projects, then :meth:`attend`.
-    Under ``torch.compile`` the plan is :data:`~.ops.DEFERRED`: planning and the attention run inside the
-    ``lvsa::attention`` op, which falls back to dense attention itself."""
+    A processor asks :meth:`plan` first (``None``: call ``self.original``), projects, then :meth:`attend`,
+    which hands the call to the executor (:func:`lvsa.attention.execute`) with the forward's context. Under
+    ``torch.compile`` the plan is :data:`~.compiled.DEFERRED`: the ``lvsa::attention`` op calls the executor,
+    which plans there and falls back to dense attention itself."""
 
     def __init__(self, original: Any, runtime: LVSARuntime, layer: str) -> None:
         self.original = original
         self.runtime = runtime
         self.layer = layer
         #: the layer's name as data for the op: a string constant would make every block's graph its own
-        self.layer_key = runtime.layer_key(layer) if runtime is not None else None
-
-    @property
-    def text_position(self) -> Literal["before", "after"]:
-        """Where the model puts its joint-attention text: the model table's word (one owner)."""
-        return self.runtime.family.text_position or "after"
+        self.layer_key = runtime.compiled.layer_key(layer) if runtime is not None else None
 
     def plan(self, video_tokens: int, text_tokens: int = 0) -> SparsePlan | DeferredPlan | None:
         """This step's plan for ``video_tokens`` (this rank's share under Ulysses) and ``text_tokens``."""
         if compiling():
             return DEFERRED
-        runtime = self.runtime
-        return runtime.plan_for(self.layer, runtime.video_tokens(video_tokens) + text_tokens, text_tokens=text_tokens,
-                                text_position=self.text_position)
+        context = self.runtime.context
+        return context.plan(self.layer, context.video_tokens(video_tokens) + text_tokens, text_tokens)
+
+    def unsupported(self, reason: str, video_tokens: int, detail: str, text_tokens: int = 0) -> None:
+        """A call this layer cannot plan (inputs lvsa does not handle): the policy's error or loud line."""
+        context = self.runtime.context
+        context.unsupported(self.layer, reason, context.video_tokens(video_tokens) + text_tokens, detail)
 
     def attend(self, video: QKV, text: QKV | None, plan: SparsePlan | DeferredPlan,
                key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The video (and text) outputs ``[B, S, H, D]`` of this layer under ``plan``."""
-        return self.runtime.attention(video, text, plan, key_padding_mask, layer_key=self.layer_key,
-                                      text_position=self.text_position)
+        if isinstance(plan, DeferredPlan):
+            text_q, text_k, text_v = text if text is not None else (None, None, None)
+            calls = self.runtime.compiled
+            video_out, text_out = compiled.attention(calls.ticket, self.layer_key, *video, text_q, text_k, text_v,
+                                                     key_padding_mask, calls.key)
+            return video_out, (text_out if text is not None else None)
+        return execute(self.runtime.context, self.layer, video, text, key_padding_mask, plan)
+
+
+def riflex_tables(runtime: LVSARuntime, cos: torch.Tensor, sin: torch.Tensor, rope: TemporalRope) -> tuple[Any, Any]:
+    """RIFLEx on a model's rotary tables for the forward's grid (this rank's rows under sequence parallelism);
+    ``s`` is the setting, else the extension ratio (at least 1)."""
+    grid = runtime.rope_grid
+    if grid is None:
+        raise GeometryError("RIFLEx: the rotary tables were built before the transformer's forward hook ran")
+    reference = runtime.knobs.reference_frames
+    s = runtime.settings.riflex_s if runtime.settings.riflex_s is not None else max(1.0, grid.latent_frames / reference)
+    total = grid.latent_frames * grid.patches_per_frame
+    rows = cos.numel() // cos.shape[-1]
+    offset = 0
+    parallel = runtime.context.parallel
+    if rows != total and parallel is not None and rows * parallel.degree == total:
+        offset = parallel.shard_index * rows  # this rank's sequence shard of the table
+    return rewrite_tables(cos, sin, grid.latent_frames, rope, reference, s, total_tokens=total, token_offset=offset)
 
 
 def rewrite_rope_output(rope_module: Any, runtime: LVSARuntime, rope: TemporalRope) -> Any:
     """RIFLEx for a model whose rope module returns ``(cos, sin)``: rewrite them as they come out."""
 
     def rewrite(_module: Any, _args: Any, output: tuple[Any, Any]) -> Any:
-        return runtime.riflex_tables(*output, rope)
+        return riflex_tables(runtime, *output, rope)
 
     return rope_module.register_forward_hook(rewrite)
 
@@ -142,8 +161,6 @@ class ModelAdapter(ABC):
         return None
 
     def check_context_parallel(self, transformer: Any, degree: int) -> None:
-        from ..errors import ConfigError
-
         heads = transformer.config.num_attention_heads
         if heads % degree:
             raise ConfigError(f"{type(transformer).__name__} has {heads} attention heads, which do not split over "

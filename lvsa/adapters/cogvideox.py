@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..geometry import FAMILIES, ModelFamily, token_frames
 from ..riflex import TemporalRope
-from .base import LatentGrid, LVSAProcessor, ModelAdapter
+from .base import LatentGrid, LVSAProcessor, ModelAdapter, riflex_tables
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +38,8 @@ class CogVideoXLVSAProcessor(LVSAProcessor):
         if attention_mask is None:
             plan = self.plan(hidden_states.shape[1], text)
         else:
-            seq_len = self.runtime.video_tokens(hidden_states.shape[1]) + text
-            self.runtime.unsupported(self.layer, "attention_mask", seq_len, "CogVideoX was given a full attention mask")
+            self.unsupported("attention_mask", hidden_states.shape[1], "CogVideoX was given a full attention mask",
+                             text)
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         head_dim = attn.inner_dim // attn.heads
@@ -113,6 +113,6 @@ class CogVideoXAdapter(ModelAdapter):
             tables = kwargs.get("image_rotary_emb")
             if tables is None:
                 return None
-            return args, {**kwargs, "image_rotary_emb": runtime.riflex_tables(*tables, rope)}
+            return args, {**kwargs, "image_rotary_emb": riflex_tables(runtime, *tables, rope)}
 
         return [transformer.register_forward_pre_hook(rewrite, with_kwargs=True)]

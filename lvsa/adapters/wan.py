@@ -55,8 +55,8 @@ class WanLVSAProcessor(LVSAProcessor):
         if encoder_hidden_states is None and attention_mask is None:
             plan = self.plan(hidden_states.shape[1])
         else:
-            self.runtime.unsupported(self.layer, "unexpected_inputs", hidden_states.shape[1],
-                                     "attn1 was called with encoder states or a mask")
+            self.unsupported("unexpected_inputs", hidden_states.shape[1],
+                             "attn1 was called with encoder states or a mask")
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         query, key, value = qkv_projections(attn, hidden_states)

@@ -18,8 +18,10 @@ import torch
 
 import lvsa
 from lvsa.backends import fa4
-from lvsa.backends.fa4 import KEY_ORDERS, MASK_FORMS, Fa4Driver, _to_tiles, block_tables, mask_mod_for
+from lvsa.backends.fa4 import Fa4Driver
 from lvsa.backends.reference import reference_attention, token_mask
+from lvsa.kernels import block_mask as tiles
+from lvsa.kernels.block_mask import KEY_ORDERS, MASK_FORMS, block_tables, mask_mod_for, to_tiles
 from lvsa.plan import PatternKnobs, build_plan
 
 from ..conftest import required_devices
@@ -70,7 +72,7 @@ def test_tiles_expand_to_the_plans_mask(case, block, key_order, mask_form):
         expected = expected[:, :, layout.keys.order]
         keep = None if keep is None else keep[:, layout.keys.order]
     if keep is not None:
-        keep = _to_tiles(keep, block)
+        keep = to_tiles(keep, block)
     # every plan of the grid has the interval shape (globals, text, one window), so the fast form engages
     assert tables.intervals is not None
     mask_mod = mask_mod_for(tables, keep, mask_form)
@@ -182,16 +184,16 @@ def test_keys_that_cannot_move_in_place_are_copied(make_inputs, caplog, monkeypa
 
 def test_keys_autograd_or_inference_mode_would_refuse_are_not_written():
     q, k, v = (torch.randn(1, 6, 2, 4) for _ in range(3))
-    assert fa4._in_place_refusal(q, k, v) is None
+    assert fa4.in_place_refusal(q, k, v) is None
     for grad in range(3):  # autograd may have saved k and v for a backward: no write, in any grad mode
         inputs = [t.clone().requires_grad_(i == grad) for i, t in enumerate((q, k, v))]
-        assert "requires grad" in fa4._in_place_refusal(*inputs)
+        assert "requires grad" in fa4.in_place_refusal(*inputs)
         with torch.no_grad():
-            assert "requires grad" in fa4._in_place_refusal(*inputs)
+            assert "requires grad" in fa4.in_place_refusal(*inputs)
     with torch.inference_mode():
         made = torch.randn(1, 6, 2, 4)
-        assert fa4._in_place_refusal(q, made, v) is None
-    assert "inference mode" in fa4._in_place_refusal(q, made, v)
+        assert fa4.in_place_refusal(q, made, v) is None
+    assert "inference mode" in fa4.in_place_refusal(q, made, v)
 
 
 def test_keys_are_restored_when_the_kernel_fails(monkeypatch):
@@ -218,7 +220,7 @@ def test_on_cuda_keys_move_in_place_with_real_tiles(dtype, monkeypatch):
     """On a GPU with FA4 (skipped elsewhere; required under LVSA_TEST_DEVICES=cuda): frames of 200 tokens
     (one whole 128-token tile and 72 more), padded text after the video, GQA, batch 2: the kernel's result
     equals the float64 reference, the keys were moved in the caller's tensors (no copy), and they are back."""
-    status = lvsa.dispatch.driver_status("fa4", "cuda")
+    status = lvsa.driver_status.driver_status("fa4", "cuda")
     if not status.available:
         if "cuda" in required_devices():
             pytest.fail(f"LVSA_TEST_DEVICES requires cuda: fa4 {status.reason}")
@@ -233,7 +235,7 @@ def test_on_cuda_keys_move_in_place_with_real_tiles(dtype, monkeypatch):
     on_gpu = [t.to("cuda", dtype) for t in (q, k, v)]
     before = [t.clone() for t in on_gpu]
     out = lvsa.sparse_attention(*on_gpu, plan, backend="fa4", key_padding_mask=padding.cuda())
-    assert fa4.in_place_side(plan, 128, "cpu").moved is not None and not copies, copies
+    assert tiles.in_place_side(plan, 128, "cpu").moved is not None and not copies, copies
     assert all(torch.equal(t, b) for t, b in zip(on_gpu, before, strict=True))
     expected = reference_attention(*(t.cpu() for t in on_gpu), plan, padding)
     assert (out.cpu().double() - expected).abs().max().item() <= 3e-2
@@ -244,13 +246,13 @@ def test_a_table_without_the_interval_shape_keeps_the_table_form():
     two separate runs of groups (not a plan lvsa makes, but a table of another shape) gets no intervals, and
     ``mask_mod`` then reads the table, exactly."""
     plan = build_plan(8, 5, PatternKnobs(2, 1.0, 1, 1, None, None), step=0)
-    layout = fa4.tile_layout(plan, 4, "cpu")
-    table = fa4.attended_groups(plan, "cpu")
-    assert fa4.interval_mask(table, layout, 40) is not None
+    layout = tiles.tile_layout(plan, 4, "cpu")
+    table = tiles.attended_groups(plan, "cpu")
+    assert tiles.interval_mask(table, layout, 40) is not None
     holes = table.clone()
     holes[5] = False
     holes[5, [1, 2, 6, 7]] = True  # frame 0 (a global) dropped: not common; two runs left
-    assert fa4.interval_mask(holes, layout, 40) is None
+    assert tiles.interval_mask(holes, layout, 40) is None
     tables = dataclasses.replace(block_tables(plan, 4, "cpu", padded_text=False), intervals=None)
     where = torch.arange(plan.seq_len)
     got = mask_mod_for(tables, None, "interval")(0, 0, where[:, None], where[None, :])
@@ -298,7 +300,7 @@ def test_compiled_cpu_kernel_skips_tiles_and_is_reused_across_rotation():
 
 
 def test_availability_names_what_is_missing():
-    status = lvsa.dispatch.driver_status("fa4", "cpu")
+    status = lvsa.driver_status.driver_status("fa4", "cpu")
     assert not status.available and "runs on cuda" in status.reason
     driver = Fa4Driver()
     reason = driver.is_available("cuda").reason

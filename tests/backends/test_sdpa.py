@@ -68,7 +68,7 @@ def test_unknown_strategy_is_an_error():
 
 @pytest.mark.parametrize("keys", [1, 5, 16, 17])
 def test_key_bias_rows_are_16_aligned(keys):
-    from lvsa.backends.attention_ops import key_bias
+    from lvsa.kernels.attention_ops import key_bias
 
     mask = torch.ones(3, keys, dtype=torch.bool)
     mask[1, 0] = False
@@ -78,7 +78,7 @@ def test_key_bias_rows_are_16_aligned(keys):
 
 
 def test_split_is_not_chosen_where_torch_has_no_safe_lse_kernel():
-    from lvsa.backends import attention_ops as partial
+    from lvsa.kernels import attention_ops as partial
 
     assert partial.lse_kernel_reason("cuda", torch.float32, 128)  # cuDNN/flash are half precision only
     assert partial.lse_kernel_reason("cuda", torch.bfloat16, 256)

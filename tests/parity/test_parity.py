@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lvsa
-import lvsa.dispatch
+import lvsa.driver_status
 from lvsa import registry
 from lvsa.backends.reference import reference_attention
 from lvsa.plan import PatternKnobs, build_plan
@@ -93,7 +93,7 @@ def usable_target(parity_target, backends_required, request):
     device, backend, _ = parity_target
     if backend == "npu" and device == "cpu":
         request.getfixturevalue("npu_emulation")
-    status = lvsa.dispatch.driver_status(backend, device)
+    status = lvsa.driver_status.driver_status(backend, device)
     if not status.available:
         if backend in backends_required:
             pytest.fail(f"LVSA_TEST_BACKENDS requires {backend} on {device}: {status.reason}")

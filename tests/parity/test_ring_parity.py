@@ -1,6 +1,6 @@
 """Ring attention's steps, every driver on every device, against the float64 reference.
 
-The ring is simulated in one process: each rank's query shard runs :func:`lvsa.ring.ring_attention` with
+The ring is simulated in one process: each rank's query shard runs :func:`lvsa.attention.ring.ring_attention` with
 every rank's key/value shards handed in (what the all-gather gives) and its text partial recorded (what the
 group merges). The shard counts cut frames in the middle, so frames split across shards are covered. The
 same grid as the parity matrix (text before and after with padding, GQA, batch 2, one token per frame)."""
@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import lvsa
-import lvsa.dispatch
+import lvsa.driver_status
 from lvsa import registry
-from lvsa.backends.attention_ops import merge
+from lvsa.attention import RingGroup
+from lvsa.attention.ring import ring_attention
 from lvsa.backends.reference import attention_with_lse_float64, reference_attention, token_mask
-from lvsa.ring import RingGroup, ring_attention
-from lvsa.shards import RingStep, skipped_key_shards
+from lvsa.kernels.attention_ops import merge
+from lvsa.shards import skipped_key_shards
 
 from .test_parity import CASES, TOLERANCE, Case, _make, usable_target
 
@@ -147,15 +148,18 @@ def _masked_step(q, k, v, keep):
 
 
 def test_ring_step_is_cached_per_plan_and_step():
+    """The ring's indices live in the drivers' one prepared-state cache: once per plan, problem and shard."""
     plan, q, k, v, _ = _make(CASES[3], "cpu", torch.float32)
-    from lvsa.backends import ring_step
+    from lvsa.attention.ring import prepare_ring
 
+    driver = registry.drivers()["sdpa"]
     problem = lvsa.AttentionProblem.for_ring(q[:, :42], k[:, :42], v[:, :42], plan, 2)
-    step = RingStep(plan, 2, 0, 1)
-    assert ring_step.index_for(step, problem) is ring_step.index_for(RingStep(plan, 2, 0, 1), problem)
-    assert ring_step.index_for_shards(plan, 2, 1, problem) is ring_step.index_for_shards(plan, 2, 1, problem)
+    stepwise = prepare_ring(driver, plan, problem, 2, 0, stepwise=True)
+    assert stepwise is prepare_ring(driver, plan, problem, 2, 0, stepwise=True)
+    assert prepare_ring(driver, plan, problem, 2, 1, False) is prepare_ring(driver, plan, problem, 2, 1, False)
+    assert stepwise.per_step[1] is not None or 1 in stepwise.skipped
     # a frame's whole window in one gather: every chunk of the gathered index has one key count, no padding
-    gathered = ring_step.index_for_shards(plan, 2, 1, problem)
+    gathered = prepare_ring(driver, plan, problem, 2, 1, False).end_to_end
     assert len({chunk.width for chunk in gathered.chunks}) == 1
 
 

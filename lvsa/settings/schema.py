@@ -1,8 +1,9 @@
-"""One settings object for every knob: ``LVSA_*`` environment variables, command-line flags, and code.
+"""The settings schema: one object for every knob, from ``LVSA_*`` environment variables, command-line flags,
+and code, each value remembering where it came from.
 
-Precedence, highest first: CLI flag > environment variable > code (:func:`configure` or keyword arguments)
-> model default (filled in by the model family when a plan is made) > the field's default. Every value
-remembers where it came from (:meth:`LVSASettings.source_of`), so an error or a bug report can say
+Precedence, highest first: CLI flag > environment variable > code (:func:`lvsa.configure` or keyword
+arguments) > model default (filled in by the model family when a plan is made) > the field's default.
+:meth:`LVSASettings.source_of` tells a value's source, so an error or a bug report can say
 ``LVSA_SPARSITY_SCALE=-1 (environment)`` rather than only the field name."""
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ import argparse
 import difflib
 import os
 import threading
-import types
-import typing
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
@@ -26,9 +24,11 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .errors import ConfigError
+from .. import caches
+from ..errors import ConfigError
+from .flags import ENV_PREFIX, env_var, flag, parse_flags
+from .layers import configured
 
-ENV_PREFIX = "LVSA_"
 Source = Literal["default", "model", "code", "env", "cli"]
 
 # LVSA_* names that are not settings but are still legitimate: no "unknown variable" warning for them.
@@ -36,30 +36,10 @@ Source = Literal["default", "model", "code", "env", "cli"]
 _NON_SETTING_VARIABLES = {
     "LVSA_WAN_HOOK": "used only by the old vllm-omni integration; it has no effect in lvsa",
 }
-# What an unset (None) default means, for --help and the README table.
-_UNSET_MEANS = {
-    "rotate_keyframes": "auto (on when sparse)",
-    "riflex_s": "the extension ratio T / reference, at least 1",
-    "schedule_start": "unset",
-    "schedule_end": "unset",
-}
 _DEPRECATED = {
     "schedule_start": "LVSA_SCHEDULE_START",
     "schedule_end": "LVSA_SCHEDULE_END",
 }
-
-# Values given on the command line for the settings object being built (see _CommandLineLayer).
-_cli_values: ContextVar[Mapping[str, Any]] = ContextVar("lvsa_cli_values", default=types.MappingProxyType({}))
-
-
-class _CommandLineLayer(PydanticBaseSettingsSource):
-    """The parsed flags, placed above the environment (pydantic-settings would put init kwargs there)."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(_cli_values.get())
 
 
 class LVSASettings(BaseSettings):
@@ -129,14 +109,17 @@ class LVSASettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # CLI > environment > code. No .env file and no secrets directory: one place less to look.
-        return (_CommandLineLayer(settings_cls), env_settings, init_settings)
+        # __init__ stacks the layers itself (CLI > environment > code), so that it knows each value's source.
+        # No .env file and no secrets directory: one place less to look.
+        return (init_settings,)
 
-    def __init__(self, **values: Any) -> None:
-        cli = dict(_cli_values.get())
+    def __init__(self, _cli: Mapping[str, Any] | None = None, **values: Any) -> None:
+        """``values`` are set in code; ``_cli`` (the command line's values, :meth:`from_cli`) beat the
+        environment, which beats code."""
+        cli = dict(_cli or {})
         env = _environment_values(type(self))
         try:
-            super().__init__(**values)
+            super().__init__(**{**values, **env, **cli})
         except ValidationError as error:
             raise _config_error(type(self), error, cli, env, values) from None
         sources: dict[str, Source] = {}
@@ -180,34 +163,12 @@ class LVSASettings(BaseSettings):
         elif isinstance(args, Mapping):
             given = dict(args)
         else:
-            parser = argparse.ArgumentParser(prog="lvsa", add_help=False, exit_on_error=False, allow_abbrev=False)
-            add_cli_arguments(parser, settings_class=cls)
-            try:
-                namespace, rest = parser.parse_known_args(list(args))
-            except argparse.ArgumentError as error:
-                raise ConfigError(f"invalid flag: {error}") from None
-            if rest:
-                raise ConfigError(f"unknown flag(s): {' '.join(rest)} (see `lvsa plan --help`)")
-            given = {k: v for k, v in vars(namespace).items() if k in cls.model_fields}
-        token = _cli_values.set({**_layers.cli, **given})
-        try:
-            return cls(**{**_layers.code, **code})
-        finally:
-            _cli_values.reset(token)
+            given = parse_flags(args, cls)
+        return cls(_cli={**configured.cli, **given}, **{**configured.code, **code})
 
 
 # --------------------------------------------------------------------------------------------------
 # errors and warnings
-
-
-def env_var(field: str) -> str:
-    return ENV_PREFIX + field.upper()
-
-
-def flag(field: str, settings_class: type[LVSASettings] | None = None) -> str:
-    """The command-line flag of ``field``."""
-    names = (settings_class or LVSASettings).flag_names
-    return names.get(field, "--" + field.replace("_", "-"))
 
 
 def declare_variables(variables: Mapping[str, str]) -> None:
@@ -249,6 +210,14 @@ _warned: set[str] = set()
 _warn_lock = threading.Lock()
 
 
+def _forget_warnings() -> None:
+    with _warn_lock:
+        _warned.clear()
+
+
+caches.register("settings-warnings", _forget_warnings)
+
+
 def _warn_once(key: str, message: str) -> None:
     with _warn_lock:
         if key in _warned:
@@ -275,10 +244,6 @@ def _warn_deprecated(settings: LVSASettings) -> None:
                 _warn_once(upper, f"[LVSA] unknown environment variable {key} is ignored{hint}")
 
 
-# --------------------------------------------------------------------------------------------------
-# command-line flags derived from the fields
-
-
 def _settings_classes() -> list[type[LVSASettings]]:
     """LVSASettings and the applications' subclasses imported in this process (their variables are known)."""
     found, pending = [], [LVSASettings]
@@ -287,118 +252,3 @@ def _settings_classes() -> list[type[LVSASettings]]:
         found.append(cls)
         pending.extend(cls.__subclasses__())
     return found
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                      exclude: tuple[str, ...] = (), settings_class: type[LVSASettings] | None = None) -> None:
-    """Add one flag per setting: ``--sparsity-scale 0.5``, ``--rotate-keyframes/--no-rotate-keyframes``.
-    Flags not given stay absent from the namespace, so the environment and code still apply. ``exclude``:
-    settings the application sets from flags of its own (one flag per setting); ``settings_class``: an
-    application's subclass, whose own fields get flags too."""
-    settings_class = settings_class or LVSASettings
-    for name, info in settings_class.model_fields.items():
-        if name in exclude:
-            continue
-        annotation = _strip_optional(info.annotation)
-        default = info.default
-        shown = _UNSET_MEANS.get(name, "model's") if default is None else default
-        help_text = f"{info.description} [env: {env_var(name)}] (default: {shown})"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        option = flag(name, settings_class)
-        if annotation is bool:
-            parser.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
-        elif typing.get_origin(annotation) is Literal:
-            parser.add_argument(option, choices=list(typing.get_args(annotation)), **kwargs)
-        else:
-            metavar = {int: "N", float: "X", str: "NAME"}.get(annotation, "VALUE")
-            # strings: pydantic converts, so a bad value reads the same from a flag as from the env
-            parser.add_argument(option, type=str, metavar=metavar, **kwargs)
-
-
-def _strip_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-# --------------------------------------------------------------------------------------------------
-# process-wide configuration
-
-
-class _Layers:
-    def __init__(self) -> None:
-        self.code: dict[str, Any] = {}
-        self.cli: dict[str, Any] = {}
-        self.version = 0
-
-
-_layers = _Layers()
-_cache: dict[tuple[int, tuple[tuple[str, str], ...]], LVSASettings] = {}
-_cache_lock = threading.Lock()
-
-
-def configure(settings: LVSASettings | None = None, **overrides: Any) -> LVSASettings:
-    """Set the process-wide settings in code and return the effective settings.
-
-    A settings object replaces the current configuration with the values it got from code or the command
-    line (values it read from the environment are not frozen: the environment is read live). Keyword
-    overrides apply on top, as code. Environment variables and command-line flags still beat code."""
-    code = dict(_layers.code) if settings is None else {}
-    cli = dict(_layers.cli) if settings is None else {}
-    if settings is not None:
-        # an application's subclass: only the library's fields are the library's configuration
-        for name in settings.model_fields_set & set(LVSASettings.model_fields):
-            source = settings.source_of(name)
-            if source == "cli":
-                cli[name] = getattr(settings, name)
-            elif source in ("code", "model"):
-                code[name] = getattr(settings, name)
-    unknown = sorted(set(overrides) - set(LVSASettings.model_fields))
-    if unknown:
-        close = {u: difflib.get_close_matches(u, list(LVSASettings.model_fields), n=1) for u in unknown}
-        hints = ", ".join(f"{u}" + (f" (did you mean {c[0]}?)" if c else "") for u, c in close.items())
-        raise ConfigError(f"unknown setting(s): {hints}")
-    code.update(overrides)
-    effective = _build(code, cli)  # validate before anything is stored
-    with _cache_lock:
-        _layers.code, _layers.cli = code, cli
-        _layers.version += 1
-        _cache.clear()
-    return effective
-
-
-def reset_settings() -> None:
-    """Forget everything :func:`configure` set (tests, notebooks)."""
-    with _cache_lock:
-        _layers.code, _layers.cli = {}, {}
-        _layers.version += 1
-        _cache.clear()
-
-
-def get_settings() -> LVSASettings:
-    """The effective settings now: flags given to :func:`configure` > environment > code > defaults.
-    Cheap to call repeatedly: the result is cached until the configuration or an LVSA_* variable changes."""
-    key = (_layers.version, tuple(sorted(_lvsa_environment())))
-    cached = _cache.get(key)
-    if cached is not None:
-        return cached
-    effective = _build(_layers.code, _layers.cli)
-    with _cache_lock:
-        if len(_cache) > 32:
-            _cache.clear()
-        _cache[key] = effective
-    return effective
-
-
-def _lvsa_environment() -> Iterator[tuple[str, str]]:
-    return ((k, v) for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX))
-
-
-def _build(code: Mapping[str, Any], cli: Mapping[str, Any]) -> LVSASettings:
-    token = _cli_values.set(dict(cli))
-    try:
-        return LVSASettings(**code)
-    finally:
-        _cli_values.reset(token)

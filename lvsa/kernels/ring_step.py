@@ -3,26 +3,26 @@
 :class:`lvsa.shards.RingStep` says which key tokens of a key shard the queries of a query shard attend, in
 a global part (every query against the global frames' tokens in the key shard) and a window part (each
 query frame against its non-global window frames' tokens there). Here that becomes index tensors, built
-once per (step, problem) and cached, and two kinds of calls of the driver's kernel: one over every query
-for the global part, and batched calls of ``[frames, window tokens]`` gathers for the window part (like
-:mod:`.split`). Window rows are grouped by key count, so no call needs a mask; a frame cut by the query
-shard's edges repeats a query row whose output is dropped. :func:`index_for` indexes one step (keys local
+once per (plan, problem) and cached with the driver's prepared state (:mod:`lvsa.attention.drivers`), and
+two kinds of calls of the driver's kernel: one over every query for the global part, and batched calls of
+``[frames, window tokens]`` gathers for the window part (like :mod:`.split`). Window rows are grouped by
+key count, so no call needs a mask; a frame cut by the query shard's edges repeats a query row whose output
+is dropped. :func:`index_for` indexes one step (keys local
 to its shard); :func:`index_for_shards` every step of a query shard over the shards end to end. The
 partial results go into a :class:`LseAccumulator`, which merges them through their log-sum-exp."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
-from lvsa.driver import AttentionProblem
+from lvsa.driver import GATHER_BUDGET_BYTES, AttentionProblem
 from lvsa.plan import SparsePlan
 from lvsa.shards import RingStep, Span
 
 from .attention_ops import accumulation_dtype
-from .split import GATHER_BUDGET_BYTES, Attend
+from .split import Attend
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,13 @@ def _shifted(spans: tuple[Span, ...], by: int) -> list[Span]:
     return [(start + by, stop + by) for start, stop in spans]
 
 
-@lru_cache(maxsize=256)
 def index_for(step: RingStep, problem: AttentionProblem, budget_bytes: int = GATHER_BUDGET_BYTES,
               max_batch: int | None = None) -> RingStepIndex:
-    """The index tensors of one ring step (keys local to its key shard), built on first use."""
+    """The index tensors of one ring step (keys local to its key shard)."""
     rows = [(row.queries, list(row.keys)) for row in step.window_rows]
     return _build(list(step.global_keys), rows, step.plan.patches_per_frame, problem, budget_bytes, max_batch)
 
 
-@lru_cache(maxsize=64)
 def index_for_shards(plan: SparsePlan, shards: int, query_shard: int, problem: AttentionProblem,
                      budget_bytes: int = GATHER_BUDGET_BYTES, max_batch: int | None = None) -> RingStepIndex:
     """Every ring step of a query shard in one index, over the key shards laid end to end (the all-gathered

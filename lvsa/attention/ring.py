@@ -1,5 +1,5 @@
-"""Ring attention (and Ulysses x ring) for lvsa inside diffusers' context parallelism: the groups, the
-exchange, and the ring steps of one layer call.
+"""Ring attention (and Ulysses x ring): the exchange and the ring steps of one layer call (the groups are
+:mod:`.layout`'s).
 
 diffusers cuts the sequence over ``U x R`` ranks (mesh ``("ring", "ulysses")``, rank ``r * U + u``). The
 Ulysses all-to-all (:mod:`lvsa.ulysses`) gives each rank the ``r``-th of ``R`` contiguous video shards for
@@ -19,72 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .dispatch import log_plan_once, select_driver
-from .driver import AttentionProblem
-from .errors import ConfigError, GeometryError
-from .shards import RingStep, skipped_key_shards
-from .ulysses import QKV, UlyssesGroup
+from ..driver import AttentionProblem, Driver, Prepared
+from ..kernels import ring_step
+from ..kernels.attention_ops import merge
+from ..shards import RingStep, skipped_key_shards
+from ..ulysses import QKV
+from .drivers import DriverRequest, cached_state, select_driver
+from .layout import RingGroup
 
 if TYPE_CHECKING:
     import torch
 
-    from .plan import SparsePlan
-    from .settings import LVSASettings
-
-
-@dataclass(frozen=True)
-class RingGroup:
-    group: Any  # torch.distributed ProcessGroup
-    degree: int
-    rank: int  # rank inside the group: the index of this rank's video shard
-
-
-@dataclass(frozen=True)
-class ContextParallel:
-    """The context-parallel layout of one forward: Ulysses and/or ring groups."""
-
-    ulysses: UlyssesGroup | None
-    ring: RingGroup | None
-
-    @property
-    def degree(self) -> int:
-        """Sequence shards between layers: ``U x R``."""
-        return (self.ulysses.degree if self.ulysses else 1) * (self.ring.degree if self.ring else 1)
-
-    @property
-    def shard_index(self) -> int:
-        """This rank's sequence shard between layers (diffusers' flattened ``("ring", "ulysses")`` mesh)."""
-        u = self.ulysses.degree if self.ulysses else 1
-        return (self.ring.rank if self.ring else 0) * u + (self.ulysses.rank if self.ulysses else 0)
-
-    def describe(self) -> str:
-        return f"ulysses_degree={self.ulysses.degree if self.ulysses else 1} x " \
-               f"ring_degree={self.ring.degree if self.ring else 1}"
-
-    def check_tokens(self, tokens: int, latent_frames: int, patches_per_frame: int) -> None:
-        if tokens % self.degree:
-            raise GeometryError(
-                f"{latent_frames} latent frames x {patches_per_frame} tokens = {tokens} video tokens do not split "
-                f"into {self.degree} equal shards ({self.describe()}); change the frame count or the size, or "
-                "the degrees"
-            )
-
-
-def context_parallel_of(transformer: Any) -> ContextParallel | None:
-    """The Ulysses and ring groups of a transformer after diffusers' ``enable_parallelism``, or ``None``."""
-    config = getattr(transformer, "_parallel_config", None)
-    cp = getattr(config, "context_parallel_config", None)
-    if cp is None:
-        return None
-    u, r = cp.ulysses_degree or 1, cp.ring_degree or 1
-    if u * r == 1:
-        return None
-    # diffusers builds the meshes in enable_parallelism (ContextParallelConfig.setup)
-    ulysses = UlyssesGroup(cp._ulysses_mesh.get_group(), u, cp._ulysses_local_rank) if u > 1 else None
-    ring = RingGroup(cp._ring_mesh.get_group(), r, cp._ring_local_rank) if r > 1 else None
-    return ContextParallel(ulysses, ring)
+    from ..plan import SparsePlan
 
 
 def gather_shards(x: torch.Tensor, ring: RingGroup) -> list[torch.Tensor]:
@@ -102,8 +50,6 @@ def merge_over_ring(out: torch.Tensor, lse: torch.Tensor, ring: RingGroup) -> to
     ``out [B, S, H, D]`` and ``lse [B, H, S]``: every rank gets the merged output."""
     import torch
     import torch.distributed as dist
-
-    from .backends.attention_ops import merge
 
     outs = [torch.empty_like(out) for _ in range(ring.degree)]
     lses = [torch.empty_like(lse) for _ in range(ring.degree)]
@@ -123,49 +69,74 @@ class RingResult:
     driver: str
 
 
+@dataclass(frozen=True)
+class RingPrepared(Prepared):
+    """A query shard's ring steps under one plan: which key shards it skips, and the index tensors of the
+    others (every step end to end, or one per step), kept in the drivers' one prepared-state cache."""
+
+    shards: int
+    query_shard: int
+    skipped: tuple[int, ...]
+    end_to_end: ring_step.RingStepIndex | None
+    per_step: tuple[ring_step.RingStepIndex | None, ...] | None
+
+
+def prepare_ring(driver: Driver, plan: SparsePlan, problem: AttentionProblem, shards: int, query_shard: int,
+                 stepwise: bool) -> RingPrepared:
+    """The ring steps' indices for ``driver`` (its declared gather budget and batch limit), built once per
+    plan and problem."""
+
+    def build() -> RingPrepared:
+        budget, max_batch = driver.gather_budget_bytes, driver.max_batch
+        skipped = skipped_key_shards(plan, shards, query_shard)
+        if stepwise:
+            per_step = tuple(None if j in skipped else ring_step.index_for(
+                RingStep(plan, shards, query_shard, j), problem, budget, max_batch) for j in range(shards))
+            return RingPrepared(plan, problem, shards, query_shard, skipped, None, per_step)
+        end_to_end = ring_step.index_for_shards(plan, shards, query_shard, problem, budget, max_batch)
+        return RingPrepared(plan, problem, shards, query_shard, skipped, end_to_end, None)
+
+    return cached_state(driver, plan, problem, ("ring", shards, query_shard, stepwise), build)
+
+
 def ring_attention(
     video: QKV,
     text: QKV | None,
     plan: SparsePlan,
     key_padding_mask: torch.Tensor | None,
     ring: RingGroup,
-    settings: LVSASettings,
+    request: DriverRequest,
     *,
     key_value_shards: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     merge_text: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     stepwise: bool = False,
 ) -> RingResult:
     """One layer call under ring attention: this rank's video shard (``[B, V / R, H, D]``) and the whole
-    text attend under ``plan`` (of the whole sequence). ``key_value_shards`` (every rank's k and v shards)
-    and ``merge_text`` replace the two collectives: tests simulate the ring in one process with them.
+    text attend under ``plan`` (of the whole sequence), through the driver ``request`` picks (settings, or a
+    :class:`~.drivers.DriverChoice`). ``key_value_shards`` (every rank's k and v shards) and ``merge_text``
+    replace the two collectives: tests simulate the ring in one process with them.
 
     The key/value shards are all-gathered, so by default every ring step of this rank runs in one set of
     calls over the attended shards end to end (as large as on one device); ``stepwise=True`` runs one set per
     step, each merged through its log-sum-exp, as a ring pass that holds one shard at a time would. Both
     compute exactly the attended pairs and skip the same steps."""
-    from .backends import ring_step
-
     q, k, v = video
     problem = AttentionProblem.for_ring(q, k, v, plan, ring.degree, key_padding_mask)
-    driver = select_driver(problem, settings.backend.lower(), settings.fallback, lse=True)
-    log_plan_once(plan)
-    budget = getattr(driver, "gather_budget_bytes", ring_step.GATHER_BUDGET_BYTES)
-    max_batch = getattr(driver, "max_batch", None)
+    driver = select_driver(problem, request.backend.lower(), request.fallback, lse=True)
+    prepared = prepare_ring(driver, plan, problem, ring.degree, ring.rank, stepwise)
     attend, scale = driver.attend_with_lse, problem.scale
 
     keys, values = key_value_shards or (gather_shards(k, ring), gather_shards(v, ring))
     acc = ring_step.LseAccumulator(q)
-    skipped = skipped_key_shards(plan, ring.degree, ring.rank)
-    if stepwise:
+    if prepared.per_step is not None:
         for s in range(ring.degree):
             j = (ring.rank - s) % ring.degree  # the local shard first, as in a ring pass
-            if j not in skipped:
-                index = ring_step.index_for(RingStep(plan, ring.degree, ring.rank, j), problem, budget, max_batch)
+            index = prepared.per_step[j]
+            if index is not None:
                 ring_step.run_step(index, q, keys[j], values[j], scale, attend, acc)
     else:
         # the attended shards end to end (a skipped shard is never read): one index for every step
-        index = ring_step.index_for_shards(plan, ring.degree, ring.rank, problem, budget, max_batch)
-        ring_step.run_step(index, q, _end_to_end(keys), _end_to_end(values), scale, attend, acc)
+        ring_step.run_step(prepared.end_to_end, q, _end_to_end(keys), _end_to_end(values), scale, attend, acc)
     text_out = None
     if text is not None:
         tq, tk, tv = text
@@ -176,22 +147,10 @@ def ring_attention(
             text_acc.add(*attend(tq, tk, tv, key_padding_mask, scale))
         merged = (merge_text or (lambda o, lse: merge_over_ring(o, lse, ring)))(text_acc.out, text_acc.lse)
         text_out = merged.to(tq.dtype)
-    return RingResult(acc.out.to(q.dtype), text_out, ring.degree, skipped, driver.name)
+    return RingResult(acc.out.to(q.dtype), text_out, ring.degree, prepared.skipped, driver.name)
 
 
 def _end_to_end(shards: list[torch.Tensor]) -> torch.Tensor:
     import torch
 
     return torch.cat(shards, dim=1)
-
-
-def check_degrees(world_size: int, ulysses_degree: int, ring_degree: int) -> None:
-    """The degrees are integers >= 1 whose product is the launch's process count."""
-    for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name}={value!r}: must be an integer >= 1")
-    if ulysses_degree * ring_degree != world_size:
-        raise ConfigError(
-            f"ulysses_degree={ulysses_degree} x ring_degree={ring_degree} = {ulysses_degree * ring_degree} "
-            f"processes, but {world_size} were launched: launch torchrun --nproc-per-node "
-            f"{ulysses_degree * ring_degree}, or choose degrees whose product is {world_size}")

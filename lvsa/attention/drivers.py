@@ -1,30 +1,49 @@
-"""Choosing a driver for a call, preparing it once per plan, and running it. (Whether each driver can run
-here, and why not, is :mod:`lvsa.driver_status`.)
+"""Choosing a driver for a call, and its prepared state: one choice and one prepared-state cache for the flat
+and the ring paths alike. (Whether each driver can run here, and why not, is :mod:`lvsa.driver_status`.)
 
-``sparse_attention`` is what model code calls for every self-attention layer. The expensive parts are
-cached: the driver choice per (request, problem) and the driver's prepared state per (driver, plan,
-problem), so a layer call costs a dictionary lookup before the kernels run. A plan that changes shape is
-logged once with the ``[LVSA]`` lines; a driver that cannot run is an error naming every installed driver,
-or, under ``LVSA_FALLBACK=warn``, a ``[LVSA-FALLBACK]`` line and the next driver."""
+The choice is cached per (request, policy, problem), the prepared state per (driver, plan, problem, form),
+so a layer call costs a dictionary lookup before the kernels run. A plan that changes shape is logged once
+with the ``[LVSA]`` lines; a driver that cannot run is an error naming every installed driver, or, under
+``LVSA_FALLBACK=warn``, a ``[LVSA-FALLBACK]`` line and the next driver."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, cast
 
-from . import log, registry
-from .driver import AttentionProblem, Driver, Prepared, PreparedT
-from .driver_status import driver_status, status_table
-from .errors import DriverUnavailable
+from .. import caches, log, registry
+from ..driver import AttentionProblem, Driver, Prepared, PreparedT
+from ..driver_status import driver_status, status_table
+from ..errors import DriverUnavailable
 
 if TYPE_CHECKING:
     import torch
 
-    from .plan import SparsePlan
-    from .settings import LVSASettings
+    from ..plan import SparsePlan
+    from ..settings import LVSASettings
 
 _PREPARED_CACHE_SIZE = 16
+StateT = TypeVar("StateT", bound=Prepared)
+
+
+class DriverRequest(Protocol):
+    """What picks a driver: the requested name (``auto`` or a driver) and the policy when it cannot run.
+    :class:`DriverChoice` and :class:`~lvsa.LVSASettings` both answer it."""
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def fallback(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class DriverChoice:
+    backend: str = "auto"
+    fallback: Literal["error", "warn"] = "error"
 
 
 def _auto_choice(problem: AttentionProblem, exclude: str | None = None,
@@ -89,31 +108,49 @@ def _select(problem: AttentionProblem, requested: str, fallback: str, lse: bool)
 
 
 _prepared_lock = threading.Lock()
-_prepared: OrderedDict[tuple[str, SparsePlan, AttentionProblem], Prepared] = OrderedDict()
+_prepared: OrderedDict[tuple[str, SparsePlan, AttentionProblem, Hashable], Prepared] = OrderedDict()
 _last_logged_shape: list[tuple[int, ...] | None] = [None]
 
 
 def prepared_for(driver: Driver[PreparedT], plan: SparsePlan, problem: AttentionProblem) -> PreparedT:
     """The driver's prepared state for this plan and problem, built on first use (LRU-cached)."""
-    key = (driver.name, plan, problem)
+    return cached_state(driver, plan, problem, None, lambda: _checked(driver, driver.prepare(plan, problem), problem))
+
+
+def cached_state(driver: Driver, plan: SparsePlan, problem: AttentionProblem, form: Hashable,
+                 build: Callable[[], StateT]) -> StateT:
+    """The one prepared-state cache: what ``build`` makes for (driver, plan, problem, ``form``), built on first
+    use and kept while it is among the last few used. ``form`` None is the driver's own :meth:`Driver.prepare`;
+    the ring path keeps its per-shard indices here under its own form."""
+    key = (driver.name, plan, problem, form)
     with _prepared_lock:
         state = _prepared.get(key)
         if state is not None:
             _prepared.move_to_end(key)
-            return cast(PreparedT, state)
-    state = driver.prepare(plan, problem)
-    if not isinstance(state, Prepared) or state.problem != problem:
-        # a driver written for the earlier contract (scale given at run) would silently ignore the caller's scale
-        raise DriverUnavailable(
-            f"driver {driver.name!r}: prepare() returned {type(state).__name__}, not a lvsa.driver.Prepared made for "
-            "this problem; the driver contract carries the plan, the problem and the softmax scale in the "
-            "prepared state (see docs/architecture.md, 'Adding a driver')")
+            return cast(StateT, state)
+    state = build()
     with _prepared_lock:
         _prepared[key] = state
         while len(_prepared) > _PREPARED_CACHE_SIZE:
             _prepared.popitem(last=False)
     log_plan_once(plan)
     return state
+
+
+def _checked(driver: Driver, state: object, problem: AttentionProblem) -> Prepared:
+    if not isinstance(state, Prepared) or state.problem != problem:
+        # state without the problem would run with a scale other than the caller's, without a word
+        raise DriverUnavailable(
+            f"driver {driver.name!r}: prepare() returned {type(state).__name__}, not a lvsa.driver.Prepared made for "
+            "this problem; the driver contract carries the plan, the problem and the softmax scale in the "
+            "prepared state (see docs/architecture.md, 'Adding a driver')")
+    return state
+
+
+def prepared_states() -> list[tuple[str, Prepared]]:
+    """``(driver name, state)`` of every prepared state now cached, oldest first (for reports and tests)."""
+    with _prepared_lock:
+        return [(key[0], state) for key, state in _prepared.items()]
 
 
 def log_plan_once(plan: SparsePlan) -> None:
@@ -126,12 +163,23 @@ def log_plan_once(plan: SparsePlan) -> None:
         log.logger.info(line)
 
 
-def clear_caches() -> None:
+def _clear() -> None:
     with _prepared_lock:
         _prepared.clear()
         _last_logged_shape[0] = None
     with _choice_lock:
         _choices.clear()
+
+
+caches.register("drivers", _clear)
+
+
+def run_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, request: DriverRequest,
+             key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """One call of the whole sequence under ``plan`` through the driver ``request`` picks."""
+    problem = AttentionProblem.from_tensors(q, k, v, plan, key_padding_mask, scale)
+    driver = select_driver(problem, request.backend.lower(), request.fallback)
+    return driver.run(prepared_for(driver, plan, problem), q, k, v, key_padding_mask)
 
 
 def sparse_attention(
@@ -151,10 +199,8 @@ def sparse_attention(
     attended by every query; ``key_padding_mask`` (``[batch, text_tokens]``, True = keep) masks padded text
     keys. ``backend`` overrides the settings' ``backend``; ``scale`` defaults to ``1/sqrt(head_dim)``."""
     if settings is None:
-        from .settings import get_settings
+        from ..settings import get_settings
 
         settings = get_settings()
-    problem = AttentionProblem.from_tensors(q, k, v, plan, key_padding_mask, scale)
-    requested = (backend or settings.backend).lower()
-    driver = select_driver(problem, requested, settings.fallback)
-    return driver.run(prepared_for(driver, plan, problem), q, k, v, key_padding_mask)
+    request = DriverChoice(backend or settings.backend, settings.fallback)
+    return run_plan(q, k, v, plan, request, key_padding_mask, scale)

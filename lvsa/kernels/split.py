@@ -27,10 +27,6 @@ Attend = Callable[
 ]
 
 
-#: default upper bound on the gathered keys and values of one chunk of query frames (drivers may override)
-GATHER_BUDGET_BYTES = 1 << 30
-
-
 @dataclass(frozen=True)
 class SplitIndex:
     global_keys: torch.Tensor  # token positions of the global frames

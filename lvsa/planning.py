@@ -1,0 +1,66 @@
+"""From settings to a plan: the settings' video-frame knobs become the planner's (:func:`knobs_from_settings`,
+which reports what it rounds), and :func:`make_plan` plans one video. The planner itself
+(:mod:`lvsa.plan`) takes plain values and says nothing; this module is where settings are read once and
+the ``[LVSA]`` warnings about them are logged."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from . import log
+from .geometry import ModelFamily, family, pick_factor
+from .plan import PatternKnobs, SparsePlan, build_plan, resolve_knobs
+from .settings import LVSASettings, get_settings
+
+
+def knobs_from_settings(settings: LVSASettings, model: ModelFamily | None = None,
+                        vae_temporal_factor: int | None = None) -> PatternKnobs:
+    """The pattern's knobs in frames of the plan, filling the model's defaults. The VAE factor by
+    :func:`~lvsa.geometry.pick_factor`: the setting, else ``vae_temporal_factor`` (what the caller knows, such
+    as the pipeline's), else the model's (4 without a model). A window or keyframe spacing that is not a
+    whole number of frames of the plan is rounded down, with a warning."""
+    temporal_patch = model.temporal_patch if model else 1
+    vae = pick_factor(settings, "vae_temporal_factor", vae_temporal_factor, model.vae_temporal_factor if model else 4)
+    vt = vae * temporal_patch  # video frames per frame of the plan
+    unit = "latent frame" if temporal_patch == 1 else f"token frame ({temporal_patch} latent frames)"
+    if settings.window_size % vt and settings.source_of("window_size") != "default":
+        log.logger.warning(
+            "[LVSA] window_size=%d video frames is not a multiple of %d video frames per %s: using %d video "
+            "frames (LVSA_WINDOW_SIZE, --window-size)", settings.window_size, vt, unit,
+            settings.window_size // vt * vt)
+    knobs = resolve_knobs(
+        reference_latent_frames=settings.reference_latent_frames or (model.reference_latent_frames if model else None),
+        sparsity_scale=settings.sparsity_scale,
+        window_size=settings.window_size,
+        n_first_frames=settings.n_first_frames,
+        key_frame_interval=None if settings.auto_keyframes else settings.key_frame_interval,
+        rotate=settings.rotate_keyframes,
+        vae_temporal_factor=vae,
+        temporal_patch=temporal_patch,
+    )
+    if not settings.auto_keyframes and settings.key_frame_interval % vt:
+        log.logger.warning(
+            "[LVSA] key_frame_interval=%d video frames is not a multiple of %d video frames per %s: "
+            "using %d video frames", settings.key_frame_interval, vt, unit, knobs.key_frame_interval * vt)
+    return knobs
+
+
+def make_plan(
+    latent_frames: int,
+    patches_per_frame: int,
+    *,
+    text_tokens: int = 0,
+    text_position: Literal["before", "after"] = "after",
+    step: int = 0,
+    settings: LVSASettings | None = None,
+    model: str | ModelFamily | None = None,
+) -> SparsePlan:
+    """Plan the sparse pattern for ``latent_frames x patches_per_frame`` video tokens at denoising ``step``.
+
+    ``settings`` defaults to :func:`lvsa.get_settings`; ``model`` (a family name such as ``"wan"``) fills
+    knobs the settings leave unset, such as ``reference_latent_frames``."""
+    settings = settings if settings is not None else get_settings()
+    fam = family(model) if isinstance(model, str) else model
+    knobs = knobs_from_settings(settings, fam)
+    return build_plan(latent_frames, patches_per_frame, knobs, text_tokens=text_tokens, text_position=text_position,
+                      step=step)
