@@ -3,6 +3,7 @@
 #   ../shared/device/prepare-carry.sh .carry && ../shared/device/prepare-fa4-carry.sh .fa4   (on the workstation)
 #   call 1, carry [".fa4/a"]:                     bash .fa4/a/stage.sh
 #   call 2, carry [".fa4/b", ".carry"]:           bash benchmarks/gpu.sh "$OUT" smoke parity
+#   (on a fresh machine parity does not fit one call: smoke parity-fa4, then parity-flashinfer, each about 4-5 min)
 #   call 3 (same machine):                        bash benchmarks/gpu.sh "$OUT" attention
 #   (attention-sync: fa4 against both dense kernels with the host's work per call counted; see timing.py)
 #   call 4 (same machine):                        bash benchmarks/gpu.sh "$OUT" pipeline compiled

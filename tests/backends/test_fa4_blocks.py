@@ -231,7 +231,7 @@ def test_on_cuda_keys_move_in_place_with_real_tiles(dtype, monkeypatch):
     k, v = (torch.randn(2, plan.seq_len, 2, 64, generator=gen) for _ in range(2))
     padding = torch.arange(40)[None] < torch.tensor([[40], [25]])
     copies: list[str] = []
-    monkeypatch.setattr(fa4, "_log_copy_once", copies.append)
+    monkeypatch.setattr(fa4, "log_copy_once", copies.append)
     on_gpu = [t.to("cuda", dtype) for t in (q, k, v)]
     before = [t.clone() for t in on_gpu]
     out = lvsa.sparse_attention(*on_gpu, plan, backend="fa4", key_padding_mask=padding.cuda())
