@@ -21,6 +21,7 @@ TEST_VARIABLES = {
     "LVSA_TEST_DEVICES": "device list of the parity tests (tox -e cuda/npu)",
     "LVSA_TEST_BACKENDS": "drivers the parity tests require",
     "LVSA_TEST_DTYPES": "dtypes the parity tests run",
+    "LVSA_TEST_VLLM_OMNI": "1: the vLLM-Omni integration's tests must run (tox -e vllm-omni)",
 }
 KEEP_ENV = set(TEST_VARIABLES)
 declare_variables(TEST_VARIABLES)  # the test suite's own variables: not settings, and no warning

@@ -11,9 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: source folder -> the package it installs as (pyproject's package-dir)
 PACKAGES = {"lvsa": ROOT / "lvsa", "lvsa.backends": ROOT / "backends", "lvsa.devices": ROOT / "devices",
-            "lvsa_app": ROOT / "examples" / "app"}
-#: the hosts: what puts lvsa into a model (diffusers' processors and hooks, context parallelism on a pipeline)
-HOSTS = ("lvsa.adapters", "lvsa.parallel")
+            "lvsa_app": ROOT / "examples" / "app", "lvsa_vllm_omni": ROOT / "lvsa_vllm_omni"}
+#: the hosts: what puts lvsa into a model (diffusers' processors and hooks, context parallelism on a pipeline;
+#: vLLM-Omni's attention backend)
+HOSTS = ("lvsa.adapters", "lvsa.parallel", "lvsa_vllm_omni")
 MODEL_SIDE = (*HOSTS, "lvsa_app")
 #: the execution wing: the one place a layer call is executed
 WING = "lvsa.attention"
@@ -153,7 +154,7 @@ def test_the_execution_wing_never_imports_a_host():
 def test_the_library_never_imports_the_drivers():
     """Drivers are plug-ins found by entry point; what they share lives in lvsa.kernels."""
     edges = graph()
-    library = [name for name in edges if name.startswith(("lvsa.", "lvsa_app")) or name == "lvsa"]
+    library = [name for name in edges if name.startswith(("lvsa.", "lvsa_app", "lvsa_vllm_omni")) or name == "lvsa"]
     library = [name for name in library if not name.startswith((DRIVERS, DEVICES))]
     bad = {name: sorted(t for t in edges[name] if t.startswith(DRIVERS)) for name in library}
     assert {k: v for k, v in bad.items() if v} == {}
@@ -165,6 +166,16 @@ def test_drivers_never_import_a_device_module():
     drivers = [name for name in edges if name.startswith(DRIVERS + ".")]
     assert {"lvsa.backends.fa4", "lvsa.backends.npu"} <= set(drivers)
     bad = {name: sorted(t for t in edges[name] if t.startswith(DEVICES)) for name in drivers}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_the_vllm_omni_host_goes_through_the_executor():
+    """The serving host executes layer calls through the wing, as the diffusers host does, never through the
+    diffusers host itself."""
+    edges = graph()
+    assert "lvsa.attention" in edges["lvsa_vllm_omni.host"]
+    bad = {name: sorted(t for t in targets if t.startswith(("lvsa.adapters", "lvsa.parallel", "lvsa_app")))
+           for name, targets in edges.items() if name.startswith("lvsa_vllm_omni")}
     assert {k: v for k, v in bad.items() if v} == {}
 
 

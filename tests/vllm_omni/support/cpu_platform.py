@@ -1,0 +1,59 @@
+"""Test support only: a vLLM-Omni platform for diffusion on CPU, which vLLM-Omni 0.30 lacks.
+
+vLLM-Omni's unspecified platform resolves no diffusion attention backend, and its attention implementations
+dispatch only to accelerator methods. This platform resolves backends after vLLM-Omni's own validation and
+maps ``TORCH_SDPA`` (the default) to vLLM-Omni's SDPA implementation called directly, so the CPU tests can
+compare lvsa with vLLM-Omni's own dense attention. Never shipped, never selected outside the tests."""
+
+from __future__ import annotations
+
+from vllm_omni.diffusion.attention.backends.sdpa import SDPABackend, SDPAImpl
+from vllm_omni.platforms.interface import UnspecifiedOmniPlatform
+
+
+class CpuSdpaImpl(SDPAImpl):
+    def forward(self, query, key, value, attn_metadata=None):
+        return self._forward_impl(query, key, value, attn_metadata)
+
+
+class CpuSdpaBackend(SDPABackend):
+    @staticmethod
+    def get_impl_cls():
+        return CpuSdpaImpl
+
+
+class CpuTestOmniPlatform(UnspecifiedOmniPlatform):
+    device_type = "cpu"
+
+    @classmethod
+    def get_diffusion_attn_backend_cls(cls, selected_backend, head_size, allow_trtllm_default=False) -> str:
+        from vllm_omni.diffusion.attention.backends.registry import DiffusionAttentionBackendEnum
+
+        name = (selected_backend or "TORCH_SDPA").upper()
+        if name == "TORCH_SDPA":
+            return f"{__name__}.CpuSdpaBackend"
+        cls.validate_diffusion_attn_backend(name)
+        return DiffusionAttentionBackendEnum[name].get_path()
+
+    dist_backend = "gloo"
+
+    @classmethod
+    def get_device_count(cls) -> int:
+        return 1
+
+    # the worker's device questions, answered for the CPU
+    @classmethod
+    def set_device(cls, device) -> None:
+        return None
+
+    @classmethod
+    def empty_cache(cls) -> None:
+        return None
+
+    @classmethod
+    def synchronize(cls) -> None:
+        return None
+
+    @classmethod
+    def supports_torch_inductor(cls) -> bool:
+        return True
