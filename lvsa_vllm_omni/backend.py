@@ -14,7 +14,7 @@ import torch
 from vllm_omni.diffusion.attention.backends.abstract import AttentionBackend, AttentionImpl, AttentionMetadata
 
 from . import BACKEND_NAME
-from .host import _SELF_ATTENTION, attention_op, current_step, host
+from .host import _SELF_ATTENTION, attention_op, current_step, host, install_transformer_hooks, joint_attention_op
 
 
 def _platform_device() -> str:
@@ -95,6 +95,7 @@ class LVSAAttentionImpl(AttentionImpl):
             raise ValueError(f"LVSA takes no per-role options ({', '.join(backend_kwargs)}): lvsa's knobs are LVSA_* "
                              "variables (see `python -m lvsa_vllm_omni.serve --help`)")
         _refuse_sequence_parallelism_that_bypasses_backends()
+        install_transformer_hooks()
         self.num_heads = num_heads
         self.head_size = head_size
         self.softmax_scale = softmax_scale
@@ -104,8 +105,7 @@ class LVSAAttentionImpl(AttentionImpl):
                 attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
         layout = attn_metadata.video_layout if attn_metadata is not None else None
         if layout is None or layout.latent_grid is None:
-            return host().dense(self.layer, "no_video_layout", "this call carries no video_layout, so lvsa cannot "
-                                 "find its frames", query, key, value, self.softmax_scale)
+            return self._joint(query, key, value, attn_metadata)
         if len(layout.video_spans) > 1:
             return host().dense(self.layer, "several_videos", f"{len(layout.video_spans)} video spans in one "
                                  "sequence", query, key, value, self.softmax_scale)
@@ -121,3 +121,24 @@ class LVSAAttentionImpl(AttentionImpl):
             return attention_op(query, key, value, grid, prefix_len, used_len, self.softmax_scale)
         return host().attend(self.layer, query, key, value, (grid[0], grid[1], grid[2]), prefix_len, used_len,
                               current_step(), self.softmax_scale)
+
+    def _joint(self, query, key, value, attn_metadata):
+        """A call without ``video_layout``: the video of the forward the transformer's hook reported, then text
+        (HunyuanVideo 1.5), or, for a model lvsa does not hook, the policy's error or loud dense call."""
+        serving = host()
+        if serving.forward is None:
+            return serving.dense(self.layer, "no_video_layout", "this call carries no video_layout and its "
+                                 "transformer reported no grid, so lvsa cannot find its frames", query, key, value,
+                                 self.softmax_scale)
+        if attn_metadata is not None and (attn_metadata.joint_query is not None
+                                          or attn_metadata.full_attn_spans is not None):
+            return serving.dense(self.layer, "joint_under_sequence_parallelism", "text passed beside the video "
+                                 "(Ulysses with a joint sequence) is not planned yet", query, key, value,
+                                 self.softmax_scale)
+        mask = attn_metadata.attn_mask if attn_metadata is not None else None
+        if mask is not None and not (mask.ndim == 2 and mask.shape[1] == query.shape[1]):
+            return serving.dense(self.layer, "unsupported_mask", f"a mask of shape {tuple(mask.shape)}, not "
+                                 "[batch, seq]", query, key, value, self.softmax_scale)
+        if torch.compiler.is_compiling():
+            return joint_attention_op(query, key, value, mask, self.softmax_scale)
+        return serving.attend_joint(self.layer, query, key, value, mask, self.softmax_scale)

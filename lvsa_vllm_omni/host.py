@@ -6,6 +6,9 @@
   Tokens before the video are attended both ways, as text is.
 - **Step**: the forward context's ``denoise_step_idx`` (the pipelines record it; both CFG branches see the
   same step).
+- **Models that publish neither** (HunyuanVideo 1.5: video then text in one joint sequence, the text's padding
+  in a ``[B, S]`` mask): a forward pre-hook on the transformer (:func:`install_transformer_hooks`) reports the
+  grid and the timestep to the host, and lvsa's :class:`~lvsa.steps.StepTracker` follows the step.
 - **Reference horizon**: the served model's family (Wan; Wan 2.2 TI2V-5B by its 48 latent channels), with
   ``LVSA_REFERENCE_LATENT_FRAMES`` as the override, warned about as ``lvsa.apply`` does.
 
@@ -28,6 +31,7 @@ from lvsa.kernels.attention_ops import dense_attention
 from lvsa.plan import rotates
 from lvsa.planning import knobs_from_settings
 from lvsa.settings import LVSASettings, get_settings
+from lvsa.steps import StepTracker
 
 #: the transformers' latent channels of Wan 2.2 TI2V-5B (its 16x VAE), the Wan variant with its own horizon
 _TI2V_5B_CHANNELS = 48
@@ -62,11 +66,21 @@ class ServingHost:
         self.plans = PlanCache(self.stats)
         self.fallback = FallbackPolicy(self.settings.fallback, self.stats)
         self.driver = DriverChoice(self.settings.backend, self.settings.fallback)
+        self.steps = StepTracker()
+        #: the grid and step a transformer's pre-hook reported for the forward now running (models without
+        #: video_layout)
+        self.forward: tuple[LatentGrid, int] | None = None
         self._context: tuple[tuple[int, ...], AttentionContext] | None = None
         self._warned_no_step = False
         self._lock = threading.Lock()
         log.info(f"vLLM-Omni backend LVSA for {family.name} (reference_latent_frames="
                  f"{self.knobs.reference_latent_frames}, backend={self.settings.backend})")
+
+    def begin_forward(self, grid: LatentGrid, timestep: Any) -> None:
+        """A transformer's forward starts (models whose layers carry no ``video_layout``)."""
+        published = current_step()
+        step = self.steps.observe(timestep) if published is None else published
+        self.forward = (grid, step)
 
     def context(self, grid: LatentGrid, step: int | None) -> AttentionContext:
         """The context of the forward over ``grid`` at denoising ``step`` (built once, shared by its layers)."""
@@ -86,8 +100,8 @@ class ServingHost:
                 self.stats.steps += 1
             context = AttentionContext(
                 grid=grid, patches_per_frame=grid.patches_per_frame, step=plan_step, knobs=self.knobs,
-                text_position="before", parallel=None, driver=self.driver, fallback=self.fallback,
-                plans=self.plans, stats=self.stats, model=self.family.name)
+                text_position=self.family.text_position or "before", parallel=None, driver=self.driver,
+                fallback=self.fallback, plans=self.plans, stats=self.stats, model=self.family.name)
             self._context = (key, context)
             return context
 
@@ -110,6 +124,28 @@ class ServingHost:
         if prefix_out is not None:
             out[:, :prefix_len] = prefix_out
         return out
+
+    def attend_joint(self, origin: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """One joint layer call of a model without ``video_layout``: the video tokens of the forward's grid,
+        then text tokens, whose padding the ``[B, S]`` mask (True = keep) marks."""
+        if self.forward is None:
+            return self.dense(origin, "no_t_lat", "the transformer's forward hook did not run (the model publishes "
+                              "no video_layout and its transformer is not one lvsa hooks)", q, k, v, scale)
+        grid, step = self.forward
+        video_tokens = grid.latent_frames * grid.patches_per_frame
+        if scale != q.shape[-1] ** -0.5:
+            raise ValueError(f"LVSA: softmax_scale={scale} is not 1/sqrt(head_dim); lvsa plans the standard scale")
+        context = self.context(grid, step)
+        if q.shape[1] < video_tokens:  # the plan reports the numbers (an error, or a loud line and dense)
+            return execute(context, origin, (q, k, v))[0]
+        video = tuple(x[:, :video_tokens] for x in (q, k, v))
+        text = tuple(x[:, video_tokens:] for x in (q, k, v)) if q.shape[1] > video_tokens else None
+        padding = None if mask is None or text is None else mask[:, video_tokens:].bool()
+        if padding is not None and bool(padding.all()):
+            padding = None  # nothing padded: the cheaper call without a key mask
+        video_out, text_out = execute(context, origin, video, text, padding)  # type: ignore[arg-type]
+        return video_out if text_out is None else torch.cat([video_out, text_out], dim=1)
 
     def dense(self, origin: str, reason: str, detail: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               scale: float) -> torch.Tensor:
@@ -161,3 +197,46 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[i
 @attention_op.register_fake
 def _(q, k, v, grid, prefix_len, used_len, scale):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("lvsa_vllm_omni::joint_attention", mutates_args=())
+def joint_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """A joint layer call behind a compiled graph: the grid and step the transformer's hook reported, read here."""
+    return host().attend_joint(_SELF_ATTENTION, q, k, v, mask, scale).contiguous()
+
+
+@joint_attention_op.register_fake
+def _(q, k, v, mask, scale):
+    return torch.empty_like(q)
+
+
+#: transformers whose layers carry no video_layout: module, class, and how their input gives the latent grid
+_HOOKED = {
+    "vllm_omni.diffusion.models.hunyuan_video.hunyuan_video_15_transformer": "HunyuanVideo15Transformer3DModel",
+}
+
+
+def install_transformer_hooks() -> None:
+    """Report each forward's grid and timestep to the host from the transformers that publish no
+    ``video_layout`` (HunyuanVideo 1.5), by wrapping their class's ``forward`` once the module is loaded (the
+    backend asks while such a model is being built). The transformer's forward runs outside vLLM-Omni's
+    regional compile, which compiles its blocks."""
+    import sys
+
+    for module_name, class_name in _HOOKED.items():
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if cls is None or getattr(cls.forward, "_lvsa_hooked", False):
+            continue
+        original = cls.forward
+
+        def forward(self, hidden_states, timestep, *args, _original=original, **kwargs):
+            _, _, frames, height, width = hidden_states.shape
+            patch_t, patch = self.patch_size_t, self.patch_size
+            grid = LatentGrid(frames // patch_t, (height // patch) * (width // patch))
+            host().begin_forward(grid, timestep)
+            return _original(self, hidden_states, timestep, *args, **kwargs)
+
+        forward._lvsa_hooked = True  # type: ignore[attr-defined]
+        cls.forward = forward

@@ -16,8 +16,8 @@ from ..errors import ConfigError, GeometryError
 from ..geometry import LatentGrid, ModelFamily, pick_factor, planned_patches_per_frame
 from ..plan import PatternKnobs, SparsePlan, rotates
 from ..planning import knobs_from_settings
+from ..steps import ScheduleSteps, StepTracker
 from .compiled import CompiledCalls
-from .steps import ScheduleSteps, StepTracker
 
 if TYPE_CHECKING:
     from ..settings import LVSASettings

@@ -13,7 +13,8 @@ Two signals, in this order:
    (1000, 996, 996, 992, ...), so that case is warned about once, and :meth:`StepTracker.set_step` (the
    runtime's ``set_step``) lets a custom loop state the step itself.
 
-:class:`StepTracker` owns this rule; the runtime asks it once per transformer forward."""
+:class:`StepTracker` owns this rule; every host asks it once per transformer forward (the diffusers runtime,
+and vLLM-Omni's host for models whose pipelines record no step)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import threading
 import weakref
 from typing import Any
 
-from .. import log
+from . import log
 
 
 class ScheduleSteps:
