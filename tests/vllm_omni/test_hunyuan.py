@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("vllm_omni", reason="vLLM-Omni is not installed (tox -e vllm-omni)")
 
-from models import hunyuan_forward, small_hunyuan  # noqa: E402
-from vllm_omni.diffusion.data import AttentionConfig, AttentionSpec, OmniDiffusionConfig  # noqa: E402
+from models import hunyuan_forward, small_hunyuan
+from vllm_omni.diffusion.data import AttentionConfig, AttentionSpec, OmniDiffusionConfig
 
-import lvsa  # noqa: E402
-from lvsa_vllm_omni import host  # noqa: E402
+import lvsa
+from lvsa_vllm_omni import host
 
 
 def served(backend: str | None = "LVSA") -> OmniDiffusionConfig:
