@@ -42,10 +42,13 @@ def small_wan(served, seed: int = 0, **overrides):
     """vLLM-Omni's ``WanTransformer3DModel`` built under ``served`` (an ``OmniDiffusionConfig``)."""
     from vllm.config import set_current_vllm_config
     from vllm_omni.diffusion.config import set_current_diffusion_config
+    from vllm_omni.diffusion.forward_context import set_forward_context
     from vllm_omni.diffusion.models.wan2_2.wan2_2_transformer import WanTransformer3DModel
 
     one_process_group()
-    with set_current_diffusion_config(served), set_current_vllm_config(vllm_config()):
+    # the attention layers choose their sequence-parallel strategy from the forward context they are built in
+    with set_current_diffusion_config(served), set_current_vllm_config(vllm_config()), \
+            set_forward_context(omni_diffusion_config=served):
         model = WanTransformer3DModel(**{**SMALL_WAN, **overrides})
     return _random_weights(model, seed)
 
