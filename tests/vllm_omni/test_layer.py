@@ -134,3 +134,27 @@ def test_sequence_parallelism_that_bypasses_backends_is_refused(setting, message
 def test_causal_attention_and_per_role_options_are_refused():
     with pytest.raises(ValueError, match="causal"):
         layer(config(), causal=True)
+
+
+@pytest.mark.parametrize(("class_name", "config", "family", "horizon"), [
+    ("Wan22Pipeline", {"in_channels": 16}, "wan", 21),
+    ("Wan22Pipeline", {"in_channels": 48}, "wan-ti2v-5b", 31),  # Wan 2.2 TI2V-5B: its own 31-frame horizon
+    ("Wan22I2VPipeline", {"in_channels": 36}, "wan", 21),
+    ("HunyuanVideo15Pipeline", {}, "hunyuan", 33),
+])
+def test_the_served_model_gives_the_horizon(class_name, config, family, horizon):
+    from lvsa_vllm_omni.host import served_family
+
+    found = served_family(class_name, config)
+    assert found.name == family and found.reference_latent_frames == horizon
+
+
+def test_the_horizon_override_is_taken_with_a_warning(monkeypatch, caplog):
+    from lvsa.geometry import FAMILIES
+    from lvsa_vllm_omni.host import ServingHost
+
+    monkeypatch.setenv("LVSA_REFERENCE_LATENT_FRAMES", "33")
+    lvsa.reset_settings()
+    serving = ServingHost(lvsa.get_settings(), FAMILIES["wan"])
+    assert serving.knobs.reference_latent_frames == 33
+    assert "reference_latent_frames=33 (env) differs from the model's 21 (wan)" in caplog.text

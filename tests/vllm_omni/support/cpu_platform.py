@@ -7,19 +7,7 @@ compare lvsa with vLLM-Omni's own dense attention. Never shipped, never selected
 
 from __future__ import annotations
 
-from vllm_omni.diffusion.attention.backends.sdpa import SDPABackend, SDPAImpl
 from vllm_omni.platforms.interface import UnspecifiedOmniPlatform
-
-
-class CpuSdpaImpl(SDPAImpl):
-    def forward(self, query, key, value, attn_metadata=None):
-        return self._forward_impl(query, key, value, attn_metadata)
-
-
-class CpuSdpaBackend(SDPABackend):
-    @staticmethod
-    def get_impl_cls():
-        return CpuSdpaImpl
 
 
 class CpuTestOmniPlatform(UnspecifiedOmniPlatform):
@@ -31,7 +19,7 @@ class CpuTestOmniPlatform(UnspecifiedOmniPlatform):
 
         name = (selected_backend or "TORCH_SDPA").upper()
         if name == "TORCH_SDPA":
-            return f"{__name__}.CpuSdpaBackend"
+            return "cpu_sdpa.CpuSdpaBackend"  # a module of its own: the backends import the platform
         cls.validate_diffusion_attn_backend(name)
         return DiffusionAttentionBackendEnum[name].get_path()
 
@@ -51,7 +39,43 @@ class CpuTestOmniPlatform(UnspecifiedOmniPlatform):
         return None
 
     @classmethod
-    def synchronize(cls) -> None:
+    def synchronize(cls, *args, **kwargs) -> None:
+        return None
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        return "cpu"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        import psutil
+
+        return psutil.virtual_memory().total
+
+    @classmethod
+    def get_free_memory(cls, device=None) -> int:
+        import psutil
+
+        return psutil.virtual_memory().available
+
+    @classmethod
+    def reset_peak_memory_stats(cls, *args, **kwargs) -> None:
+        return None
+
+    @classmethod
+    def max_memory_allocated(cls, *args, **kwargs) -> int:
+        return 0
+
+    @classmethod
+    def max_memory_reserved(cls, *args, **kwargs) -> int:
+        return 0
+
+    @classmethod
+    def record_device_event(cls):
         return None
 
     @classmethod
