@@ -130,15 +130,21 @@ class LVSAAttentionImpl(AttentionImpl):
             return serving.dense(self.layer, "no_video_layout", "this call carries no video_layout and its "
                                  "transformer reported no grid, so lvsa cannot find its frames", query, key, value,
                                  self.softmax_scale)
-        if attn_metadata is not None and (attn_metadata.joint_query is not None
-                                          or attn_metadata.full_attn_spans is not None):
-            return serving.dense(self.layer, "joint_under_sequence_parallelism", "text passed beside the video "
-                                 "(Ulysses with a joint sequence) is not planned yet", query, key, value,
+        text_tokens = None
+        if attn_metadata is not None and attn_metadata.joint_query is not None:
+            # Ulysses: vLLM-Omni joined the text (this rank's heads) to the gathered video, after its padding
+            if attn_metadata.joint_strategy != "rear":
+                return serving.dense(self.layer, "joint_text_before", "text joined before the video under "
+                                     "sequence parallelism", query, key, value, self.softmax_scale)
+            text_tokens = int(attn_metadata.joint_query.shape[1])
+        if attn_metadata is not None and attn_metadata.full_attn_spans is not None:
+            return serving.dense(self.layer, "unsupported_mask", "piecewise attention spans", query, key, value,
                                  self.softmax_scale)
         mask = attn_metadata.attn_mask if attn_metadata is not None else None
         if mask is not None and not (mask.ndim == 2 and mask.shape[1] == query.shape[1]):
             return serving.dense(self.layer, "unsupported_mask", f"a mask of shape {tuple(mask.shape)}, not "
                                  "[batch, seq]", query, key, value, self.softmax_scale)
         if torch.compiler.is_compiling():
-            return joint_attention_op(query, key, value, mask, self.softmax_scale)
-        return serving.attend_joint(self.layer, query, key, value, mask, self.softmax_scale)
+            return joint_attention_op(query, key, value, mask, self.softmax_scale,
+                                      -1 if text_tokens is None else text_tokens)
+        return serving.attend_joint(self.layer, query, key, value, mask, self.softmax_scale, text_tokens)

@@ -126,9 +126,11 @@ class ServingHost:
         return out
 
     def attend_joint(self, origin: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                     mask: torch.Tensor | None, scale: float, text_tokens: int | None = None) -> torch.Tensor:
         """One joint layer call of a model without ``video_layout``: the video tokens of the forward's grid,
-        then text tokens, whose padding the ``[B, S]`` mask (True = keep) marks."""
+        then text tokens, whose padding the ``[B, S]`` mask (True = keep) marks. ``text_tokens``: the text is
+        the last that many tokens, and the tokens between it and the video are sequence parallelism's padding
+        (left out; their rows stay zero); None: everything after the video is text."""
         if self.forward is None:
             return self.dense(origin, "no_t_lat", "the transformer's forward hook did not run (the model publishes "
                               "no video_layout and its transformer is not one lvsa hooks)", q, k, v, scale)
@@ -139,13 +141,22 @@ class ServingHost:
         context = self.context(grid, step)
         if q.shape[1] < video_tokens:  # the plan reports the numbers (an error, or a loud line and dense)
             return execute(context, origin, (q, k, v))[0]
+        text_start = video_tokens if text_tokens is None else q.shape[1] - text_tokens
+        if text_start < video_tokens:
+            return execute(context, origin, (q, k, v))[0]  # the plan reports the numbers
         video = tuple(x[:, :video_tokens] for x in (q, k, v))
-        text = tuple(x[:, video_tokens:] for x in (q, k, v)) if q.shape[1] > video_tokens else None
-        padding = None if mask is None or text is None else mask[:, video_tokens:].bool()
+        text = tuple(x[:, text_start:] for x in (q, k, v)) if q.shape[1] > text_start else None
+        padding = None if mask is None or text is None else mask[:, text_start:].bool()
         if padding is not None and bool(padding.all()):
             padding = None  # nothing padded: the cheaper call without a key mask
         video_out, text_out = execute(context, origin, video, text, padding)  # type: ignore[arg-type]
-        return video_out if text_out is None else torch.cat([video_out, text_out], dim=1)
+        if text_out is None:
+            return video_out
+        if text_start == video_tokens:
+            return torch.cat([video_out, text_out], dim=1)
+        out = torch.zeros_like(q)
+        out[:, :video_tokens], out[:, text_start:] = video_out, text_out
+        return out
 
     def dense(self, origin: str, reason: str, detail: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               scale: float) -> torch.Tensor:
@@ -201,13 +212,15 @@ def _(q, k, v, grid, prefix_len, used_len, scale):
 
 @torch.library.custom_op("lvsa_vllm_omni::joint_attention", mutates_args=())
 def joint_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float) -> torch.Tensor:
-    """A joint layer call behind a compiled graph: the grid and step the transformer's hook reported, read here."""
-    return host().attend_joint(_SELF_ATTENTION, q, k, v, mask, scale).contiguous()
+                       scale: float, text_tokens: int) -> torch.Tensor:
+    """A joint layer call behind a compiled graph: the grid and step the transformer's hook reported, read here
+    (``text_tokens`` < 0: everything after the video is text)."""
+    return host().attend_joint(_SELF_ATTENTION, q, k, v, mask, scale,
+                               None if text_tokens < 0 else text_tokens).contiguous()
 
 
 @joint_attention_op.register_fake
-def _(q, k, v, mask, scale):
+def _(q, k, v, mask, scale, text_tokens):
     return torch.empty_like(q)
 
 

@@ -77,12 +77,14 @@ def small_hunyuan(served, seed: int = 0):
     """vLLM-Omni's ``HunyuanVideo15Transformer3DModel`` built under ``served``, random weights."""
     from vllm.config import set_current_vllm_config
     from vllm_omni.diffusion.config import set_current_diffusion_config
+    from vllm_omni.diffusion.forward_context import set_forward_context
     from vllm_omni.diffusion.models.hunyuan_video.hunyuan_video_15_transformer import (
         HunyuanVideo15Transformer3DModel,
     )
 
     one_process_group()
-    with set_current_diffusion_config(served), set_current_vllm_config(vllm_config()):
+    with set_current_diffusion_config(served), set_current_vllm_config(vllm_config()), \
+            set_forward_context(omni_diffusion_config=served):
         model = HunyuanVideo15Transformer3DModel(served, **SMALL_HUNYUAN)
     return _random_weights(model, seed)
 
@@ -99,8 +101,10 @@ def _random_weights(model, seed: int):
     return model.eval()
 
 
-def hunyuan_forward(model, served, latents, timestep: float, kept_text=(6, 3), seed: int = 2):
-    """One forward with padded text: batch entry i keeps the first ``kept_text[i]`` of 6 text tokens."""
+def hunyuan_forward(model, served, latents, timestep: float, kept_text=(6, 3), seed: int = 2,
+                    sp_hooks: bool = False):
+    """One forward with padded text: batch entry i keeps the first ``kept_text[i]`` of 6 text tokens
+    (``sp_hooks``: the model's sequence-parallel hooks are applied)."""
     from vllm.config import set_current_vllm_config
     from vllm_omni.diffusion.config import set_current_diffusion_config
     from vllm_omni.diffusion.forward_context import set_forward_context
@@ -113,6 +117,10 @@ def hunyuan_forward(model, served, latents, timestep: float, kept_text=(6, 3), s
     image = torch.zeros(batch, 2, SMALL_HUNYUAN["image_embed_dim"])
     with torch.no_grad(), set_current_diffusion_config(served), set_current_vllm_config(vllm_config()), \
             set_forward_context(omni_diffusion_config=served):
+        if sp_hooks:
+            from vllm_omni.diffusion.forward_context import get_forward_context
+
+            get_forward_context().sp_plan_hooks_applied = True
         out = model(latents, torch.tensor([timestep] * batch), text, mask, encoder_hidden_states_2=text_2,
                     encoder_attention_mask_2=torch.ones(batch, 3, dtype=torch.long), image_embeds=image,
                     return_dict=False)

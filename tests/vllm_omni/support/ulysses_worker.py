@@ -18,8 +18,8 @@ from cpu_platform import CpuTestOmniPlatform  # noqa: E402
 vllm_omni.platforms._current_omni_platform = CpuTestOmniPlatform()
 
 
-def main(out: str, frames: int, height: int, width: int, steps: list[int]) -> None:
-    from models import small_wan
+def main(out: str, model_name: str, frames: int, height: int, width: int, steps: list[int]) -> None:
+    from models import hunyuan_forward, small_hunyuan, small_wan
     from vllm.config import set_current_vllm_config
     from vllm_omni.diffusion.config import set_current_diffusion_config
     from vllm_omni.diffusion.data import AttentionConfig, AttentionSpec, DiffusionParallelConfig, OmniDiffusionConfig
@@ -39,17 +39,22 @@ def main(out: str, frames: int, height: int, width: int, steps: list[int]) -> No
     init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo")
     initialize_model_parallel(sequence_parallel_size=world, ulysses_degree=world, backend="gloo")
     served = OmniDiffusionConfig(
-        model_class_name="Wan22Pipeline",
+        model_class_name="HunyuanVideo15Pipeline" if model_name == "hunyuan" else "Wan22Pipeline",
         diffusion_attention_config=AttentionConfig(per_role={"self": AttentionSpec(backend="LVSA")}),
         parallel_config=DiffusionParallelConfig(sequence_parallel_size=world, ulysses_degree=world))
-    model = small_wan(served)
+    model = small_hunyuan(served) if model_name == "hunyuan" else small_wan(served)
     from vllm.config import VllmConfig
 
     with set_current_vllm_config(VllmConfig()), set_current_diffusion_config(served), \
             set_forward_context(omni_diffusion_config=served):
         apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=world), get_sp_plan_from_model(model))
-    latents = torch.randn(1, 4, frames, height, width, generator=torch.Generator().manual_seed(1))
-    outputs = []
+    if model_name == "hunyuan":  # text after the video, padded in one of two batch entries; steps from timesteps
+        latents = torch.randn(2, 9, frames, height, width, generator=torch.Generator().manual_seed(1))
+        outputs = [hunyuan_forward(model, served, latents, 900.0 - 100 * step, sp_hooks=True) for step in steps]
+        steps = []
+    else:
+        latents = torch.randn(1, 4, frames, height, width, generator=torch.Generator().manual_seed(1))
+        outputs = []
     for step in steps:
         with torch.no_grad(), set_current_vllm_config(VllmConfig()), set_current_diffusion_config(served), \
                 set_forward_context(omni_diffusion_config=served):
@@ -68,4 +73,5 @@ def main(out: str, frames: int, height: int, width: int, steps: list[int]) -> No
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), [int(s) for s in sys.argv[5].split(",")])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+         [int(s) for s in sys.argv[6].split(",")])
