@@ -13,6 +13,19 @@ from .plan import PatternKnobs, SparsePlan, build_plan, resolve_knobs
 from .settings import LVSASettings, get_settings
 
 
+def settings_for_model(settings: LVSASettings, model: ModelFamily) -> LVSASettings:
+    """``settings`` with the model's defaults filled in (its reference horizon). A horizon set by the user that
+    differs from the model's is kept, with a warning naming both (every host applies lvsa the same way)."""
+    chosen = settings.reference_latent_frames
+    if chosen is not None and chosen != model.reference_latent_frames:
+        log.logger.warning(
+            "[LVSA] reference_latent_frames=%d (%s) differs from the model's %d (%s); keep it only if this "
+            "checkpoint was trained on another length", settings.reference_latent_frames,
+            settings.source_of("reference_latent_frames"), model.reference_latent_frames, model.name,
+        )
+    return settings.with_model_defaults(reference_latent_frames=model.reference_latent_frames)
+
+
 def knobs_from_settings(settings: LVSASettings, model: ModelFamily | None = None,
                         vae_temporal_factor: int | None = None) -> PatternKnobs:
     """The pattern's knobs in frames of the plan, filling the model's defaults. The VAE factor by

@@ -29,7 +29,7 @@ from lvsa.attention import AttentionContext, DriverChoice, ExecutionStats, Fallb
 from lvsa.geometry import FAMILIES, LatentGrid, ModelFamily
 from lvsa.kernels.attention_ops import dense_attention
 from lvsa.plan import rotates
-from lvsa.planning import knobs_from_settings
+from lvsa.planning import knobs_from_settings, settings_for_model
 from lvsa.settings import LVSASettings, get_settings
 from lvsa.steps import StepTracker
 
@@ -52,14 +52,7 @@ class ServingHost:
     """lvsa's state in one vLLM-Omni process: the settings, the model's knobs, the plans, the policy."""
 
     def __init__(self, settings: LVSASettings, family: ModelFamily) -> None:
-        if (settings.reference_latent_frames is not None
-                and settings.reference_latent_frames != family.reference_latent_frames):
-            log.logger.warning(
-                "[LVSA] reference_latent_frames=%d (%s) differs from the model's %d (%s); keep it only if this "
-                "checkpoint was trained on another length", settings.reference_latent_frames,
-                settings.source_of("reference_latent_frames"), family.reference_latent_frames, family.name,
-            )
-        self.settings = settings.with_model_defaults(reference_latent_frames=family.reference_latent_frames)
+        self.settings = settings_for_model(settings, family)
         self.family = family
         self.knobs = knobs_from_settings(self.settings, family)
         self.stats = ExecutionStats()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .. import log, registry
 from ..errors import ConfigError
 from ..geometry import LatentGrid
+from ..planning import settings_for_model
 from ..registry import Plugin
 from . import compiled
 from .base import ModelAdapter
@@ -120,15 +121,7 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
         if not adapter.handles(other):
             raise ConfigError(f"{type(other).__name__} and {type(transformers[0]).__name__} need different adapters")
     family = adapter.model_family(transformers[0])
-    settings = settings if settings is not None else get_settings()
-    if (settings.reference_latent_frames is not None
-            and settings.reference_latent_frames != family.reference_latent_frames):
-        log.logger.warning(
-            "[LVSA] reference_latent_frames=%d (%s) differs from the model's %d (%s); keep it only if this "
-            "checkpoint was trained on another length", settings.reference_latent_frames,
-            settings.source_of("reference_latent_frames"), family.reference_latent_frames, family.name,
-        )
-    settings = settings.with_model_defaults(reference_latent_frames=family.reference_latent_frames)
+    settings = settings_for_model(settings if settings is not None else get_settings(), family)
     shared = _previous_handles(target, transformers, settings, sparse)
     if shared is not None:
         return shared
