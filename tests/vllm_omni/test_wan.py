@@ -82,3 +82,44 @@ def test_regional_compile_does_not_recompile_per_step():
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert host.host().stats.plan_builds >= 4  # the plans still rotated behind the op
+
+
+def test_two_transformers_share_the_step_and_its_plan():
+    """Wan 2.2 A14B serves two transformers (high and low noise) built the same way: both run through lvsa, and
+    the step's plan is built once and shared."""
+    config = served()
+    high, low = small_wan(config, seed=0), small_wan(config, seed=1)
+    x = latents(41)
+    for step in range(2):
+        forward(high if step == 0 else low, config, x, step=step)
+        forward(high if step == 0 else low, config, x, step=step)
+    serving = host.host()
+    assert serving.stats.plan_builds == 2 and serving.stats.sparse_calls == 8 and serving.stats.fallback_calls == 0
+
+
+def test_the_image_conditioned_variant_runs_sparse(monkeypatch):
+    """Wan I2V (image tokens through cross-attention, 36 input channels): self-attention is the same video-only
+    sequence, planned by lvsa and equal to the reference driver."""
+    config = served()
+    model = small_wan(config, in_channels=36, image_dim=8, added_kv_proj_dim=32)
+    x = torch.randn(1, 36, 41, 4, 4, generator=torch.Generator().manual_seed(3))
+    image = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(4))
+    from models import vllm_config
+    from vllm.config import set_current_vllm_config
+    from vllm_omni.diffusion.config import set_current_diffusion_config
+    from vllm_omni.diffusion.forward_context import set_forward_context, set_forward_context_denoise_step_idx
+
+    def run():
+        with torch.no_grad(), set_current_diffusion_config(config), set_current_vllm_config(vllm_config()), \
+                set_forward_context(omni_diffusion_config=config):
+            set_forward_context_denoise_step_idx(1)
+            out = model(x, torch.tensor([500.0]), torch.ones(1, 5, 8), encoder_hidden_states_image=image,
+                        return_dict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    sparse = run()
+    assert host.host().plans.last_plan.density < 1 and host.host().stats.fallback_calls == 0
+    monkeypatch.setenv("LVSA_BACKEND", "reference")
+    lvsa.reset_settings()
+    host.reset_host()
+    torch.testing.assert_close(sparse, run(), rtol=1e-4, atol=1e-4)
