@@ -50,6 +50,9 @@ BAD = [
     (["--width", "70"], "--width 70: wan takes multiples of 16"),
     (["--output-name", "../../x"], "--output-name '../../x': give a file name, not a path"),
     (["--collective-timeout", "0"], "--collective-timeout 0.0: must be a positive number"),
+    (["--collective-timeout", "inf"], "--collective-timeout inf: must be a positive number"),
+    (["--guidance", "inf"], "--guidance inf: must be a finite number"),
+    (["--guidance", "nan"], "--guidance nan: must be a finite number"),
 ]
 
 
@@ -98,6 +101,32 @@ def test_non_finite_sparsity_scale_is_rejected(where, monkeypatch, capsys):
         argv += ["--sparsity-scale", "nan"]
     assert main("wan", argv) == 2
     assert "sparsity" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "-3"])
+def test_a_bad_collective_timeout_variable_is_one_line(value, no_model_load, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LVSA_COLLECTIVE_TIMEOUT", value)
+    assert main("wan", ["--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"LVSA_COLLECTIVE_TIMEOUT={value}: must be a positive number of seconds" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("output", [[], ["--output-latent"]], ids=["mp4", "latent"])
+def test_a_non_finite_result_is_an_error_and_nothing_is_written(output, tmp_path, capsys):
+    """A checkpoint whose weights hold NaN in the data (safetensors has no checksum) gives NaN frames: exit 2, a
+    line that says so, and no file under the output name."""
+    torch.manual_seed(0)
+    pipe = example_model("wan").tiny_pipeline()
+    with torch.no_grad():
+        pipe.transformer.proj_out.weight[0, 0] = float("nan")
+    pipe.save_pretrained(tmp_path / "broken")
+    out = tmp_path / "out"
+    code = main("wan", ["--model", str(tmp_path / "broken"), "--num-frames", "9", "--steps", "1", "--height", "32",
+                        "--width", "32", "--output-dir", str(out), "--output-name", "clip", *output])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds NaN or infinite values" in err
+    assert not list(out.glob("clip*")), list(out.iterdir())
 
 
 def test_make_plan_takes_whole_text_tokens():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -80,9 +81,9 @@ def build_parser(adapter_name: str) -> argparse.ArgumentParser:
     run.add_argument("--ring-degree", type=int, default=1,
                      help="ring attention over R processes: splits the sequence, past the head count; with "
                           "--ulysses-degree U, launch U x R processes (torchrun --nproc-per-node U*R)")
-    run.add_argument("--collective-timeout", type=float, default=float(os.environ.get("LVSA_COLLECTIVE_TIMEOUT", 600)),
+    run.add_argument("--collective-timeout", type=float, default=None,
                      help="seconds a process waits for the others in a collective before the run fails "
-                          "(a stopped or stuck rank) [env: LVSA_COLLECTIVE_TIMEOUT]")
+                          "(a stopped or stuck rank) [env: LVSA_COLLECTIVE_TIMEOUT] (default: 600)")
     # the video's height and width are --height/--width here: the geometry overrides of the same quantities
     # would be a second flag for one setting
     add_cli_arguments(parser.add_argument_group("lvsa settings (each also read from its LVSA_* variable)"),
@@ -124,8 +125,18 @@ def check_arguments(args: argparse.Namespace, adapter: Any, settings: AppSetting
                           ("--ring-degree", args.ring_degree)):
         if value is not None and value < 1:
             return f"{option} {value}: must be a positive integer"
-    if not args.collective_timeout > 0:
+    if args.collective_timeout is None:  # the variable, read here so that a bad value is one line, not a traceback
+        given = os.environ.get("LVSA_COLLECTIVE_TIMEOUT", "600")
+        try:
+            args.collective_timeout = float(given)
+        except ValueError:
+            return f"LVSA_COLLECTIVE_TIMEOUT={given}: must be a positive number of seconds"
+        if not (math.isfinite(args.collective_timeout) and args.collective_timeout > 0):
+            return f"LVSA_COLLECTIVE_TIMEOUT={given}: must be a positive number of seconds"
+    if not (math.isfinite(args.collective_timeout) and args.collective_timeout > 0):
         return f"--collective-timeout {args.collective_timeout}: must be a positive number of seconds"
+    if not math.isfinite(args.guidance):
+        return f"--guidance {args.guidance}: must be a finite number (nan would switch guidance off, inf gives NaN)"
     problem = geometry_problem(family, args.num_frames, args.height, args.width)
     if problem:
         return problem
@@ -309,6 +320,7 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
     reports = _gather_reports(report, world)  # every rank's memory, for the report rank 0 writes
     if rank != 0:
         return 0
+    _refuse_non_finite(result, target)
     if args.output_latent:
         atomic_write(target, lambda path: torch.save(_latent_record(result, frames, height, width, settings,
                                                                        adapter.name, args.model), path))
@@ -433,6 +445,19 @@ def _latent_record(latent: Any, frames: int, height: int, width: int, settings: 
         "checkpoint": path,
         "settings": settings.model_dump(mode="json"),
     }
+
+
+def _refuse_non_finite(result: Any, target: Path) -> None:
+    """A result with NaN or inf values (a guidance or weights that overflow, a checkpoint corrupted in its data)
+    is an error naming it; nothing is written under ``target``."""
+    import numpy as np
+    import torch
+
+    values = result[0] if isinstance(result, (list, tuple)) else result
+    finite = bool(torch.isfinite(values).all()) if torch.is_tensor(values) else bool(np.isfinite(values).all())
+    if not finite:
+        raise LVSAError(f"the generated video holds NaN or infinite values (check --guidance and the checkpoint's "
+                        f"weights); nothing was written to {target}")
 
 
 def write_mp4(frames: Any, target: Path, fps: int) -> None:
