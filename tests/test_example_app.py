@@ -129,6 +129,15 @@ def test_a_non_finite_result_is_an_error_and_nothing_is_written(output, tmp_path
     assert not list(out.glob("clip*")), list(out.iterdir())
 
 
+@pytest.mark.parametrize("argv", [["--lvsa", "--flashinfer"], ["--lvsa", "--backend", "npu"]],
+                         ids=["flashinfer", "npu"])
+def test_a_requested_driver_that_cannot_run_here_fails_before_loading(argv, no_model_load, tmp_path, capsys):
+    assert main("wan", ["--output-dir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run this run on cpu" in err and "installed drivers on cpu" in err
+    assert "LVSA_FALLBACK=warn" in err
+
+
 def test_make_plan_takes_whole_text_tokens():
     with pytest.raises(GeometryError, match=r"text_tokens=2\.5"):
         lvsa.make_plan(12, 4, text_tokens=2.5, model="wan")

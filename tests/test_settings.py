@@ -136,6 +136,25 @@ def test_backend_names_are_normalised(monkeypatch):
     assert lvsa.get_settings().backend == "sdpa"
 
 
+@pytest.mark.parametrize(("where", "value", "message"), [
+    ("env", "bogus", "'bogus' is no installed driver: use auto or one of"),
+    ("code", "flashinfr", "'flashinfr' is no installed driver (did you mean flashinfer?)"),
+    ("cli", "nosuch", "'nosuch' is no installed driver"),
+])
+def test_an_unknown_driver_name_is_a_settings_error(where, value, message, monkeypatch):
+    """Checked when the settings are made (configure, a flag, a variable), not at the first attention call."""
+    with pytest.raises(ConfigError, match="LVSA_BACKEND") as error:
+        if where == "env":
+            monkeypatch.setenv("LVSA_BACKEND", value)
+            lvsa.get_settings()
+        elif where == "code":
+            lvsa.configure(backend=value)
+        else:
+            LVSASettings.from_cli(["--backend", value])
+    assert message in str(error.value)
+    assert where == "env" or lvsa.get_settings().backend == "auto"  # nothing was stored
+
+
 def test_get_settings_is_cached_until_something_changes(monkeypatch):
     a, b = lvsa.get_settings(), lvsa.get_settings()
     assert a is b

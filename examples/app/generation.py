@@ -227,6 +227,10 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
     from lvsa.memory import MemorySampler, memory_report, summary_lines, write_report
 
     device_type, device = _pick_device(args.device)
+    if settings.enabled:  # a requested driver that cannot run here is said now, not after the model is built
+        from lvsa.attention.drivers import check_requested
+
+        check_requested(settings, device_type)
     rank, world = 0, 1
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     degrees = args.ulysses_degree * args.ring_degree

@@ -100,11 +100,27 @@ def _select(problem: AttentionProblem, requested: str, fallback: str, lse: bool)
             log.fallback("dispatch", status.code, requested=requested, using=driver.name,
                          device=problem.device, detail=status.reason)
             return driver
+    raise _unavailable(requested, what, problem.device, problem.device_type, status.reason, fallback, problem, lse)
+
+
+def _unavailable(requested: str, what: str, device: str, device_type: str, reason: str, fallback: str,
+                 problem: AttentionProblem | None = None, lse: bool = False) -> DriverUnavailable:
     hint = "" if fallback == "warn" else "\nSet LVSA_FALLBACK=warn (--fallback warn) to use the next usable driver."
-    raise DriverUnavailable(
-        f"backend {requested!r} cannot run {what} on {problem.device}: {status.reason}\n"
-        f"installed drivers on {problem.device_type}:\n{status_table(problem.device_type, problem, lse)}{hint}"
+    return DriverUnavailable(
+        f"backend {requested!r} cannot run {what} on {device}: {reason}\n"
+        f"installed drivers on {device_type}:\n{status_table(device_type, problem, lse)}{hint}"
     )
+
+
+def check_requested(request: DriverRequest, device_type: str) -> None:
+    """Before any work: the requested driver (not ``auto``) is installed and can run on ``device_type`` here, or
+    the error a first layer call would raise, now (under ``fallback=warn`` a call falls back loudly instead)."""
+    requested = request.backend.lower()
+    if requested == "auto" or request.fallback == "warn":
+        return
+    status = driver_status(requested, device_type)
+    if not status.available:
+        raise _unavailable(requested, "this run", device_type, device_type, status.reason, request.fallback)
 
 
 _prepared_lock = threading.Lock()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
+import importlib.metadata
 import os
 import threading
 import warnings
@@ -134,6 +136,12 @@ class LVSASettings(BaseSettings):
         name = value.strip().lower()
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise ValueError("must be 'auto' or a driver name such as 'sdpa' (see `lvsa drivers`)")
+        installed = _installed_drivers()
+        if name != "auto" and installed and name not in installed:
+            close = difflib.get_close_matches(name, sorted(installed), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            known = ", ".join(sorted(installed))
+            raise ValueError(f"{name!r} is no installed driver{hint}: use auto or one of {known}")
         return name
 
     # ----------------------------------------------------------------------------------------------
@@ -169,6 +177,16 @@ class LVSASettings(BaseSettings):
 
 # --------------------------------------------------------------------------------------------------
 # errors and warnings
+
+
+@functools.cache
+def _installed_drivers() -> frozenset[str]:
+    """The names of the ``lvsa.backends`` entry points (read from package metadata: nothing is imported). Empty
+    when lvsa runs from a source tree without being installed, where no driver can be found anyway."""
+    return frozenset(entry.name for entry in importlib.metadata.entry_points(group="lvsa.backends"))
+
+
+caches.register("installed-drivers", _installed_drivers.cache_clear)
 
 
 def declare_variables(variables: Mapping[str, str]) -> None:
