@@ -276,7 +276,12 @@ def test_a_stopped_rank_fails_the_others_within_the_timeout(tmp_path):
         os._exit(0)
     """)
     (tmp_path / "worker.py").write_text(script)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "WORLD_SIZE": "2"}
+    import socket
+
+    with socket.socket() as probe:  # a free port: a fixed one collides with any other run on this machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     workers = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py")], stdout=subprocess.PIPE, text=True,
                                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
     try:
