@@ -16,13 +16,11 @@ from typing import Generic, TypeVar
 
 from stevedore import ExtensionManager
 
-from . import caches, log
+from . import caches, log, plugin_names
 from .device import Device
 from .driver import Availability, Driver
-
-DRIVERS_NAMESPACE = "lvsa.backends"
-DEVICES_NAMESPACE = "lvsa.devices"
-ADAPTERS_NAMESPACE = "lvsa.adapters"
+from .plugin_names import ADAPTERS_NAMESPACE as ADAPTERS_NAMESPACE
+from .plugin_names import DEVICES_NAMESPACE, DRIVERS_NAMESPACE
 
 T = TypeVar("T")
 
@@ -131,6 +129,7 @@ def _forget_plugins() -> None:
     see a distribution installed after start-up)."""
     with _lock:
         _loaded.clear()
+    plugin_names.forget_entry_points()
 
 
 caches.register("plugins", _forget_plugins)
@@ -145,6 +144,7 @@ def use_plugins(namespace: str, found: Mapping[str, Plugin]) -> Iterator[None]:
     with _lock:
         before = _loaded.get(namespace)
         _loaded[namespace] = dict(sorted(found.items()))
+    given_before = plugin_names.give(namespace, frozenset(found))
     caches.clear(*others)
     try:
         yield
@@ -154,4 +154,5 @@ def use_plugins(namespace: str, found: Mapping[str, Plugin]) -> Iterator[None]:
                 _loaded.pop(namespace, None)
             else:
                 _loaded[namespace] = before
+        plugin_names.give(namespace, given_before)
         caches.clear(*others)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import functools
-import importlib.metadata
 import os
 import threading
 import warnings
@@ -26,7 +24,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .. import caches
+from .. import caches, plugin_names
 from ..errors import ConfigError
 from .flags import ENV_PREFIX, env_var, flag, parse_flags
 from .layers import configured
@@ -179,14 +177,9 @@ class LVSASettings(BaseSettings):
 # errors and warnings
 
 
-@functools.cache
 def _installed_drivers() -> frozenset[str]:
-    """The names of the ``lvsa.backends`` entry points (read from package metadata: nothing is imported). Empty
-    when lvsa runs from a source tree without being installed, where no driver can be found anyway."""
-    return frozenset(entry.name for entry in importlib.metadata.entry_points(group="lvsa.backends"))
-
-
-caches.register("installed-drivers", _installed_drivers.cache_clear)
+    """The driver names lvsa knows, without loading a driver (entry points and in-process plugins)."""
+    return plugin_names.names(plugin_names.DRIVERS_NAMESPACE)
 
 
 def declare_variables(variables: Mapping[str, str]) -> None:
