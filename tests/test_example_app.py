@@ -112,6 +112,14 @@ def test_a_bad_collective_timeout_variable_is_one_line(value, no_model_load, mon
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(("device", "message"), [("bogus", "--device bogus: not a device name"),
+                                                 ("mps", "--device mps: lvsa has no device module for mps")])
+def test_a_bad_device_is_one_line_before_loading(device, message, no_model_load, tmp_path, capsys):
+    assert main("wan", ["--output-dir", str(tmp_path), "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("output", [[], ["--output-latent"]], ids=["mp4", "latent"])
 def test_a_non_finite_result_is_an_error_and_nothing_is_written(output, tmp_path, capsys):
     """A checkpoint whose weights hold NaN in the data (safetensors has no checksum) gives NaN frames: exit 2, a

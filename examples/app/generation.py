@@ -368,9 +368,17 @@ def _pick_device(requested: str | None) -> tuple[str, str]:
     from lvsa import registry
 
     if requested:
-        device_type = requested.split(":")[0]
+        import torch
+
+        try:
+            device_type = torch.device(requested).type
+        except (RuntimeError, ValueError):
+            raise LVSAError(f"--device {requested}: not a device name (cpu, cuda, cuda:1, npu, ...)") from None
         module = registry.get_device(device_type)
-        if module is not None and not module.is_available():
+        if module is None:
+            known = ", ".join(registry.devices()) or "none"
+            raise LVSAError(f"--device {requested}: lvsa has no device module for {device_type} (installed: {known})")
+        if not module.is_available():
             raise LVSAError(f"--device {requested}: {module.is_available().reason}")
         return device_type, requested
     for device_type in ("cuda", "npu"):
