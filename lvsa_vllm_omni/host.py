@@ -139,9 +139,8 @@ class ServingHost:
             return execute(context, origin, (q, k, v))[0]  # the plan reports the numbers
         video = tuple(x[:, :video_tokens] for x in (q, k, v))
         text = tuple(x[:, text_start:] for x in (q, k, v)) if q.shape[1] > text_start else None
+        # the mask as given: asking whether it pads anything would synchronise with the device in every layer call
         padding = None if mask is None or text is None else mask[:, text_start:].bool()
-        if padding is not None and bool(padding.all()):
-            padding = None  # nothing padded: the cheaper call without a key mask
         video_out, text_out = execute(context, origin, video, text, padding)  # type: ignore[arg-type]
         if text_out is None:
             return video_out
