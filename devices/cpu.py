@@ -32,6 +32,19 @@ class CpuDevice(Device):
     def reset_peak(self, index: int | None = None) -> None:
         """The kernel keeps the resident-set peak for the life of the process; it cannot be reset."""
 
+    def free_bytes(self, index: int | None = None) -> int | None:
+        try:  # MemAvailable: free memory plus what the kernel can reclaim (caches), as the OOM killer sees it
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
     def describe(self, index: int = 0) -> str:
         import platform
 

@@ -46,6 +46,11 @@ class CudaDevice(Device):
             reserved=torch.cuda.memory_reserved(index),
         )
 
+    def free_bytes(self, index: int | None = None) -> int | None:
+        import torch
+
+        return int(torch.cuda.mem_get_info(index)[0])
+
     def reset_peak(self, index: int | None = None) -> None:
         import torch
 

@@ -56,6 +56,9 @@ class NpuDevice(Device):
             reserved=npu.memory_reserved(index),
         )
 
+    def free_bytes(self, index: int | None = None) -> int | None:
+        return int(torch_npu_module().npu.mem_get_info(index)[0])  # torch_npu mirrors torch.cuda.mem_get_info
+
     def reset_peak(self, index: int | None = None) -> None:
         torch_npu_module().npu.reset_peak_memory_stats(index)
 

@@ -1,6 +1,6 @@
 """Generate a video with HunyuanVideo 1.5 through diffusers, with lvsa sparse attention (--lvsa) or dense attention.
 
-    python examples/hunyuan_generate.py --lvsa                      # small random-weight model, CPU, ~1 minute
+    python examples/hunyuan_generate.py --lvsa                      # small random-weight model, CPU, 5-20 seconds
     python examples/hunyuan_generate.py --model /models/<checkpoint> --num-frames 257 --lvsa --rotate-keyframes
 
 Every flag: --help. Every lvsa flag also reads its LVSA_* variable (LVSA_SPARSITY_SCALE=0.5, ...)."""

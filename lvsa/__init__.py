@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "apply": "lvsa.adapters",
     "remove": "lvsa.adapters",
+    "handle_of": "lvsa.adapters",
     "LVSAHandle": "lvsa.adapters",
     "sparse_attention": "lvsa.attention",
     "available_drivers": "lvsa.driver_status",
@@ -41,7 +42,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .adapters import LVSAHandle, apply, remove
+    from .adapters import LVSAHandle, apply, handle_of, remove
     from .attention import sparse_attention
     from .device import Device, MemoryStats
     from .driver import AttentionProblem, Availability, Driver, Prepared
@@ -77,6 +78,7 @@ __all__ = [
     "available_drivers",
     "configure",
     "get_settings",
+    "handle_of",
     "log",
     "make_plan",
     "remove",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -146,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LVSAError as error:
         print(f"lvsa: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader stopped early (lvsa report | head): end quietly, as Unix tools do, with 128 + SIGPIPE;
+        # stdout goes to /dev/null so that the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

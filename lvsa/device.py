@@ -82,6 +82,11 @@ class Device(ABC):
     def describe(self, index: int = 0) -> str:
         return self.name
 
+    def free_bytes(self, index: int | None = None) -> int | None:
+        """Memory free for new work on the device now (the CPU: the system's available memory), for estimates
+        made before a run; ``None`` where it cannot be known."""
+        return None
+
     def capability(self, index: int = 0) -> tuple[int, int] | None:
         """The chip generation as ``(major, minor)`` (CUDA: the compute capability, ``(9, 0)`` on Hopper), for
         drivers whose kernels exist for some generations only; ``None`` where the notion does not apply."""

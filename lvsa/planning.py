@@ -5,9 +5,11 @@ the ``[LVSA]`` warnings about them are logged."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from . import log
+from .errors import ConfigError
 from .geometry import ModelFamily, family, pick_factor
 from .plan import PatternKnobs, SparsePlan, build_plan, resolve_knobs
 from .settings import LVSASettings, get_settings
@@ -24,6 +26,22 @@ def settings_for_model(settings: LVSASettings, model: ModelFamily) -> LVSASettin
             settings.source_of("reference_latent_frames"), model.reference_latent_frames, model.name,
         )
     return settings.with_model_defaults(reference_latent_frames=model.reference_latent_frames)
+
+
+def check_declared_geometry(settings: LVSASettings, declared: Mapping[str, tuple[int | None, str]]) -> None:
+    """Geometry overrides against what the loaded model declares (``{field: (value, who declares it)}``, such
+    as the pipeline's VAE factor): an override that contradicts it is an error naming both values (the run
+    would plan with the one and compute with the other); one that agrees is said to be unneeded, once."""
+    for field, (value, declarer) in declared.items():
+        if value is None or getattr(settings, field) is None or settings.source_of(field) in ("default", "model"):
+            continue
+        if getattr(settings, field) != value:
+            raise ConfigError(
+                f"{settings.given_as(field)} contradicts {declarer}, which is {value}: unset it (with a loaded "
+                "model lvsa reads the geometry off the pipeline and the transformer's input)")
+        log.logger.warning("[LVSA] %s is not needed here: %s says the same (with a loaded model lvsa reads the "
+                           "geometry off the pipeline and the transformer's input; the variable serves `lvsa "
+                           "plan` without a model)", settings.given_as(field), declarer)
 
 
 def knobs_from_settings(settings: LVSASettings, model: ModelFamily | None = None,

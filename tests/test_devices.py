@@ -38,3 +38,12 @@ def test_cuda_says_why_it_is_absent_or_reports_allocator_memory():
         cuda.synchronize(0)
         stats = cuda.memory(0)
         assert stats.kind == "allocator" and stats.peak >= x.numel() * 4
+
+
+def test_cpu_says_how_much_memory_is_free():
+    """What the example's estimate compares with: the system's available memory, below its total."""
+    import os
+
+    free = registry.get_device("cpu").free_bytes()
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert free is not None and 0 < free <= total

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,10 @@ BAD = [
     (["--fps", "0"], "--fps 0: must be a positive integer"),
     (["--height", "100"], "--height 100: wan takes multiples of 16 pixels (VAE x patch); use 96 or 112"),
     (["--width", "70"], "--width 70: wan takes multiples of 16"),
-    (["--output-name", "../../x"], "--output-name '../../x': give a file name, not a path"),
+    (["--output-name", "../../x"], "--output-name ../../x: a path may not leave the working directory"),
+    (["--output-name", "/abs/clip.mp4"], "--output-name /abs/clip.mp4: give a name, or a path under the working "
+     "directory; for another folder: --output-dir /abs --output-name clip.mp4"),
+    (["--output-name", "sub/"], "--output-name 'sub/': give a file name, or a path"),
     (["--collective-timeout", "0"], "--collective-timeout 0.0: must be a positive number"),
     (["--collective-timeout", "inf"], "--collective-timeout inf: must be a positive number"),
     (["--guidance", "inf"], "--guidance inf: must be a finite number"),
@@ -298,3 +302,233 @@ def test_a_stopped_rank_fails_the_others_within_the_timeout(tmp_path):
         for worker in workers:
             worker.kill()
     assert workers[0].returncode == 3 and "failed after" in out
+
+
+# -- #30: outputs that exist, are being written, or are paths ------------------------------------------------
+
+TINY_RUN = ["--num-frames", "9", "--steps", "1"]
+
+
+def test_an_existing_output_is_not_replaced_unless_asked(tmp_path, capsys):
+    base = [*TINY_RUN, "--output-dir", str(tmp_path)]
+    assert main("wan", [*base, "--output-name", "clip"]) == 0
+    first = (tmp_path / "clip.mp4").read_bytes()
+    capsys.readouterr()
+    assert main("wan", [*base, "--output-name", "clip", "--seed", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--output-name clip: {tmp_path / 'clip.mp4'} exists; pass --overwrite to replace it, or "
+                        "give another name") and len(err.splitlines()) == 1
+    assert (tmp_path / "clip.mp4").read_bytes() == first
+    assert main("wan", [*base, "--output-name", "clip", "--seed", "7", "--overwrite"]) == 0
+    assert (tmp_path / "clip.mp4").read_bytes() != first
+
+
+def test_a_taken_default_name_becomes_a_fresh_one_and_says_so(tmp_path, capsys):
+    base = [*TINY_RUN, "--output-dir", str(tmp_path)]
+    assert main("wan", base) == 0 and main("wan", base) == 0
+    out = capsys.readouterr().out
+    assert "wan_9f_dense.mp4 is taken" in out and f"written to {tmp_path / 'wan_9f_dense-2.mp4'}" in out
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["wan_9f_dense-2.mp4", "wan_9f_dense.mp4"]
+    assert not list(tmp_path.glob(".*.lock"))  # the claims were released
+
+
+def test_two_runs_cannot_claim_one_name(tmp_path, capsys):
+    """A run holds its output name (here: this test, as another run would) until it ends: a second run given
+    that name stops before any work; one on the default name takes the next."""
+    from lvsa.files import claim_output
+
+    held = claim_output(tmp_path / "clip.mp4")
+    default = claim_output(tmp_path / "wan_9f_dense.mp4")
+    assert claim_output(tmp_path / "clip.mp4") is None  # what a second process sees
+    try:
+        assert main("wan", [*TINY_RUN, "--output-dir", str(tmp_path), "--output-name", "clip"]) == 2
+        assert f"another run is writing {tmp_path / 'clip.mp4'} now" in capsys.readouterr().err
+        assert main("wan", [*TINY_RUN, "--output-dir", str(tmp_path)]) == 0
+        assert (tmp_path / "wan_9f_dense-2.mp4").is_file() and not (tmp_path / "wan_9f_dense.mp4").exists()
+    finally:
+        held.release()
+        default.release()
+    assert claim_output(tmp_path / "clip.mp4") is not None  # released: claimable again
+
+
+def test_a_claim_ends_with_its_process(tmp_path):
+    """kill -9 leaves no claim behind (the system drops the lock), so no stale lock blocks the next run."""
+    from lvsa.files import claim_output
+
+    script = (f"from pathlib import Path; from lvsa.files import claim_output; c = claim_output(Path("
+              f"{str(tmp_path / 'clip.mp4')!r})); print(c is not None, flush=True); import time; time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "True"
+        assert claim_output(tmp_path / "clip.mp4") is None
+    finally:
+        child.kill()
+        child.wait()
+    assert claim_output(tmp_path / "clip.mp4") is not None
+
+
+def test_a_file_that_appears_during_the_write_is_not_replaced(tmp_path):
+    from lvsa.files import OutputExists, atomic_write
+
+    target = tmp_path / "clip.mp4"
+
+    def write(path):
+        path.write_bytes(b"ours")
+        target.write_bytes(b"theirs")  # another program, meanwhile
+
+    with pytest.raises(OutputExists, match=r"clip.mp4 appeared while this run was writing it .* this run's "
+                       r"result is .*clip-2.mp4"):
+        atomic_write(target, write, replace=False)
+    assert target.read_bytes() == b"theirs" and (tmp_path / "clip-2.mp4").read_bytes() == b"ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip-2.mp4", "clip.mp4"]
+
+
+def test_an_output_name_with_folders_lands_under_the_working_directory(tmp_path, monkeypatch, capsys):
+    """The troubleshooting guide's Docker form: --output-name benchmarks/results/out.mp4."""
+    monkeypatch.chdir(tmp_path)
+    assert main("wan", [*TINY_RUN, "--output-name", "benchmarks/results/out.mp4"]) == 0
+    assert (tmp_path / "benchmarks" / "results" / "out.mp4").is_file()
+    assert main("wan", [*TINY_RUN, "--output-name", "a/out", "--output-dir", "b"]) == 2
+    assert "give the folder in one of them (--output-dir b/a --output-name out)" in capsys.readouterr().err
+
+
+def test_a_failed_latent_write_is_one_line_and_leaves_nothing(tmp_path):
+    """torch.save under a file-size limit raises a RuntimeError of its own: one line, exit 2, no file."""
+    out = tmp_path / "latents"
+    command = (f"ulimit -f 16; exec {sys.executable} {ROOT / 'examples' / 'wan_generate.py'} --num-frames 161 "
+               f"--steps 1 --output-dir {out} --output-name clip --output-latent")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: writing the latent {out / 'clip.pt'} failed:") and "Traceback" not in result.stderr
+    assert list(out.iterdir()) == []
+
+
+# -- #30: models, checkpoints and geometry ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_wan(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wan-good")
+    example_model("wan").tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+
+
+def _truncate(folder):
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def _corrupt_header(folder):
+    data = bytearray((folder / WEIGHTS).read_bytes())
+    data[8:20] = b"x" * 12
+    (folder / WEIGHTS).write_bytes(bytes(data))
+
+
+def _null_transformer(folder):
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+BROKEN = {
+    "truncated weights": (_truncate, f"{WEIGHTS} is not a complete safetensors file (incomplete metadata"),
+    "empty weights": (lambda f: (f / WEIGHTS).write_bytes(b""), f"{WEIGHTS} is not a complete safetensors file "
+                      "(header too small"),
+    "corrupt header": (_corrupt_header, f"{WEIGHTS} is not a complete safetensors file (invalid JSON in header"),
+    "no transformer folder": (lambda f: __import__("shutil").rmtree(f / "transformer"),
+                              "model_index.json lists transformer (WanTransformer3DModel) but there is no folder"),
+    "no vae folder": (lambda f: __import__("shutil").rmtree(f / "vae"), "lists vae (AutoencoderKLWan) but there "
+                      "is no folder"),
+    "index not json": (lambda f: (f / "model_index.json").write_text("{not json"), "model_index.json is not "
+                       "valid JSON"),
+    "transformer null": (_null_transformer, "model_index.json lists no transformer ([null, null])"),
+    "config not json": (lambda f: (f / "transformer" / "config.json").write_text("{bad"), "transformer/config.json "
+                        "is not valid JSON"),
+    "config missing": (lambda f: (f / "transformer" / "config.json").unlink(), "diffusers could not load "
+                       "WanPipeline: Error no file named config.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_checkpoint_is_one_line_naming_the_file(case, saved_wan, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_wan, folder)
+    damage, message = BROKEN[case]
+    damage(folder)
+    assert main("wan", ["--model", str(folder), *TINY_RUN, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --model {folder}: ") and message in err[-1], err[-1]
+    assert not [line for line in err if "Traceback" in line]
+    assert not list((tmp_path / "out").glob("*.mp4"))
+
+
+def test_apply_on_a_pipeline_without_its_transformer_is_one_error():
+    from diffusers import WanPipeline
+
+    pipe = example_model("wan").tiny_pipeline()
+    with pytest.raises(lvsa.ConfigError, match="WanPipeline has no transformer to install lvsa on"):
+        lvsa.apply(WanPipeline(**{**pipe.components, "transformer": None}))
+
+
+def test_a_vae_factor_that_contradicts_the_pipeline_stops_the_example(tmp_path, monkeypatch, capsys):
+    """The original finding: LVSA_VAE_TEMPORAL_FACTOR=8 on Wan (4) printed one plan and ran another."""
+    monkeypatch.setenv("LVSA_VAE_TEMPORAL_FACTOR", "8")
+    assert main("wan", ["--lvsa", *TINY_RUN[2:], "--output-dir", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert ("error: LVSA_VAE_TEMPORAL_FACTOR=8 contradicts WanPipeline.vae_scale_factor_temporal, which is 4"
+            in captured.err) and "plan:" not in captured.out
+
+
+# -- #30: what the run says before and while it works --------------------------------------------------------
+
+def test_the_run_estimates_its_cost_before_the_first_step(tmp_path, capsys):
+    assert main("wan", ["--lvsa", "--steps", "1", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # 161 frames: 41 latent frames x 16 patches = 656 tokens; 4 x 656^2 x (4 heads x 24) x 2 layers x 2 sequences
+    assert ("estimate: 656 video tokens per sequence x 2 sequences per step through 2 layers; self-attention "
+            "661.0 MFLOP per step dense, 338.6 MFLOP with lvsa (51%)") in out
+    assert out.index("estimate:") < out.index("wall time")
+
+
+def test_a_run_larger_than_free_memory_is_warned_about(tmp_path, monkeypatch, capsys):
+    from lvsa import registry
+
+    monkeypatch.setattr(type(registry.get_device("cpu")), "free_bytes", lambda self, index=None: 1 << 20)
+    assert main("wan", [*TINY_RUN, "--output-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: this run needs at least" in err and "but the device has 1.0 MiB free" in err
+
+
+def test_log_lines_never_share_a_line_with_progress(tmp_path):
+    """The guide's grep one-liner on a log file prints log lines only; progress comes as lines of its own."""
+    log_file = tmp_path / "run.log"
+    with open(log_file, "w") as sink:
+        result = subprocess.run([sys.executable, str(ROOT / "examples" / "wan_generate.py"), "--lvsa", "--steps",
+                                 "2", "--output-dir", str(tmp_path)], stdout=sink, stderr=subprocess.STDOUT,
+                                timeout=300)
+    assert result.returncode == 0
+    text = log_file.read_text()
+    lines = [line for line in text.splitlines() if "[LVSA" in line]
+    assert lines and all(line.startswith(("[LVSA", "[lvsa example]")) for line in lines), lines
+    assert "\r" not in text and re.search(r"^denoising: 100%.* 2/2 ", text, re.M), text
+
+
+def test_the_no_effect_warning_names_what_the_user_set(tmp_path, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="lvsa")
+    monkeypatch.setenv("LVSA_SPARSITY_SCALE", "0.5")
+    assert main("wan", [*TINY_RUN, "--window-size", "8", "--output-dir", str(tmp_path)]) == 0
+    assert "LVSA_SPARSITY_SCALE=0.5, --window-size 8: no effect without --lvsa" in caplog.text
+
+
+def test_the_cli_ends_quietly_when_its_reader_stops():
+    command = f"{sys.executable} -m lvsa.cli report | true; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr

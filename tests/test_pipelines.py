@@ -6,6 +6,7 @@ float32 on the CPU with ``output_type="latent"`` unless the test is about the de
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -433,3 +434,91 @@ def test_fa4_in_image_and_ti2v_variants(saved_models, variant, cpu_fa4):
     pipe = _variant(saved_models, variant)
     frames = 2 * VARIANT_HORIZON.get(variant, 81) - 1
     _fa4_against_reference(pipe, lambda: _generate_variant(pipe, frames), cpu_fa4)
+
+
+# -- geometry the model declares (#30 items 1 and 2) -------------------------------------------------------
+
+DECLARED = {  # field -> how a test reads the loaded model's own value
+    "vae_temporal_factor": lambda pipe: pipe.vae_scale_factor_temporal,
+    "vae_spatial_factor": lambda pipe: pipe.vae_scale_factor_spatial,
+    "patch_size": lambda pipe: adapter_named(_family_of(pipe)).spatial_patch(pipe.transformer)[1],
+}
+
+
+def _family_of(pipe):
+    return lvsa.adapters.adapter_for(pipe.transformer).name
+
+
+@pytest.mark.parametrize("field", sorted(DECLARED))
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_geometry_override_that_contradicts_the_model_is_refused(saved_models, name, field, monkeypatch, caplog):
+    """Every factor a loaded pipeline declares: a different value is an error naming both (the run would plan
+    with one and compute with the other); the same value is said to be unneeded, and nothing changes."""
+    pipe = load(saved_models, name)
+    own = DECLARED[field](pipe)
+    variable = "LVSA_" + field.upper()
+    monkeypatch.setenv(variable, str(own * 2))
+    with pytest.raises(lvsa.ConfigError, match=rf"{variable}={own * 2} contradicts .*, which is {own}: unset it"):
+        lvsa.apply(pipe)
+    assert lvsa.adapters.handle_of(pipe) is None  # nothing was installed
+    monkeypatch.delenv(variable)
+    with pytest.raises(lvsa.ConfigError, match=rf"{field}={own * 2} \(code\) contradicts"):
+        lvsa.apply(pipe, lvsa.LVSASettings(**{field: own * 2}))
+    monkeypatch.setenv(variable, str(own))
+    caplog.set_level(logging.WARNING, logger="lvsa")
+    handle = lvsa.apply(pipe)
+    assert f"[LVSA] {variable}={own} is not needed here" in caplog.text
+    plain = lvsa.apply(pipe, lvsa.LVSASettings())
+    assert handle.runtime.knobs == plain.runtime.knobs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_preview_is_the_plan_every_step_runs(saved_models, name, monkeypatch):
+    """handle.plan_for_video (what the example prints) equals, step by step, the plan the layers were given."""
+    run_plans = {}
+    real_build = context_module.build_plan
+
+    def recording_build(*args, **kwargs):
+        plan = real_build(*args, **kwargs)
+        run_plans[kwargs["step"]] = plan
+        return plan
+
+    monkeypatch.setattr(context_module, "build_plan", recording_build)
+    pipe = load(saved_models, name)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(sparsity_scale=0.7))
+    generate(pipe, name, BEYOND[name], steps=3)
+    assert sorted(run_plans) == [0, 1, 2]
+    for step, plan in run_plans.items():
+        preview = handle.plan_for_video(BEYOND[name], 64, 64, step=step)
+        assert preview.text_tokens == 0
+        assert dataclasses.replace(plan, text_tokens=0) == preview
+
+
+def test_a_preview_with_a_contradicting_tokens_per_frame_is_an_error(saved_models, monkeypatch):
+    pipe = load(saved_models, "wan")
+    monkeypatch.setenv("LVSA_PATCHES_PER_FRAME", "7")
+    handle = lvsa.apply(pipe)
+    with pytest.raises(lvsa.GeometryError, match="LVSA_PATCHES_PER_FRAME=7 plans 7 tokens per frame, but the "
+                       "model's input has 16 per frame"):
+        handle.plan_for_video(BEYOND["wan"], 64, 64)
+
+
+def _backends(pipe):
+    return {name: getattr(module.processor, "_attention_backend", "none")
+            for name, module in pipe.transformer.named_modules() if hasattr(module, "processor")}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_remove_keeps_the_attention_backend_chosen_while_installed(saved_models, name):
+    """set_attention_backend after apply reaches the model's own processors behind lvsa's (the fallback path
+    runs them), so after remove every layer has what it would have had without lvsa: the user's last choice."""
+    without = load(saved_models, name)
+    without.transformer.set_attention_backend("_native_math")
+    pipe = load(saved_models, name)
+    handle = lvsa.apply(pipe)
+    pipe.transformer.set_attention_backend("_native_math")
+    lvsa.remove(pipe)
+    assert _backends(pipe) == _backends(without)
+    # CogVideoX's processors take no backend (diffusers leaves them alone); the others' do, lvsa's layers included
+    assert ("_native_math" in _backends(pipe).values()) == (name != "cogvideox")
+    assert not handle.layers

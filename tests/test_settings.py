@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 
 import lvsa
@@ -91,21 +94,35 @@ def test_bad_choice_is_an_error(monkeypatch):
         lvsa.get_settings()
 
 
-def test_deprecated_schedule_variables_are_accepted_with_a_warning(monkeypatch):
+def test_deprecated_schedule_variables_are_accepted_with_a_warning(monkeypatch, caplog):
     lvsa.caches.clear("settings-warnings")
+    caplog.set_level(logging.WARNING, logger="lvsa")
     monkeypatch.setenv("LVSA_SCHEDULE_START", "0.2")
-    with pytest.warns(FutureWarning, match="LVSA_SCHEDULE_START.*LVSA_SPARSITY_SCALE"):
-        s = lvsa.get_settings()
+    s = lvsa.get_settings()
+    assert any(re.match(r"\[LVSA\] LVSA_SCHEDULE_START.*LVSA_SPARSITY_SCALE", m) for m in caplog.messages)
     assert s.schedule_start == 0.2
     plain = lvsa.make_plan(81, 4, model="wan", settings=LVSASettings(schedule_start=None))
     assert lvsa.make_plan(81, 4, model="wan", settings=s) == plain  # no effect on the plan
 
 
-def test_unknown_lvsa_variable_is_reported_with_a_guess(monkeypatch):
+def test_unknown_lvsa_variable_is_one_lvsa_line_with_a_guess(monkeypatch, caplog, recwarn):
+    """An [LVSA] log line (grep finds it), not a Python warning with a source line; once per variable."""
     lvsa.caches.clear("settings-warnings")
+    caplog.set_level(logging.WARNING, logger="lvsa")
     monkeypatch.setenv("LVSA_BAKEND", "sdpa")
-    with pytest.warns(FutureWarning, match="LVSA_BAKEND.*did you mean LVSA_BACKEND"):
-        lvsa.get_settings()
+    lvsa.get_settings()
+    LVSASettings()
+    lines = [r.getMessage() for r in caplog.records if "LVSA_BAKEND" in r.getMessage()]
+    assert lines == ["[LVSA] unknown environment variable LVSA_BAKEND is ignored; did you mean LVSA_BACKEND?"]
+    assert not [w for w in recwarn if "LVSA" in str(w.message)]
+
+
+def test_the_original_wan_hook_variable_is_said_to_be_not_needed(monkeypatch, caplog):
+    lvsa.caches.clear("settings-warnings")
+    caplog.set_level(logging.WARNING, logger="lvsa")
+    monkeypatch.setenv("LVSA_WAN_HOOK", "1")
+    lvsa.get_settings()
+    assert "[LVSA] LVSA_WAN_HOOK=1 is not needed" in caplog.text and "no effect" in caplog.text
 
 
 def test_flashinfer_alias():

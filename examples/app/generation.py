@@ -10,6 +10,9 @@ written atomically as mp4, or, with ``--output-latent``, the denoised latent as 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import itertools
 import json
 import math
 import os
@@ -19,15 +22,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lvsa import log
 from lvsa.errors import LVSAError
-from lvsa.files import atomic_write
-from lvsa.geometry import ModelFamily, resolve_video_geometry
-from lvsa.settings import add_cli_arguments, declare_variables, env_var, flag
+from lvsa.files import OutputClaim, atomic_write, claim_output
+from lvsa.geometry import ModelFamily
+from lvsa.settings import add_cli_arguments, declare_variables, env_var
 
+from .estimate import estimate_run
 from .models import ExampleModel, example_model
 from .settings import AppSettings
 
@@ -39,6 +44,7 @@ PRINT_PREFIX = "[lvsa example]"
 #: settings the example sets from its own flags (--height/--width), not from generated ones
 APPLICATION_GEOMETRY = ("video_height", "video_width")
 OUTPUT_SUFFIXES = (".mp4", ".pt")
+DEFAULT_OUTPUT_DIR = "outputs"
 
 declare_variables({"LVSA_COLLECTIVE_TIMEOUT": "the example scripts' --collective-timeout"})
 
@@ -67,8 +73,13 @@ def build_parser(adapter_name: str) -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                      help="default: bfloat16 on accelerators, float32 on cpu")
     out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", default="outputs", help="relative paths resolve against the working directory")
-    out.add_argument("--output-name", help="file name without extension (default: <model>_<frames>f_<lvsa|dense>)")
+    out.add_argument("--output-dir", help="relative paths resolve against the working directory (default: "
+                     f"{DEFAULT_OUTPUT_DIR}; with an --output-name that holds a folder: the working directory)")
+    out.add_argument("--output-name", help="file name, extension optional, or a path under the working directory "
+                     "such as results/clip.mp4 (folders are made); default: <model>_<frames>f_<lvsa|dense>, "
+                     "numbered -2, -3... when taken")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace an existing file of that --output-name (else the run refuses to start)")
     out.add_argument("--output-latent", action="store_true",
                      help="save the denoised latent as <name>.pt instead of decoding it (the decode is what runs "
                           "out of memory at long lengths)")
@@ -106,7 +117,8 @@ def main(adapter_name: str, argv: list[str] | None = None) -> int:
             return 2
         _warn_unused_settings(settings)
         terminate_on_sigterm()
-        return _generate(adapter, args, settings)
+        with contextlib.ExitStack() as cleanup:
+            return _generate(adapter, args, settings, cleanup)
     except LVSAError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -144,7 +156,7 @@ def check_arguments(args: argparse.Namespace, adapter: Any, settings: AppSetting
         if settings.source_of(name) != "default":
             return (f"{env_var(name)}={getattr(settings, name)} is set, but the example takes the video size from "
                     "--height/--width: unset it")
-    return output_problem(args, adapter.name)
+    return output_problem(args, adapter.name, "lvsa" if settings.enabled else "dense")
 
 
 def geometry_problem(family: ModelFamily, frames: int | None, height: int | None, width: int | None) -> str | None:
@@ -162,38 +174,93 @@ def geometry_problem(family: ModelFamily, frames: int | None, height: int | None
     return None
 
 
-def output_name(args: argparse.Namespace, adapter_name: str, frames: int, mode: str) -> str:
-    """The file name: the user's, with the extension appended (a known extension is replaced)."""
-    name = args.output_name or f"{adapter_name}_{frames}f_{mode}"
+def video_frames(args: argparse.Namespace, adapter_name: str) -> int:
+    """The number of video frames the run makes: the flag's, else the model's (small model: ~2x its horizon)."""
+    if args.num_frames is not None:
+        return args.num_frames
+    return (TINY_FRAMES if args.model is None else MODEL_FRAMES)[adapter_name]
+
+
+def output_target(args: argparse.Namespace, adapter_name: str, mode: str) -> Path:
+    """Where the output goes: ``--output-dir``/``--output-name`` with the extension of the output kind (a known
+    extension is replaced), or the default name in ``--output-dir``."""
+    default = f"{adapter_name}_{video_frames(args, adapter_name)}f_{mode}"
+    name = Path(args.output_name).name if args.output_name else default
     for suffix in OUTPUT_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
-    return name + (".pt" if args.output_latent else ".mp4")
+    return output_folder(args) / (name + (".pt" if args.output_latent else ".mp4"))
 
 
-def output_problem(args: argparse.Namespace, adapter_name: str) -> str | None:
-    """Where the output goes must be writable before the run starts, and the name must be a name."""
+def output_problem(args: argparse.Namespace, adapter_name: str, mode: str) -> str | None:
+    """Where the output goes must be a place under the user's control, writable before the run starts, and not
+    an existing file unless ``--overwrite`` says so."""
     name = args.output_name
-    if name is not None and (not name or name in (".", "..") or "/" in name or os.sep in name):
-        return (f"--output-name {name!r}: give a file name, not a path (the folder is --output-dir)")
-    folder = output_folder(args)
+    if name is not None:
+        path = Path(name)
+        if not name or name in (".", "..") or name.endswith(("/", os.sep)):
+            return f"--output-name {name!r}: give a file name, or a path such as results/clip.mp4"
+        if path.is_absolute():  # inside a container, an absolute path is the container's, lost with --rm
+            return (f"--output-name {name}: give a name, or a path under the working directory; for another "
+                    f"folder: --output-dir {path.parent} --output-name {path.name}")
+        if ".." in path.parts:
+            return (f"--output-name {name}: a path may not leave the working directory ('..'); use "
+                    f"--output-dir to write elsewhere")
+        if len(path.parts) > 1 and args.output_dir is not None:
+            return (f"--output-name {name} holds a folder and --output-dir {args.output_dir} is given too: give "
+                    f"the folder in one of them (--output-dir {Path(args.output_dir) / path.parent} "
+                    f"--output-name {path.name})")
+    target = output_target(args, adapter_name, mode)
+    folder = target.parent
+    given = f"--output-dir {args.output_dir}" if args.output_dir is not None else f"--output-name {name}"
     if folder.exists() and not folder.is_dir():
-        return f"--output-dir {args.output_dir}: {folder} is a file, not a folder"
+        return f"{given}: {folder} is a file, not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe, path = tempfile.mkstemp(prefix=".lvsa-probe.", dir=folder)
+        probe, path_made = tempfile.mkstemp(prefix=".lvsa-probe.", dir=folder)
         os.close(probe)
-        os.unlink(path)
+        os.unlink(path_made)
     except OSError as error:
-        return f"--output-dir {args.output_dir}: cannot write in {folder}: {error.strerror or error}"
-    target = folder / output_name(args, adapter_name, args.num_frames or 0, "x")
-    if args.output_name and target.is_dir():
+        return f"{given}: cannot write in {folder}: {error.strerror or error}"
+    if name is not None and target.is_dir():
         return f"--output-name {name}: {target} is a folder"
+    if name is not None and target.exists() and not args.overwrite:
+        return f"--output-name {name}: {target} exists; pass --overwrite to replace it, or give another name"
     return None
 
 
+def claim_target(args: argparse.Namespace, target: Path) -> tuple[Path, OutputClaim]:
+    """Claim the output's name for this run, so that no other run writes it meanwhile. A default name that is
+    taken (an earlier output, or a run writing it now) becomes the next free ``-2``, ``-3``...; a name the user
+    gave is refused when another run holds it."""
+    if args.output_name is not None or args.overwrite:
+        claim = claim_output(target)
+        if claim is None:
+            raise LVSAError(f"another run is writing {target} now; give another --output-name")
+        return target, claim
+    for number in itertools.count(1):
+        candidate = target if number == 1 else target.with_name(f"{target.stem}-{number}{target.suffix}")
+        if candidate.exists():
+            continue
+        claim = claim_output(candidate)
+        if claim is None:  # another run is writing it
+            continue
+        if candidate.exists():  # written between the look and the claim
+            claim.release()
+            continue
+        return candidate, claim
+    raise AssertionError("unreachable")
+
+
 def output_folder(args: argparse.Namespace) -> Path:
-    folder = Path(args.output_dir).expanduser()
+    """The folder of the output: --output-dir (relative to the working directory), the folder part of a
+    path-like --output-name (relative to the working directory), else the default folder."""
+    if args.output_dir is not None:
+        folder = Path(args.output_dir).expanduser()
+    elif args.output_name and len(Path(args.output_name).parts) > 1:
+        folder = Path(args.output_name).parent
+    else:
+        folder = Path(DEFAULT_OUTPUT_DIR)
     return folder if folder.is_absolute() else Path.cwd() / folder
 
 
@@ -202,7 +269,7 @@ def _warn_unused_settings(settings: AppSettings) -> None:
     if settings.enabled:
         return
     riflex_fields = {"riflex", "riflex_s", "enabled"}
-    ignored = [flag(name, AppSettings) for name in type(settings).model_fields
+    ignored = [settings.given_as(name) for name in type(settings).model_fields
                if name not in riflex_fields and settings.source_of(name) in ("cli", "env")]
     if ignored:
         log.logger.warning("[LVSA] %s: no effect without --lvsa (LVSA_ENABLED=1); this run uses the model's dense "
@@ -218,7 +285,7 @@ def terminate_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
-def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> int:
+def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings, cleanup: contextlib.ExitStack) -> int:
     import torch
 
     import lvsa
@@ -248,10 +315,17 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
     say = print if rank == 0 else _silent  # one process speaks and writes; every process computes
     dtype = getattr(torch, args.dtype or ("float32" if device_type == "cpu" else "bfloat16"))
     tiny = args.model is None
-    frames = args.num_frames if args.num_frames is not None else (TINY_FRAMES if tiny else MODEL_FRAMES)[adapter.name]
+    frames = video_frames(args, adapter.name)
     steps = args.steps if args.steps is not None else (TINY_DEFAULTS["steps"] if tiny else 50)
     mode = "lvsa" if settings.enabled else "dense"
-    target = output_folder(args) / output_name(args, adapter.name, frames, mode)
+    target = output_target(args, adapter.name, mode)
+    if rank == 0:
+        named, claim = claim_target(args, target)
+        cleanup.callback(claim.release)
+        if named != target:
+            say(f"{PRINT_PREFIX} {target.name} is taken (an earlier output, or a run writing it now): this run "
+                f"writes {named.name} (--output-name NAME [--overwrite] chooses)")
+        target = named
     say(f"{PRINT_PREFIX} the output will be written to {target}")
 
     torch.manual_seed(args.seed)  # the small model's random weights: the same on every rank
@@ -263,7 +337,11 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
     if tiny and dtype != torch.float32:
         pipe.to(dtype=dtype)  # a loaded checkpoint got its dtype from from_pretrained
     pipe.to(device)
-    pipe.set_progress_bar_config(desc="denoising", disable=rank != 0)
+    # a terminal gets the pipeline's bar (log lines printed above it); a log file gets the bar's states as lines
+    # of their own, so that no [LVSA] line shares a line with a bar (grep "\[LVSA" run.log: log lines only)
+    interactive = sys.stderr.isatty()
+    pipe.set_progress_bar_config(desc="denoising", disable=rank != 0,
+                                 **({} if interactive else {"file": ProgressLines(sys.stderr), "mininterval": 0}))
     if args.vae_tiling and not args.output_latent:
         _enable_vae_tiling(pipe.vae)
     if world > 1:
@@ -284,13 +362,16 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
     if settings.enabled or settings.riflex:
         handle = lvsa.apply(pipe, settings, sparse=settings.enabled)
         if rank == 0 and settings.enabled:
-            _print_plan(handle, pipe, family, frames, height, width, args.show_mask)
+            _print_plan(handle, frames, height, width, args.show_mask)
         elif not settings.enabled:
             say(f"{PRINT_PREFIX} RIFLEx on the temporal RoPE; attention stays dense (add --lvsa for sparse)")
     else:
         say(f"{PRINT_PREFIX} dense attention (the model's own); add --lvsa for sparse attention")
 
     device_module = registry.get_device(device_type) or registry.get_device("cpu")
+    if rank == 0:
+        _print_estimate(adapter, pipe, handle if settings.enabled else None, args, device_module, frames, height,
+                        width)
     forward_ends: list[float] = []
 
     def after_forward(*_: Any) -> None:  # denoising time = until the last transformer forward ends
@@ -314,7 +395,8 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
     start = time.perf_counter()
     with MemorySampler(device_module, interval=0.5) as sampler:
         with torch.inference_mode():
-            result = pipe(**call).frames
+            with _log_above_bar() if interactive else contextlib.nullcontext():
+                result = pipe(**call).frames
     wall = time.perf_counter() - start
     denoise = (forward_ends[-1] - start) if forward_ends else wall
     for hook in timing_hooks:
@@ -326,13 +408,14 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
         return 0
     _refuse_non_finite(result, target)
     if args.output_latent:
-        atomic_write(target, lambda path: torch.save(_latent_record(result, frames, height, width, settings,
-                                                                       adapter.name, args.model), path))
+        record = _latent_record(result, frames, height, width, settings, adapter.name, args.model)
+        with _writing("the latent", target):
+            atomic_write(target, lambda path: torch.save(record, path), replace=args.overwrite)
     else:
-        write_mp4(result[0], target, args.fps)
+        write_mp4(result[0], target, args.fps, replace=args.overwrite)
     # named after the whole output name: a latent run and an mp4 run of one name keep their own reports
-    report_path = write_report(report if world == 1 else {"ranks": reports},
-                               target.with_name(target.name + ".memory.json"))
+    with _writing("the memory report", target.with_name(target.name + ".memory.json")) as report_path:
+        write_report(report if world == 1 else {"ranks": reports}, report_path)
     if handle is not None:
         stats = handle.stats
         say(f"{PRINT_PREFIX} lvsa: {stats.sparse_calls} layer calls sparse, {stats.fallback_calls} fell back, "
@@ -348,6 +431,33 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings) -> 
             say(f"{PRINT_PREFIX} {f'rank {index}: ' if world > 1 else ''}{line}")
     say(f"{PRINT_PREFIX} memory report: {report_path}")
     return 0
+
+
+class ProgressLines(io.TextIOBase):
+    """A progress bar's output as whole lines (for a log file): tqdm redraws its bar after a carriage return;
+    each state it draws becomes a line, so nothing else ever shares a line with it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last: str | None = None
+
+    def write(self, text: str) -> int:
+        for part in text.replace("\n", "\r").split("\r"):
+            state = part.strip()
+            if state and state != self.last:
+                self.stream.write(state + "\n")
+                self.last = state
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _log_above_bar() -> Any:
+    """lvsa's log lines printed above the progress bar, not inside it."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[log.logger])
 
 
 def _silent(*_: Any, **__: Any) -> None:
@@ -389,27 +499,82 @@ def _pick_device(requested: str | None) -> tuple[str, str]:
 
 
 def load_pipeline(adapter: Any, path: str, dtype: Any) -> Any:
-    """The diffusers pipeline saved in folder ``path`` (the family's pipeline class for ``adapter``), in ``dtype``."""
+    """The diffusers pipeline saved in folder ``path`` (the family's pipeline class for ``adapter``), in ``dtype``.
+
+    The folder is checked first (:func:`check_model_folder`), and whatever diffusers still refuses is one line
+    naming the folder: a broken checkpoint is an error to fix, not a traceback to read."""
     import diffusers
 
     folder = Path(path).expanduser()
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise LVSAError(f"--model {path}: no model_index.json there (expected a diffusers pipeline folder)")
-    config = json.loads(index.read_text())
-    transformer = config.get("transformer")
-    if isinstance(transformer, list) and len(transformer) == 2 and transformer[1] is not None:
-        if transformer[1] not in adapter.transformer_classes:
-            raise LVSAError(f"--model {path}: its transformer is {transformer[1]}, not a {adapter.name} model "
-                            f"({', '.join(adapter.transformer_classes)}); use the example script of its family")
+    config = check_model_folder(folder, adapter)
     # components saved as [null, null] (no text encoder in a test model) must be passed as None explicitly
     absent = {name: None for name, value in config.items()
               if isinstance(value, list) and len(value) == 2 and value[0] is None}
     example: ExampleModel = example_model(adapter.name)
-    pipeline_class = getattr(diffusers, config.get("_class_name", example.pipeline_class))
-    pipe = pipeline_class.from_pretrained(folder, dtype=dtype, **absent)
+    class_name = config.get("_class_name", example.pipeline_class)
+    pipeline_class = getattr(diffusers, class_name, None)
+    if pipeline_class is None:
+        raise LVSAError(f"--model {path}: model_index.json names the pipeline {class_name}, which this diffusers "
+                        f"({diffusers.__version__}) does not have")
+    try:
+        pipe = pipeline_class.from_pretrained(folder, dtype=dtype, **absent)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LVSAError(f"--model {path}: diffusers could not load {class_name}: {first}") from None
     log.info(f"loaded {pipeline_class.__name__} from {folder}")
     return pipe
+
+
+def check_model_folder(folder: Path, adapter: Any) -> dict[str, Any]:
+    """``model_index.json`` of a diffusers pipeline folder, after checking what a load needs: valid JSON, a
+    transformer of ``adapter``'s family, a folder with a readable config for every component it lists, and
+    complete safetensors files (header and length; safetensors has no checksum of the data itself). Each
+    problem is an :class:`LVSAError` naming the file and what is wrong."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise LVSAError(f"--model {folder}: no model_index.json there (expected a diffusers pipeline folder)")
+    config = _json_file(index, folder)
+    if not isinstance(config, dict):
+        raise LVSAError(f"--model {folder}: {index} is not a JSON object")
+    transformer = config.get("transformer")
+    if not (isinstance(transformer, list) and len(transformer) == 2 and transformer[1] is not None):
+        raise LVSAError(f"--model {folder}: model_index.json lists no transformer ({json.dumps(transformer)}); "
+                        f"lvsa runs on the video transformer, which the pipeline folder must hold")
+    if transformer[1] not in adapter.transformer_classes:
+        raise LVSAError(f"--model {folder}: its transformer is {transformer[1]}, not a {adapter.name} model "
+                        f"({', '.join(adapter.transformer_classes)}); use the example script of its family")
+    for name, value in config.items():
+        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2 and value[0] is not None):
+            continue
+        component = folder / name
+        if not component.is_dir():
+            raise LVSAError(f"--model {folder}: model_index.json lists {name} ({value[1]}) but there is no folder "
+                            f"{component}")
+        for config_file in ("config.json", "scheduler_config.json"):
+            if (component / config_file).is_file():
+                _json_file(component / config_file, folder)
+        for weights in sorted(component.glob("*.safetensors")):
+            _check_safetensors(weights, folder)
+    return config
+
+
+def _json_file(path: Path, folder: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LVSAError(f"--model {folder}: {path} is not valid JSON ({error})") from None
+
+
+def _check_safetensors(path: Path, folder: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        detail = str(error).removeprefix("Error while deserializing header: ")
+        raise LVSAError(f"--model {folder}: {path} is not a complete safetensors file ({detail}; a truncated "
+                        "download or copy?)") from None
 
 
 def _enable_vae_tiling(vae: Any) -> None:
@@ -418,25 +583,9 @@ def _enable_vae_tiling(vae: Any) -> None:
             getattr(vae, method)()
 
 
-def _print_plan(handle: Any, pipe: Any, family: ModelFamily, frames: int, height: int, width: int,
-                show_mask: bool) -> None:
-    from dataclasses import replace
-
-    from lvsa.plan import build_plan
-
-    runtime = handle.runtime
-    transformer = pipe.transformer
-    patch = transformer.config.patch_size
-    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
-    # the factors of this pipeline (a small test VAE may differ from the family's)
-    here = replace(family, vae_temporal_factor=pipe.vae_scale_factor_temporal,
-                   vae_spatial_factor=pipe.vae_scale_factor_spatial, patch_size=patch)
-    try:
-        geometry = resolve_video_geometry(frames, runtime.settings, here, height, width)
-    except LVSAError as error:
-        print(f"{PRINT_PREFIX} cannot preview the plan: {error}")
-        return
-    plan = build_plan(geometry.token_frames, geometry.patches_per_frame, runtime.knobs)
+def _print_plan(handle: Any, frames: int, height: int, width: int, show_mask: bool) -> None:
+    """The plan of the first step, as the run will build it (the handle's, from the loaded pipeline)."""
+    plan = handle.plan_for_video(frames, height, width)
     # without the [LVSA] tag: the log lines come from the run itself, once, and grep should see them once
     print(f"{PRINT_PREFIX} plan: {plan.summary().removeprefix('[LVSA] ')}; "
           f"{plan.extension_line().removeprefix('[LVSA] ')}")
@@ -444,6 +593,31 @@ def _print_plan(handle: Any, pipe: Any, family: ModelFamily, frames: int, height
           f"rotation {'on' if plan.rotating else 'off'}")
     if show_mask:
         print(plan.mask_picture())
+
+
+def _print_estimate(adapter: Any, pipe: Any, handle: Any, args: argparse.Namespace, device_module: Any, frames: int,
+                    height: int, width: int) -> None:
+    """Tokens, attention FLOPs and the least memory the run needs, and a warning when that exceeds what the
+    device has free (before the first step: a run that cannot fit is not started blind)."""
+    from lvsa.geometry import latent_frames
+
+    spatial = pipe.vae_scale_factor_spatial
+    grid = adapter.grid_of(pipe.transformer, latent_frames(frames, pipe.vae_scale_factor_temporal),
+                           height // spatial, width // spatial)
+    density = handle.plan_for_video(frames, height, width).density if handle is not None else None
+    try:
+        free = device_module.free_bytes()
+    except Exception:  # an estimate never stops a run
+        free = None
+    estimate = estimate_run(pipe.transformer, video_tokens=grid.latent_frames * grid.patches_per_frame,
+                            sequences=2 if args.guidance > 1 else 1, density=density, frames=frames,
+                            height=height, width=width, output_latent=args.output_latent, free_bytes=free)
+    for line in estimate.lines():
+        print(f"{PRINT_PREFIX} {line}")
+    if estimate.too_large:
+        print(f"{PRINT_PREFIX} warning: {estimate.shortfall()}: it will likely run out of memory (fewer "
+              "--num-frames, a smaller --height/--width, --output-latent, or a device with more memory)",
+              file=sys.stderr)
 
 
 def _latent_record(latent: Any, frames: int, height: int, width: int, settings: AppSettings, model: str,
@@ -472,9 +646,25 @@ def _refuse_non_finite(result: Any, target: Path) -> None:
                         f"weights); nothing was written to {target}")
 
 
-def write_mp4(frames: Any, target: Path, fps: int) -> None:
-    """``frames`` as an mp4 at ``target``, written atomically (nothing under that name unless it is complete)."""
-    atomic_write(target, lambda path: encode_mp4(frames, path, fps))
+def write_mp4(frames: Any, target: Path, fps: int, *, replace: bool = True) -> None:
+    """``frames`` as an mp4 at ``target``, written atomically (nothing under that name unless it is complete);
+    with ``replace=False`` an existing file there is never replaced."""
+    with _writing("the mp4", target):
+        atomic_write(target, lambda path: encode_mp4(frames, path, fps), replace=replace)
+
+
+@contextlib.contextmanager
+def _writing(what: str, target: Path) -> Iterator[Path]:
+    """A failed write of ``target`` (a full disk, a file-size limit, a folder that vanished) is one line naming
+    it; :func:`~lvsa.files.atomic_write` has left nothing under the name."""
+    try:
+        yield target
+    except LVSAError:
+        raise
+    except (OSError, RuntimeError) as error:  # torch.save reports a short write as a RuntimeError
+        detail = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        raise LVSAError(f"writing {what} {target} failed: {detail} (full disk or a file-size limit?); nothing "
+                        "was written under that name") from None
 
 
 def encode_mp4(frames: Any, path: Path, fps: int) -> None:

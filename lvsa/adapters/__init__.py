@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import log, registry
 from ..errors import ConfigError
-from ..geometry import LatentGrid
-from ..planning import settings_for_model
+from ..geometry import LatentGrid, latent_frames
+from ..planning import check_declared_geometry, settings_for_model
 from ..registry import Plugin
 from . import compiled
 from .base import ModelAdapter
@@ -23,6 +23,7 @@ from .layout import context_parallel_of
 from .runtime import LVSARuntime, RuntimeStats
 
 if TYPE_CHECKING:
+    from ..plan import SparsePlan
     from ..settings import LVSASettings
 
 _HANDLE_ATTRIBUTE = "_lvsa_handle"
@@ -51,6 +52,17 @@ class LVSAHandle:
         """Layers whose processor is no longer lvsa's (``set_attn_processor`` and the like after apply)."""
         return [name for name, module in self.layers.items()
                 if getattr(module, "processor", None) is not self._installed[name]]
+
+    def plan_for_video(self, num_frames: int, height: int, width: int, step: int = 0) -> SparsePlan:
+        """The plan the run will use for a ``num_frames x height x width`` video at denoising ``step``, without
+        running it (previews, ``--show-mask``): the grid by the adapter's rule from the pipeline's VAE
+        factors, planned by the runtime exactly as a forward of that size is. Raises
+        :class:`~lvsa.errors.GeometryError` where the settings' geometry contradicts that grid."""
+        runtime = self.runtime
+        spatial = runtime.vae_spatial_factor
+        grid = self.adapter.grid_of(self.transformers[0], latent_frames(num_frames, runtime.vae_temporal_factor),
+                                    height // spatial, width // spatial)
+        return runtime.plan_for(grid, step)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -125,8 +137,10 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     shared = _previous_handles(target, transformers, settings, sparse)
     if shared is not None:
         return shared
+    check_declared_geometry(settings, _declared_geometry(target, transformers[0], adapter))
     vae_temporal = getattr(target, "vae_scale_factor_temporal", None) or family.vae_temporal_factor
-    runtime = LVSARuntime(settings, family, vae_temporal, adapter.name)
+    vae_spatial = getattr(target, "vae_scale_factor_spatial", None) or family.vae_spatial_factor
+    runtime = LVSARuntime(settings, family, vae_temporal, adapter.name, vae_spatial)
     if hasattr(target, "components"):
         runtime.schedule.add(target)  # the pipeline's schedule gives the exact denoising step
     handle = LVSAHandle(runtime, adapter, transformers, target=_describe(target, transformers))
@@ -181,6 +195,18 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
              f"(model {family.name}, reference_latent_frames={runtime.knobs.reference_latent_frames}, "
              f"backend={settings.backend})")
     return handle
+
+
+def _declared_geometry(target: Any, transformer: Any, adapter: ModelAdapter) -> dict[str, tuple[int | None, str]]:
+    """The geometry factors the loaded model declares itself, and who declares each (for messages)."""
+    pipeline = type(target).__name__
+    return {
+        "patch_size": (adapter.spatial_patch(transformer)[1], f"{type(transformer).__name__}'s config (patch_size)"),
+        "vae_temporal_factor": (getattr(target, "vae_scale_factor_temporal", None),
+                                f"{pipeline}.vae_scale_factor_temporal"),
+        "vae_spatial_factor": (getattr(target, "vae_scale_factor_spatial", None),
+                               f"{pipeline}.vae_scale_factor_spatial"),
+    }
 
 
 def _describe(target: Any, transformers: list[Any]) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..attention import execute
 from ..errors import ConfigError, GeometryError
-from ..geometry import LatentGrid, ModelFamily
+from ..geometry import LatentGrid, ModelFamily, token_frames
 from ..riflex import rewrite_tables
 from ..ulysses import QKV
 from . import compiled
@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from .runtime import LVSARuntime
 
 __all__ = ["LVSAProcessor", "LatentGrid", "ModelAdapter", "rewrite_rope_output", "riflex_tables"]
+
+
+#: what diffusers sets on a layer's processor after it is built (``set_attention_backend``, ``enable_parallelism``):
+#: it belongs to the model's own processor, which lvsa keeps and runs for fallbacks, so lvsa's processor passes
+#: it through; a choice made while lvsa is installed then survives ``lvsa.remove``
+_MODEL_PROCESSOR_ATTRIBUTES = frozenset({"_attention_backend", "_parallel_config"})
 
 
 class LVSAProcessor:
@@ -46,6 +52,19 @@ class LVSAProcessor:
         self.layer = layer
         #: the layer's name as data for the op: a string constant would make every block's graph its own
         self.layer_key = runtime.compiled.layer_key(layer) if runtime is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _MODEL_PROCESSOR_ATTRIBUTES:
+            original = self.__dict__.get("original")
+            if original is not None and hasattr(original, name):
+                return getattr(original, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _MODEL_PROCESSOR_ATTRIBUTES and hasattr(self.__dict__.get("original"), name):
+            setattr(self.original, name, value)
+            return
+        super().__setattr__(name, value)
 
     def plan(self, video_tokens: int, text_tokens: int = 0) -> SparsePlan | DeferredPlan | None:
         """This step's plan for ``video_tokens`` (this rank's share under Ulysses) and ``text_tokens``."""
@@ -137,10 +156,29 @@ class ModelAdapter(ABC):
     def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
         """``{qualified name: attention module}`` of every self-attention layer (cross-attention excluded)."""
 
-    @abstractmethod
+    def spatial_patch(self, transformer: Any) -> tuple[int, int]:
+        """The transformer's patch over latent height and width, read off the config (``patch_size``: an int,
+        or the last two entries of a 3-d patch)."""
+        patch = transformer.config.patch_size
+        if isinstance(patch, (tuple, list)):
+            return int(patch[-2]), int(patch[-1])
+        return int(patch), int(patch)
+
+    def grid_of(self, transformer: Any, latent_frames: int, latent_height: int, latent_width: int) -> LatentGrid:
+        """The grid of the plan for a latent of this size: token frames (latent frames over
+        :meth:`temporal_patch`, padded up as the pipelines pad) and patches per frame. The one rule for
+        the run (:meth:`latent_grid`) and for a preview (:meth:`LVSAHandle.plan_for_video`)."""
+        p_h, p_w = self.spatial_patch(transformer)
+        return LatentGrid(token_frames(latent_frames, self.temporal_patch(transformer)),
+                          (latent_height // p_h) * (latent_width // p_w))
+
+    #: where frames, height and width sit in the transformer's ``hidden_states`` ([B, C, F, H, W] by default)
+    latent_axes: ClassVar[tuple[int, int, int]] = (2, 3, 4)
+
     def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
-        """Frames (token frames: latent frames over :meth:`temporal_patch`) and patches per frame of the
-        transformer's ``hidden_states`` input."""
+        """The grid of the transformer's ``hidden_states`` input (:meth:`grid_of` its latent size)."""
+        frames, height, width = (hidden_states.shape[axis] for axis in self.latent_axes)
+        return self.grid_of(transformer, frames, height, width)
 
     @abstractmethod
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:

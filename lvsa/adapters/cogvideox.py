@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..geometry import FAMILIES, ModelFamily, token_frames
+from ..geometry import FAMILIES, ModelFamily
 from ..riflex import TemporalRope
-from .base import LatentGrid, LVSAProcessor, ModelAdapter, riflex_tables
+from .base import LVSAProcessor, ModelAdapter, riflex_tables
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +66,7 @@ class CogVideoXAdapter(ModelAdapter):
     name = "cogvideox"
     transformer_classes = ("CogVideoXTransformer3DModel",)
     forward_positions: ClassVar[dict[str, int]] = {"hidden_states": 0, "timestep": 2}
+    latent_axes: ClassVar[tuple[int, int, int]] = (1, 3, 4)  # CogVideoX latents are [B, F, C, H, W]
 
     def family(self, transformer: Any) -> ModelFamily:
         # CogVideoX 1.5 is the variant that patches time, with its own (longer) documented horizon
@@ -73,11 +74,6 @@ class CogVideoXAdapter(ModelAdapter):
 
     def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
         return {f"transformer_blocks.{i}.attn1": b.attn1 for i, b in enumerate(transformer.transformer_blocks)}
-
-    def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
-        _, frames, _, height, width = hidden_states.shape  # CogVideoX latents are [B, F, C, H, W]
-        p = transformer.config.patch_size
-        return LatentGrid(token_frames(frames, self.temporal_patch(transformer)), (height // p) * (width // p))
 
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         return CogVideoXLVSAProcessor(original, runtime, layer)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..geometry import FAMILIES, ModelFamily, token_frames
+from ..geometry import FAMILIES, ModelFamily
 from ..riflex import TemporalRope
-from .base import LatentGrid, LVSAProcessor, ModelAdapter, rewrite_rope_output
+from .base import LVSAProcessor, ModelAdapter, rewrite_rope_output
 
 if TYPE_CHECKING:
     import torch
@@ -73,11 +73,6 @@ class HunyuanVideo15Adapter(ModelAdapter):
 
     def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
         return {f"transformer_blocks.{i}.attn": block.attn for i, block in enumerate(transformer.transformer_blocks)}
-
-    def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
-        _, _, frames, height, width = hidden_states.shape
-        p = transformer.config.patch_size
-        return LatentGrid(token_frames(frames, self.temporal_patch(transformer)), (height // p) * (width // p))
 
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         return HunyuanVideo15LVSAProcessor(original, runtime, layer)

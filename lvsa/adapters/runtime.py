@@ -14,7 +14,7 @@ from ..attention import AttentionContext, DriverChoice, ExecutionStats, Fallback
 from ..attention.layout import ContextParallel
 from ..errors import ConfigError, GeometryError
 from ..geometry import LatentGrid, ModelFamily, pick_factor, planned_patches_per_frame
-from ..plan import PatternKnobs, SparsePlan, rotates
+from ..plan import PatternKnobs, SparsePlan, build_plan, rotates
 from ..planning import knobs_from_settings
 from ..steps import ScheduleSteps, StepTracker
 from .compiled import CompiledCalls
@@ -28,11 +28,13 @@ RuntimeStats = ExecutionStats
 
 class LVSARuntime:
     def __init__(self, settings: LVSASettings, family: ModelFamily, vae_temporal_factor: int,
-                 adapter_name: str) -> None:
+                 adapter_name: str, vae_spatial_factor: int | None = None) -> None:
         self.settings = settings
         self.family = family
         self.adapter_name = adapter_name
         self.vae_temporal_factor = pick_factor(settings, "vae_temporal_factor", vae_temporal_factor)
+        self.vae_spatial_factor = pick_factor(settings, "vae_spatial_factor", vae_spatial_factor,
+                                              family.vae_spatial_factor)
         self.knobs: PatternKnobs = knobs_from_settings(settings, family, self.vae_temporal_factor)
         self.stats = ExecutionStats()
         self.steps = StepTracker()
@@ -55,8 +57,25 @@ class LVSARuntime:
         step = self.steps.observe(timestep)
         self.stats.steps = self.steps.steps_seen
         self.rope_grid = grid
-        self.context = self._context(grid, step if rotates(grid.latent_frames, self.knobs) else 0, parallel)
+        self.context = self._context(grid, self._plan_step(grid, step), parallel)
         return step
+
+    def plan_for(self, grid: LatentGrid, step: int = 0) -> SparsePlan:
+        """The plan a forward over ``grid`` at denoising ``step`` runs (video tokens only), built outside the
+        run's cache: what a preview prints is what the layers will get."""
+        planned = self._planned_patches_per_frame(grid)
+        if planned != grid.patches_per_frame:
+            overrides = [self.settings.given_as(name) for name in ("patches_per_frame", "video_height", "video_width")
+                         if getattr(self.settings, name) is not None]
+            raise GeometryError(
+                f"{', '.join(overrides)} plans {planned or 'no'} tokens per frame, but the model's input has "
+                f"{grid.patches_per_frame} per frame ({grid.latent_frames} frames): unset the override")
+        return build_plan(grid.latent_frames, planned, self.knobs, text_position=self.family.text_position or "after",
+                          step=self._plan_step(grid, step))
+
+    def _plan_step(self, grid: LatentGrid, step: int) -> int:
+        """The step a plan is built for: the denoising step when the keyframes rotate at this length, else 0."""
+        return step if rotates(grid.latent_frames, self.knobs) else 0
 
     def _context(self, grid: LatentGrid | None, plan_step: int, parallel: ContextParallel | None) -> AttentionContext:
         return AttentionContext(

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..geometry import FAMILIES, ModelFamily, token_frames
+from ..geometry import FAMILIES, ModelFamily
 from ..riflex import TemporalRope
-from .base import LatentGrid, LVSAProcessor, ModelAdapter, rewrite_rope_output
+from .base import LVSAProcessor, ModelAdapter, rewrite_rope_output
 
 if TYPE_CHECKING:
     import torch
@@ -80,11 +80,6 @@ class WanAdapter(ModelAdapter):
 
     def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
         return {f"blocks.{i}.attn1": block.attn1 for i, block in enumerate(transformer.blocks)}
-
-    def latent_grid(self, transformer: Any, hidden_states: torch.Tensor) -> LatentGrid:
-        _, _, frames, height, width = hidden_states.shape
-        _, p_h, p_w = transformer.config.patch_size
-        return LatentGrid(token_frames(frames, self.temporal_patch(transformer)), (height // p_h) * (width // p_w))
 
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         return WanLVSAProcessor(original, runtime, layer)

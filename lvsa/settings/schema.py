@@ -12,7 +12,6 @@ import argparse
 import difflib
 import os
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -24,7 +23,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .. import caches, plugin_names
+from .. import caches, log, plugin_names
 from ..errors import ConfigError
 from .flags import ENV_PREFIX, env_var, flag, parse_flags
 from .layers import configured
@@ -33,8 +32,11 @@ Source = Literal["default", "model", "code", "env", "cli"]
 
 # LVSA_* names that are not settings but are still legitimate: no "unknown variable" warning for them.
 # Programs around the library (the test suite, the example application) add theirs: declare_variables().
-_NON_SETTING_VARIABLES = {
-    "LVSA_WAN_HOOK": "used only by the old vllm-omni integration; it has no effect in lvsa",
+_NON_SETTING_VARIABLES: dict[str, str] = {}
+# variables the original tool's guides tell users to set that lvsa does not need: said once, with why
+_NOT_NEEDED_VARIABLES = {
+    "LVSA_WAN_HOOK": "lvsa plans Wan's whole sequence before any sharding, so the original tool's Wan hook has "
+                     "no counterpart; it has no effect",
 }
 _DEPRECATED = {
     "schedule_start": "LVSA_SCHEDULE_START",
@@ -149,6 +151,17 @@ class LVSASettings(BaseSettings):
             raise KeyError(field)
         return self._sources.get(field, "default")
 
+    def given_as(self, field: str) -> str:
+        """How the user gave ``field``, for messages that must name what they set: ``--patch-size 2``,
+        ``LVSA_PATCH_SIZE=2``, ``patch_size=2 (code)``; the value alone for a default or a model's value."""
+        value = getattr(self, field)
+        source = self.source_of(field)
+        if source == "cli":
+            return f"{flag(field, type(self))} {value}"
+        if source == "env":
+            return f"{env_var(field)}={os.environ.get(env_var(field), value)}"
+        return f"{field}={value!r} ({source})"
+
     def with_model_defaults(self, **defaults: Any) -> LVSASettings:
         """Fill fields still at their default with a model's values (the lowest layer)."""
         update = {k: v for k, v in defaults.items() if v is not None and self.source_of(k) == "default"}
@@ -234,7 +247,7 @@ def _warn_once(key: str, message: str) -> None:
         if key in _warned:
             return
         _warned.add(key)
-    warnings.warn(message, FutureWarning, stacklevel=4)
+    log.logger.warning(message)
 
 
 def _warn_deprecated(settings: LVSASettings) -> None:
@@ -249,7 +262,9 @@ def _warn_deprecated(settings: LVSASettings) -> None:
         known = {env_var(name) for cls in _settings_classes() for name in cls.model_fields}
         for key in os.environ:
             upper = key.upper()
-            if upper.startswith(ENV_PREFIX) and upper not in known and upper not in _NON_SETTING_VARIABLES:
+            if upper in _NOT_NEEDED_VARIABLES:
+                _warn_once(upper, f"[LVSA] {key}={os.environ[key]} is not needed: {_NOT_NEEDED_VARIABLES[upper]}")
+            elif upper.startswith(ENV_PREFIX) and upper not in known and upper not in _NON_SETTING_VARIABLES:
                 guess = difflib.get_close_matches(upper, sorted(known), n=1)
                 hint = f"; did you mean {guess[0]}?" if guess else ""
                 _warn_once(upper, f"[LVSA] unknown environment variable {key} is ignored{hint}")

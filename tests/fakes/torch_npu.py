@@ -112,6 +112,11 @@ class EmulatedNpu(types.SimpleNamespace):
     def reset_peak_memory_stats(self, index=None) -> None:
         self.peak = self.allocated
 
+    def mem_get_info(self, index=None) -> tuple[int, int]:
+        """(free, total) of the device, as torch.cuda.mem_get_info answers: an emulated 64 GiB card."""
+        total = 64 << 30
+        return total - self.reserved, total
+
 
 def _to_bnsd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
     if layout == "BNSD":
