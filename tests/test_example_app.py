@@ -204,16 +204,21 @@ def test_output_names_are_kept_and_reports_do_not_collide(tmp_path, capsys):
 
 # -- failed and interrupted writes ---------------------------------------------------------------------------
 
-def test_a_failed_encode_exits_non_zero_and_leaves_nothing(tmp_path):
-    """ffmpeg under a file-size limit writes a truncated file and exits non-zero: no output, exit status 2."""
+@pytest.mark.parametrize(("flags", "message"), [([], "writing the mp4 failed"),
+                                              (["--output-latent"], "writing the latent {target} failed:")])
+def test_a_failed_write_exits_non_zero_and_leaves_nothing(flags, message, tmp_path):
+    """Under a file-size limit ffmpeg writes a truncated file and exits non-zero, and torch.save raises a
+    RuntimeError of its own: either way one line, exit status 2, no output and no temporary."""
     out = tmp_path / "videos"
     command = (f"ulimit -f 16; exec {sys.executable} {ROOT / 'examples' / 'wan_generate.py'} --num-frames 161 "
-               f"--steps 1 --output-dir {out} --output-name clip")
+               f"--steps 1 --output-dir {out} --output-name clip {' '.join(flags)}")
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "writing the mp4 failed" in result.stderr
-    assert "output:" not in result.stdout
-    assert list(out.iterdir()) == []  # neither the file nor its temporary
+    target = out / ("clip.pt" if flags else "clip.mp4")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message.format(target=target) in last
+    assert "Traceback" not in result.stderr and "output:" not in result.stdout
+    assert list(out.iterdir()) == []
 
 
 def test_the_encoder_checks_the_frame_count(tmp_path, monkeypatch):
@@ -392,18 +397,6 @@ def test_an_output_name_with_folders_lands_under_the_working_directory(tmp_path,
     assert "give the folder in one of them (--output-dir b/a --output-name out)" in capsys.readouterr().err
 
 
-def test_a_failed_latent_write_is_one_line_and_leaves_nothing(tmp_path):
-    """torch.save under a file-size limit raises a RuntimeError of its own: one line, exit 2, no file."""
-    out = tmp_path / "latents"
-    command = (f"ulimit -f 16; exec {sys.executable} {ROOT / 'examples' / 'wan_generate.py'} --num-frames 161 "
-               f"--steps 1 --output-dir {out} --output-name clip --output-latent")
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: writing the latent {out / 'clip.pt'} failed:") and "Traceback" not in result.stderr
-    assert list(out.iterdir()) == []
-
-
 # -- #30: models, checkpoints and geometry ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -528,7 +521,8 @@ def test_the_no_effect_warning_names_what_the_user_set(tmp_path, monkeypatch, ca
     assert "LVSA_SPARSITY_SCALE=0.5, --window-size 8: no effect without --lvsa" in caplog.text
 
 
-def test_the_cli_ends_quietly_when_its_reader_stops():
-    command = f"{sys.executable} -m lvsa.cli report | true; exit ${{PIPESTATUS[0]}}"
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+def test_the_cli_ends_quietly_when_its_reader_stops(tmp_path):
+    lvsa_command = Path(sys.executable).parent / "lvsa"  # the installed console script, as users run it
+    command = f"{lvsa_command} report | true; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr

@@ -136,7 +136,7 @@ def test_apply_to_a_compiled_transformer_installs_on_the_model_inside():
     compiled = torch.compile(pipe.transformer)
     handle = lvsa.apply(compiled, lvsa.LVSASettings(sparsity_scale=1.0))
     assert handle.transformers[0] is pipe.transformer and len(handle.layers) == 2
-    assert handle_of(compiled) is handle
+    assert handle_of(compiled) is handle and lvsa.handle_of(compiled) is handle  # the README's name
     assert lvsa.remove(compiled)
     assert not handle.layers
     torch.testing.assert_close(_generate(pipe, frames=33), dense)
