@@ -143,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"plan": _plan, "drivers": _drivers, "backends": _drivers, "report": _report}
     try:
-        return commands[args.command](args)
+        status = commands[args.command](args)
+        sys.stdout.flush()  # inside the try: a reader gone by now is a broken pipe here, not at exit
+        return status
     except LVSAError as error:
         print(f"lvsa: error: {error}", file=sys.stderr)
         return 2
