@@ -3,6 +3,8 @@ never two runs writing one name."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import tempfile
 from collections.abc import Callable
@@ -60,13 +62,15 @@ def _publish_new(temporary: Path, target: Path) -> None:
                        f"is and this run's result is {kept}")
 
 
+def numbered_path(target: Path, number: int) -> Path:
+    """The ``number``-th name for an output: ``target`` itself for 1, else ``<stem>-<number><suffix>``."""
+    return target if number == 1 else target.with_name(f"{target.stem}-{number}{target.suffix}")
+
+
 def fresh_path(target: Path) -> Path:
-    """``target``, or ``<stem>-2<suffix>``, ``-3``...: the first name that is not taken."""
-    candidate, number = target, 1
-    while candidate.exists():
-        number += 1
-        candidate = target.with_name(f"{target.stem}-{number}{target.suffix}")
-    return candidate
+    """The first of :func:`numbered_path`'s names that is not taken."""
+    return next(path for path in map(functools.partial(numbered_path, target), itertools.count(1))
+                if not path.exists())
 
 
 class OutputClaim:

@@ -28,7 +28,7 @@ from typing import Any
 
 from lvsa import log
 from lvsa.errors import LVSAError
-from lvsa.files import OutputClaim, atomic_write, claim_output
+from lvsa.files import OutputClaim, atomic_write, claim_output, numbered_path
 from lvsa.geometry import ModelFamily
 from lvsa.settings import add_cli_arguments, declare_variables, env_var
 
@@ -239,7 +239,7 @@ def claim_target(args: argparse.Namespace, target: Path) -> tuple[Path, OutputCl
             raise LVSAError(f"another run is writing {target} now; give another --output-name")
         return target, claim
     for number in itertools.count(1):
-        candidate = target if number == 1 else target.with_name(f"{target.stem}-{number}{target.suffix}")
+        candidate = numbered_path(target, number)
         if candidate.exists():
             continue
         claim = claim_output(candidate)
