@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .dense import DenseControls
 from .errors import LVSAError
 from .geometry import FAMILIES, family, resolve_video_geometry, token_frames
 from .log import setup_logging
@@ -44,8 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     video.add_argument("--text-position", choices=["before", "after"],
                        help="text tokens before or after the video (default: the model's, else after)")
     video.add_argument("--step", type=int, default=0, help="denoising step (rotation offset)")
+    video.add_argument("--steps", type=int, help="the run's number of denoising steps (what a dense warm-up "
+                       "fraction is taken of)")
     video.add_argument("--no-mask", action="store_true", help="do not print the mask picture")
     video.add_argument("--json", action="store_true", help="print the plan as JSON instead")
+    video.add_argument("--png", metavar="FILE", help="also draw the mask as a PNG (needs lvsa[figures])")
     add_cli_arguments(plan.add_argument_group("lvsa settings (each also read from its LVSA_* variable)"))
 
     report = commands.add_parser(
@@ -80,8 +84,21 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         raise LVSAError("give --num-frames (with --model or the geometry flags) or --latent-frames")
     position = args.text_position or (model.text_position if model and model.text_position else "after")
+    dense = DenseControls.from_settings(settings)
+    if args.steps is not None and args.steps < 1:
+        raise LVSAError(f"--steps {args.steps}: a run has at least one denoising step")
+    if dense.needs_step_count and args.steps is None:
+        raise LVSAError(f"{dense.warmup_given_as} is a fraction of the denoising steps: give --steps N, the "
+                        "run's number of steps")
+    dense_lines = [line for line in (dense.warmup_line(args.steps), dense.layers_line()) if line]
+    in_warmup = args.step < dense.warmup_steps(args.steps)
     plan = make_plan(T, P, text_tokens=args.text_tokens, text_position=position, step=args.step,
-                     settings=settings, model=model)
+                     settings=settings, model=model, dense=in_warmup)
+    if args.png:
+        from .figures import mask_png
+
+        label = f"{args.model}, {args.num_frames} frames" if args.model and args.num_frames else ""
+        print(f"[LVSA] mask picture written to {mask_png(plan, args.png, label)}", file=sys.stderr)
     if args.json:
         print(json.dumps({
             "latent_frames": plan.latent_frames, "patches_per_frame": plan.patches_per_frame,
@@ -90,8 +107,16 @@ def _plan(args: argparse.Namespace) -> int:
             "globals": list(plan.globals),
             "attended_per_frame": plan.attended_per_frame, "density": plan.density,
             "indptr": list(plan.indptr), "indices": list(plan.indices),
+            "dense_warmup_steps": dense.warmup_steps(args.steps), "dense_layers": list(dense.layers),
+            "dense_step": in_warmup,
         }))
         return 0
+    for line in dense_lines:
+        print(line)
+    if in_warmup:
+        print(f"[LVSA] step {args.step} is a dense warm-up step: every frame attends every frame")
+    elif dense.layers:
+        print("[LVSA] the plan below is that of the other layers")
     for line in plan.log_lines():
         print(line)
     sparsity = 1 - plan.attended_per_frame / plan.latent_frames

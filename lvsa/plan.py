@@ -125,6 +125,8 @@ class SparsePlan:
     windows: tuple[tuple[int, int], ...] = field(repr=False)  # inclusive (lo, hi) per query frame
     #: latent frames per frame of the plan: its frames are token frames when the transformer patches time
     temporal_patch: int = 1
+    #: dense whatever the budget: a dense warm-up step or a dense layer (:mod:`lvsa.dense`)
+    forced_dense: bool = False
 
     # ---- frame level -----------------------------------------------------------------------------
     @property
@@ -208,6 +210,8 @@ class SparsePlan:
         )
         if self.temporal_patch > 1:
             line += f" (token frames of {self.temporal_patch} latent frames)"
+        if self.forced_dense:
+            line += " (dense warm-up step or dense layer)"
         return line
 
     def extension_line(self) -> str:
@@ -308,7 +312,10 @@ def build_plan(
     text_tokens: int = 0,
     text_position: Literal["before", "after"] = "after",
     step: int = 0,
+    dense: bool = False,
 ) -> SparsePlan:
+    """The plan of a ``latent_frames x patches_per_frame`` video (pattern.md §3-4) at denoising ``step``;
+    ``dense``: every frame attends every frame whatever the budget (a dense warm-up step or layer)."""
     T = latent_frames
     if not isinstance(T, int) or T < 1:
         raise GeometryError(f"latent_frames={T!r}: must be an integer >= 1")
@@ -320,9 +327,9 @@ def build_plan(
         raise GeometryError(f"text_position={text_position!r}: must be 'before' or 'after'")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise GeometryError(f"step={step!r}: must be an integer >= 0")
-    kfi = choose_keyframe_interval(T, knobs)
+    kfi = 1 if dense else choose_keyframe_interval(T, knobs)
     n_first = min(knobs.n_first, T)
-    rotating = rotates(T, knobs)
+    rotating = not dense and rotates(T, knobs)
     ring = T - n_first
     offset = step % ring if rotating and ring > 0 else 0
     globals_ = global_frames(T, n_first, kfi, offset)
@@ -347,4 +354,5 @@ def build_plan(
         globals=globals_,
         windows=windows,
         temporal_patch=knobs.temporal_patch,
+        forced_dense=dense,
     )

@@ -85,8 +85,10 @@ def make_plan(
     step: int = 0,
     settings: LVSASettings | None = None,
     model: str | ModelFamily | None = None,
+    dense: bool = False,
 ) -> SparsePlan:
-    """Plan the sparse pattern for ``latent_frames x patches_per_frame`` video tokens at denoising ``step``.
+    """Plan the sparse pattern for ``latent_frames x patches_per_frame`` video tokens at denoising ``step``
+    (``dense``: the plan of a dense warm-up step or dense layer, every frame attending every frame).
 
     ``settings`` defaults to :func:`lvsa.get_settings`; ``model`` (a family name such as ``"wan"``) fills
     knobs the settings leave unset, such as ``reference_latent_frames``."""
@@ -94,4 +96,4 @@ def make_plan(
     fam = family(model) if isinstance(model, str) else model
     knobs = knobs_from_settings(settings, fam)
     return build_plan(latent_frames, patches_per_frame, knobs, text_tokens=text_tokens, text_position=text_position,
-                      step=step)
+                      step=step, dense=dense)

@@ -33,6 +33,8 @@ class ScheduleSteps:
         self._schedule: tuple[int, list[float]] | None = None  # (id of the timesteps tensor, its values)
         self._timesteps: Any = None  # the tensor itself, so that its id stays unique while cached
         self._last = 0
+        #: the number of steps of the schedule :meth:`current` found last (its timesteps)
+        self.length: int | None = None
 
     def add(self, pipeline: Any) -> None:
         if not any(ref() is pipeline for ref in self._pipelines):
@@ -64,6 +66,7 @@ class ScheduleSteps:
                 except ValueError:
                     continue
                 self._last = index
+                self.length = len(values)
                 return self._schedule[0], index
         return None
 
@@ -75,6 +78,8 @@ class StepTracker:
         self.schedule = ScheduleSteps()
         self.step = 0
         self.steps_seen = 0
+        #: the denoising steps of the run the last forward belongs to, where the pipeline's schedule tells
+        self.total_steps: int | None = None
         self._position: tuple[int, int] | None = None
         self._last_timestep: float | None = None
         self._pinned = False
@@ -84,6 +89,7 @@ class StepTracker:
     def observe(self, timestep: Any) -> int:
         """The step of a forward called with ``timestep``; counts a new step when it is one."""
         position = self.schedule.current()
+        self.total_steps = self.schedule.length if position is not None else None
         value = None
         if position is None:
             value = _timestep_value(timestep)

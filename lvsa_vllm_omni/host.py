@@ -26,6 +26,7 @@ import torch
 
 from lvsa import log
 from lvsa.attention import AttentionContext, DriverChoice, ExecutionStats, FallbackPolicy, PlanCache, execute
+from lvsa.dense import DenseControls
 from lvsa.geometry import FAMILIES, LatentGrid, ModelFamily
 from lvsa.kernels.attention_ops import dense_attention
 from lvsa.plan import rotates
@@ -53,6 +54,7 @@ class ServingHost:
 
     def __init__(self, settings: LVSASettings, family: ModelFamily) -> None:
         self.settings = settings_for_model(settings, family)
+        DenseControls.from_settings(self.settings).refuse("the vLLM-Omni host")
         self.family = family
         self.knobs = knobs_from_settings(self.settings, family)
         self.stats = ExecutionStats()

@@ -17,6 +17,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from lvsa.dense import DenseControls
 from lvsa.errors import ConfigError, LVSAError
 from lvsa.settings import LVSASettings, add_cli_arguments, env_var
 
@@ -91,7 +92,8 @@ def command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     args, rest = _parser().parse_known_args(list(argv))
     given = {name: value for name, value in vars(args).items() if name in LVSASettings.model_fields}
     variables = {env_var(name): _variable_value(value) for name, value in given.items()}
-    LVSASettings.from_cli(given)  # every value checked now, with the flag's name, not in a worker later
+    settings = LVSASettings.from_cli(given)  # every value checked now, with the flag's name, not in a worker later
+    DenseControls.from_settings(settings).refuse("the vLLM-Omni host")
     _refuse_bypassing_parallelism(rest)
     rest = _attention_config(rest)
     if "--omni" not in rest:

@@ -266,3 +266,24 @@ def test_wan22_two_compiled_transformers_both_stay_sparse():
     assert all(c.frame_count > 0 for c in counters_by_expert)  # both experts ran, compiled
     assert handle.stats.sparse_calls == 2 * calls and handle.stats.fallback_calls == 0
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_dense_steps_and_layers_do_not_recompile():
+    """A dense step or layer is data the op reads, not a guard: no graph after the first step's."""
+    torch._dynamo.reset()
+    try:
+        eager_pipe = _pipe("wan")
+        settings = lvsa.LVSASettings(reference_latent_frames=3, dense_warmup_steps=3, dense_layers="1")
+        lvsa.apply(eager_pipe, settings)
+        eager = _generate(eager_pipe, "wan")
+        pipe = _pipe("wan")
+        handle = lvsa.apply(pipe, settings)
+        counter = CompileCounterWithBackend("aot_eager")
+        pipe.transformer = torch.compile(pipe.transformer, backend=counter, fullgraph=True)
+        compiled, graphs = _graphs_after_each_step(pipe, "wan", counter)
+        assert graphs[-1] == graphs[0], graphs
+        per_step = handle.stats.calls_by_step
+        assert len(per_step) == STEPS and per_step[0][1] == 0 and per_step[STEPS - 1][0] == per_step[STEPS - 1][1]
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()

@@ -15,7 +15,12 @@ import torch
 
 import lvsa
 from lvsa.adapters import adapter_named, handle_of
+from lvsa.adapters import base as adapter_base
 from lvsa.attention import context as context_module
+from lvsa.attention.executor import PLAN_IN_CALL
+from lvsa.backends.reference import reference_attention
+from lvsa.errors import ConfigError
+from lvsa.kernels.attention_ops import dense_attention, key_mask_with_text
 from lvsa_app.generation import load_pipeline, main
 from lvsa_app.models import example_model
 
@@ -522,3 +527,123 @@ def test_remove_keeps_the_attention_backend_chosen_while_installed(saved_models,
     # CogVideoX's processors take no backend (diffusers leaves them alone); the others' do, lvsa's layers included
     assert ("_native_math" in _backends(pipe).values()) == (name != "cogvideox")
     assert not handle.layers
+
+
+# -- dense warm-up steps and dense layers (lvsa.dense) ----------------------------------------------
+def _record(monkeypatch):
+    """Every layer call the processors hand to the executor: its step, layer, plan, tensors and output."""
+    calls = []
+    real = adapter_base.execute
+
+    def recording(context, origin, video, text=None, key_padding_mask=None, plan=PLAN_IN_CALL):
+        out = real(context, origin, video, text, key_padding_mask, plan)
+        calls.append((context.denoising_step, origin, plan, video, text, key_padding_mask, out))
+        return out
+
+    monkeypatch.setattr(adapter_base, "execute", recording)
+    return calls
+
+
+def _joined(plan, video, text, key_padding_mask):
+    if text is None:
+        return video, None
+    after = plan.text_position == "after"
+    q, k, v = (torch.cat([a, b] if after else [b, a], dim=1) for a, b in zip(video, text, strict=True))
+    mask = key_mask_with_text(key_padding_mask, q.shape[1], video[0].shape[1] if after else 0, q.shape[0], q.device)
+    return (q, k, v), mask
+
+
+def _output(plan, out):
+    video, text = out
+    if text is None:
+        return video
+    return torch.cat([video, text] if plan.text_position == "after" else [text, video], dim=1)
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan", "cogvideox"])
+def test_dense_steps_and_layers_run_dense_attention_and_the_rest_the_plan(saved_models, name, monkeypatch, caplog):
+    pipe = load(saved_models, name)
+    caplog.set_level(logging.INFO, logger="lvsa")
+    calls = _record(monkeypatch)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(dense_warmup_fraction=0.34, dense_layers="0"))
+    generate(pipe, name, BEYOND[name], steps=3)
+    layers = sorted(handle.layers)
+    assert len(layers) == 2
+    dense_layer = next(n for n in layers if ".0." in n)
+    assert "[LVSA] dense warm-up: step 0 of 3 runs dense, 1-2 sparse (dense_warmup_fraction=0.34 (code))" in caplog.text
+    assert "[LVSA] dense layers: 1 of 2 self-attention layers (0) run dense in every step" in caplog.text
+    checked = {True: 0, False: 0}
+    for step, origin, plan, video, text, padding, out in calls:
+        dense = step == 0 or origin == dense_layer
+        assert plan.forced_dense == dense and plan.is_dense == dense, (step, origin)
+        (q, k, v), key_mask = _joined(plan, video, text, padding)
+        got = _output(plan, out)
+        if dense:  # the same SDPA over the same tensors as the model's own attention: bit-exact
+            assert torch.equal(got, dense_attention(q, k, v, key_mask))
+        else:
+            assert plan.kfi > 1
+            torch.testing.assert_close(got.double(), reference_attention(q, k, v, plan, padding), rtol=2e-5, atol=2e-5)
+        checked[dense] += 1
+    assert checked[True] and checked[False]
+    per_forward = len(calls) // (3 * len(layers))  # CFG forwards per step (1 batched or 2 sequential)
+    assert handle.stats.calls_by_step == {0: [2 * per_forward, 0], 1: [per_forward, per_forward],
+                                          2: [per_forward, per_forward]}
+    assert handle.stats.dense_calls == 4 * per_forward and handle.stats.fallback_calls == 0
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+def test_every_step_and_layer_dense_is_the_model_without_lvsa(saved_models, name):
+    pipe = load(saved_models, name)
+    dense = generate(pipe, name, BEYOND[name], steps=2)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(dense_warmup_steps=2))
+    warm = generate(pipe, name, BEYOND[name], steps=2)
+    handle.remove()
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(dense_layers="0-1"))
+    layers = generate(pipe, name, BEYOND[name], steps=2)
+    torch.testing.assert_close(warm, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layers, dense, rtol=1e-5, atol=1e-5)
+    assert handle.stats.dense_calls == handle.stats.sparse_calls > 0
+    handle.remove()
+    sparse = generate(pipe, name, BEYOND[name], steps=2)
+    lvsa.apply(pipe, lvsa.LVSASettings())
+    assert (generate(pipe, name, BEYOND[name], steps=2) - dense).abs().max() > 1e-3  # the plan does engage
+    del sparse
+
+
+def test_both_transformers_of_wan_2_2_get_the_dense_layers(saved_models, monkeypatch):
+    pipe = _variant(saved_models, "wan-i2v-2.2-two-transformers")
+    calls = _record(monkeypatch)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(dense_layers="1", dense_warmup_steps=1))
+    assert handle.runtime.dense_layers == {"transformer.blocks.1.attn1", "transformer_2.blocks.1.attn1"}
+    _generate_variant(pipe, 161, steps=3)
+    seen = {(origin.split(".")[0], plan.forced_dense) for step, origin, plan, *_ in calls if step > 0}
+    assert seen == {("transformer", True), ("transformer", False), ("transformer_2", True), ("transformer_2", False)}
+    assert all(plan.forced_dense for step, _, plan, *_ in calls if step == 0)
+
+
+def test_a_layer_index_past_the_model_is_an_error_naming_the_count(saved_models):
+    pipe = load(saved_models, "wan")
+    with pytest.raises(ConfigError, match=r"dense_layers='5' \(code\): WanTransformer3DModel has 2 self-attention "
+                                          r"layers \(0-1\), so layer 5 does not exist"):
+        lvsa.apply(pipe, lvsa.LVSASettings(dense_layers="5"))
+    assert lvsa.handle_of(pipe) is None  # nothing left installed
+
+
+def test_a_fraction_without_a_schedule_is_an_error_until_the_loop_gives_the_count(saved_models):
+    transformer = load(saved_models, "wan").transformer
+    handle = lvsa.apply(transformer, lvsa.LVSASettings(dense_warmup_fraction=0.5))
+    inputs = (torch.randn(1, 16, 41, 8, 8), torch.tensor([999.0]), torch.randn(1, 8, 32))
+    with pytest.raises(ConfigError, match="set_total_steps"):
+        with torch.inference_mode():
+            transformer(*inputs)
+    handle.runtime.set_total_steps(4)
+    with torch.inference_mode():
+        transformer(*inputs)
+    assert handle.runtime.context.dense_step
+
+
+def test_the_vllm_omni_host_refuses_them_before_serving(monkeypatch):
+    from lvsa_vllm_omni.serve import command
+
+    with pytest.raises(ConfigError, match="not supported by the vLLM-Omni host"):
+        command(["/models/wan", "--dense-layers", "0-1"])

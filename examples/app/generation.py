@@ -418,7 +418,8 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings, cle
         write_report(report if world == 1 else {"ranks": reports}, report_path)
     if handle is not None:
         stats = handle.stats
-        say(f"{PRINT_PREFIX} lvsa: {stats.sparse_calls} layer calls sparse, {stats.fallback_calls} fell back, "
+        dense = f" ({stats.dense_calls} of them dense: warm-up steps, dense layers)" if stats.dense_calls else ""
+        say(f"{PRINT_PREFIX} lvsa: {stats.sparse_calls} layer calls sparse{dense}, {stats.fallback_calls} fell back, "
             f"{stats.plan_builds} plans built over {stats.steps} steps")
         if stats.ring_steps:  # rank 0's ring steps: those whose shards share no attended frame pair were skipped
             say(f"{PRINT_PREFIX} ring attention (rank 0): {stats.ring_steps_skipped} of {stats.ring_steps} ring "

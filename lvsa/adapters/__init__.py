@@ -168,6 +168,7 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
 
         return before_forward
 
+    layer_names: list[list[str]] = []  # per transformer, in the adapter's order (what dense layer indices count)
     try:
         for index, transformer in enumerate(transformers):
             prefix = _TRANSFORMER_ATTRIBUTES[index] + "." if len(transformers) > 1 else ""
@@ -177,13 +178,16 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
                 handle._hooks.extend(adapter.install_riflex(transformer, runtime))
             if not sparse:
                 continue
+            layer_names.append([])
             for name, module in adapter.self_attention_layers(transformer).items():
                 qualified = prefix + name
+                layer_names[-1].append(qualified)
                 handle._originals[qualified] = module.processor
                 processor = adapter.make_processor(module.processor, runtime, qualified)
                 module.set_processor(processor)
                 handle.layers[qualified] = module
                 handle._installed[qualified] = processor
+        runtime.dense_layers = runtime.dense.layer_names(layer_names, type(transformers[0]).__name__)
         for transformer in transformers:
             setattr(transformer, _HANDLE_ATTRIBUTE, handle)
     except Exception:
@@ -194,6 +198,10 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     log.info(f"installed on {what} of {', '.join(type(t).__name__ for t in transformers)}{extras} "
              f"(model {family.name}, reference_latent_frames={runtime.knobs.reference_latent_frames}, "
              f"backend={settings.backend})")
+    if layer_names:
+        line = runtime.dense.layers_line(len(layer_names[0]))
+        if line:
+            log.info(line.removeprefix("[LVSA] "))
     return handle
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .. import log
 from ..attention import AttentionContext, DriverChoice, ExecutionStats, FallbackPolicy, PlanCache
 from ..attention.layout import ContextParallel
+from ..dense import DenseControls
 from ..errors import ConfigError, GeometryError
 from ..geometry import LatentGrid, ModelFamily, pick_factor, planned_patches_per_frame
 from ..plan import PatternKnobs, SparsePlan, build_plan, rotates
@@ -40,6 +42,11 @@ class LVSARuntime:
         self.steps = StepTracker()
         self.plans = PlanCache(self.stats)
         self.fallback = FallbackPolicy(settings.fallback, self.stats)
+        self.dense = DenseControls.from_settings(settings)
+        #: the qualified names of the layers that run dense in every step (set by apply)
+        self.dense_layers: frozenset[str] = frozenset()
+        self._total_steps: int | None = None  # set_total_steps: a custom loop's step count
+        self._warmup_said: tuple[int | None, int] | None = None
         self.context = self._context(None, 0, None)
         #: the grid RIFLEx rewrites rotary tables for: set by the forward pre-hook, also while dynamo traces
         self.rope_grid: LatentGrid | None = None
@@ -57,8 +64,29 @@ class LVSARuntime:
         step = self.steps.observe(timestep)
         self.stats.steps = self.steps.steps_seen
         self.rope_grid = grid
-        self.context = self._context(grid, self._plan_step(grid, step), parallel)
+        self.context = self._context(grid, self._plan_step(grid, step), parallel, step, self._dense_step(step))
         return step
+
+    def _dense_step(self, step: int) -> bool:
+        """Whether denoising ``step`` is one of the dense warm-up's (said once per run length)."""
+        dense = self.dense
+        if dense.warmup_count is None and not dense.warmup_fraction:
+            return False
+        total = self.steps.total_steps if self.steps.total_steps is not None else self._total_steps
+        count = dense.warmup_steps(total)
+        if self._warmup_said != (total, count):
+            self._warmup_said = (total, count)
+            line = dense.warmup_line(total)
+            if line:
+                log.info(line.removeprefix("[LVSA] "))
+        return step < count
+
+    def set_total_steps(self, steps: int) -> None:
+        """For custom denoising loops: the run's number of steps, which a dense warm-up fraction needs (a
+        pipeline's schedule gives it where lvsa was applied to the pipeline)."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps={steps!r}: must be an integer >= 1")
+        self._total_steps = steps
 
     def plan_for(self, grid: LatentGrid, step: int = 0) -> SparsePlan:
         """The plan a forward over ``grid`` at denoising ``step`` runs (video tokens only), built outside the
@@ -77,7 +105,8 @@ class LVSARuntime:
         """The step a plan is built for: the denoising step when the keyframes rotate at this length, else 0."""
         return step if rotates(grid.latent_frames, self.knobs) else 0
 
-    def _context(self, grid: LatentGrid | None, plan_step: int, parallel: ContextParallel | None) -> AttentionContext:
+    def _context(self, grid: LatentGrid | None, plan_step: int, parallel: ContextParallel | None,
+                 denoising_step: int = 0, dense_step: bool = False) -> AttentionContext:
         return AttentionContext(
             grid=grid,
             patches_per_frame=0 if grid is None else self._planned_patches_per_frame(grid),
@@ -90,6 +119,9 @@ class LVSARuntime:
             plans=self.plans,
             stats=self.stats,
             model=self.adapter_name,
+            denoising_step=denoising_step,
+            dense_step=dense_step,
+            dense_layers=self.dense_layers,
         )
 
     @property

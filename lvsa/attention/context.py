@@ -26,7 +26,10 @@ _PLANS_KEPT = 64  # plans of past steps are never asked for again: the cache is 
 class ExecutionStats:
     steps: int = 0  # denoising steps seen (forwards at a new timestep)
     plan_builds: int = 0
-    sparse_calls: int = 0  # layer calls that ran through an lvsa driver
+    sparse_calls: int = 0  # layer calls that ran through an lvsa driver (dense ones of the next line included)
+    dense_calls: int = 0  # of those, calls run dense by the dense warm-up or the dense layers (lvsa.dense)
+    #: per denoising step: [calls run dense by the warm-up or the dense layers, calls run under the plan]
+    calls_by_step: dict[int, list[int]] = field(default_factory=dict)
     fallback_calls: int = 0  # layer calls handed back to the model's own attention
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     ulysses_degree: int = 1  # the Ulysses degree of the last forward
@@ -75,15 +78,16 @@ class PlanCache:
         self._lock = threading.Lock()
 
     def get(self, latent_frames: int, patches_per_frame: int, knobs: PatternKnobs, text_tokens: int,
-            text_position: TextPosition, step: int) -> SparsePlan:
-        key = (latent_frames, patches_per_frame, text_tokens, text_position, step)
+            text_position: TextPosition, step: int, dense: bool = False) -> SparsePlan:
+        step = 0 if dense else step
+        key = (latent_frames, patches_per_frame, text_tokens, text_position, step, dense)
         plan = self._plans.get(key)
         if plan is None:
             with self._lock:
                 plan = self._plans.get(key)
                 if plan is None:
                     plan = build_plan(latent_frames, patches_per_frame, knobs, text_tokens=text_tokens,
-                                      text_position=text_position, step=step)
+                                      text_position=text_position, step=step, dense=dense)
                     if len(self._plans) > _PLANS_KEPT:
                         self._plans.clear()
                     self._plans[key] = plan
@@ -120,6 +124,12 @@ class AttentionContext:
     stats: ExecutionStats
     #: what the model is called in messages (the adapter's name)
     model: str
+    #: the denoising step of the forward (``step`` is 0 for a plan that does not rotate)
+    denoising_step: int = 0
+    #: every layer call of this forward runs dense (a dense warm-up step, lvsa.dense)
+    dense_step: bool = False
+    #: the layers that run dense in every step (qualified names, lvsa.dense)
+    dense_layers: frozenset[str] = frozenset()
 
     def video_tokens(self, local_tokens: int) -> int:
         """The whole video's token count from a layer's (possibly sequence-sharded) share of it."""
@@ -141,8 +151,13 @@ class AttentionContext:
                 known_ppf=sorted({ppf, grid.patches_per_frame}),
             )
             return None
-        plan = self.plans.get(grid.latent_frames, ppf, self.knobs, text_tokens, self.text_position, self.step)
-        self.stats.sparse_calls += 1
+        dense = self.dense_step or origin in self.dense_layers
+        plan = self.plans.get(grid.latent_frames, ppf, self.knobs, text_tokens, self.text_position, self.step, dense)
+        stats = self.stats
+        stats.sparse_calls += 1
+        stats.dense_calls += dense
+        counts = stats.calls_by_step.setdefault(self.denoising_step, [0, 0])
+        counts[0 if dense else 1] += 1
         return plan
 
     def unsupported(self, origin: str, reason: str, seq_len: int, detail: str, **fields: Any) -> None:

@@ -170,7 +170,11 @@ def prepared_states() -> list[tuple[str, Prepared]]:
 
 
 def log_plan_once(plan: SparsePlan) -> None:
-    """The ``[LVSA]`` lines of a plan, when its shape differs from the last one logged (not per layer or step)."""
+    """The ``[LVSA]`` lines of a plan, when its shape differs from the last one logged (not per layer or step).
+    A forced-dense plan (warm-up step, dense layer) is not logged: the host's dense lines say which calls
+    run dense, and interleaved dense layers would otherwise log at every switch."""
+    if plan.forced_dense:
+        return
     with _prepared_lock:
         if plan.shape_key() == _last_logged_shape[0]:
             return

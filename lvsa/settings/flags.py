@@ -23,6 +23,10 @@ _UNSET_MEANS = {
 }
 
 
+# Metavars that say more than the type's ("NAME" for every string).
+_METAVARS = {"dense_layers": "RANGES"}
+
+
 def env_var(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
@@ -52,7 +56,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
         elif typing.get_origin(annotation) is Literal:
             parser.add_argument(option, choices=list(typing.get_args(annotation)), **kwargs)
         else:
-            metavar = {int: "N", float: "X", str: "NAME"}.get(annotation, "VALUE")
+            metavar = _METAVARS.get(name) or {int: "N", float: "X", str: "NAME"}.get(annotation, "VALUE")
             # strings: pydantic converts, so a bad value reads the same from a flag as from the env
             parser.add_argument(option, type=str, metavar=metavar, **kwargs)
 

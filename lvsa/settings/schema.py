@@ -15,7 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from .. import caches, log, plugin_names
+from ..dense import format_layer_ranges, parse_layer_ranges
 from ..errors import ConfigError
 from .flags import ENV_PREFIX, env_var, flag, parse_flags
 from .layers import configured
@@ -96,6 +97,14 @@ class LVSASettings(BaseSettings):
     riflex_s: float | None = Field(
         None, gt=0, description="RIFLEx extension factor s (no change at 1.0)"
     )
+    # quality controls: layer calls that run dense whatever the plan says (lvsa.dense)
+    dense_warmup_steps: int | None = Field(
+        None, ge=0, description="leading denoising steps that run dense, as a count (or use the fraction)")
+    dense_warmup_fraction: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="leading fraction of the denoising steps that run dense (0.2: the first 20 percent)")
+    dense_layers: str | None = Field(
+        None, description="self-attention layers that run dense in every step: indices and ranges, e.g. 0-1,28-29")
     # deprecated: accepted, ignored, warned about
     schedule_start: float | None = Field(None, description="deprecated, no effect: use --sparsity-scale")
     schedule_end: float | None = Field(None, description="deprecated, no effect: use --sparsity-scale")
@@ -143,6 +152,22 @@ class LVSASettings(BaseSettings):
             known = ", ".join(sorted(installed))
             raise ValueError(f"{name!r} is no installed driver{hint}: use auto or one of {known}")
         return name
+
+    @field_validator("dense_layers")
+    @classmethod
+    def _dense_layers(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return format_layer_ranges(parse_layer_ranges(value))
+
+    @model_validator(mode="after")
+    def _one_dense_warmup(self) -> LVSASettings:
+        if self.dense_warmup_steps is not None and self.dense_warmup_fraction is not None:
+            raise ValueError(
+                f"the dense warm-up is given twice, as dense_warmup_steps={self.dense_warmup_steps} "
+                f"(LVSA_DENSE_WARMUP_STEPS, --dense-warmup-steps) and dense_warmup_fraction="
+                f"{self.dense_warmup_fraction} (LVSA_DENSE_WARMUP_FRACTION, --dense-warmup-fraction): give one")
+        return self
 
     # ----------------------------------------------------------------------------------------------
     def source_of(self, field: str) -> Source:
@@ -256,7 +281,8 @@ def _warn_deprecated(settings: LVSASettings) -> None:
             _warn_once(
                 variable,
                 f"[LVSA] {variable} / {flag(field)} is deprecated and has no effect in lvsa; "
-                f"use LVSA_SPARSITY_SCALE (--sparsity-scale) to trade quality for speed",
+                f"use LVSA_SPARSITY_SCALE (--sparsity-scale) to trade quality for speed, and "
+                f"LVSA_DENSE_WARMUP_FRACTION (--dense-warmup-fraction) to run the first steps dense",
             )
     if _has_lvsa_environment():
         known = {env_var(name) for cls in _settings_classes() for name in cls.model_fields}
