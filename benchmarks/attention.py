@@ -4,6 +4,7 @@ usable) against every lvsa driver, in one run, on the shapes of real long-video 
     python -m benchmarks.attention                          # CUDA, full sizes, bf16
     python -m benchmarks.attention --flashinfer-direct      # also FlashInfer's wrapper called directly
     python -m benchmarks.attention --device cpu --small     # CPU, small sizes (keeps the script alive in CI)
+    python -m benchmarks.attention --sweep-frames 81 161 321 481   # latency scaling: Wan 2.1 at each length
 
 For each case it prints every method's ms, effective TFLOP/s (the FLOPs the plan needs over the time), the
 speedup over dense cuDNN and over dense FA4, the fraction of the ideal speedup (1 / density) against each,
@@ -45,17 +46,25 @@ class Case:
     scale: float = 1.0
     text: int = 0  # text tokens after the video (HunyuanVideo 1.5's joint attention), padded
     valid_text: int = 0
+    model: str = "wan"  # the family, for the figures (density vs frames per model)
+
+
+def sweep_cases(video_frames: list[int], scales: list[float]) -> list[Case]:
+    """The latency-scaling sweep: Wan 2.1 1.3B's attention (1560 tokens per frame at 480x832, 12 heads,
+    horizon 21 latent frames) at each length and sparsity scale."""
+    return [Case(f"wan {frames}f" + (f" s={scale:g}" if scale != 1.0 else ""), (frames - 1) // 4 + 1, 1560, 12, 21,
+                 scale) for frames in video_frames for scale in scales]
 
 
 CASES = [
     Case("wan-2x (161 frames)", 41, 1560, 12, 21),
     Case("wan-4x (321 frames)", 81, 1560, 12, 21),
     Case("wan-4x s=0.5", 81, 1560, 12, 21, 0.5),
-    Case("hunyuan-1.5x (193 frames)", 49, 1590, 16, 33),
-    Case("hunyuan-2x (257 frames)", 65, 1590, 16, 33),
+    Case("hunyuan-1.5x (193 frames)", 49, 1590, 16, 33, model="hunyuan"),
+    Case("hunyuan-2x (257 frames)", 65, 1590, 16, 33, model="hunyuan"),
     Case("wan-14b-4x (40 heads)", 81, 1560, 40, 21),
     # HunyuanVideo 1.5's joint attention: the prompt's text tokens after the video, about two thirds valid
-    Case("hunyuan-1.5x + 1000 text (padded)", 49, 1590, 16, 33, text=1000, valid_text=680),
+    Case("hunyuan-1.5x + 1000 text (padded)", 49, 1590, 16, 33, text=1000, valid_text=680, model="hunyuan"),
 ]
 
 
@@ -76,6 +85,12 @@ class Row:
     #: interquartile range of the timed calls over their median (0 with fewer than 2 calls)
     spread: float = 0.0
     times_ms: list[float] = field(default_factory=list)
+    #: the case's geometry, for the figures: latent frames, video frames ((T - 1) x 4 + 1), density, model
+    latent_frames: int = 0
+    video_frames: int = 0
+    density: float = 1.0
+    sparsity_scale: float = 1.0
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -205,6 +220,8 @@ def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
     dense_times = samples[timed_methods[0].name]
     fa4_times = samples.get("dense FA4")
     rows = []
+    geometry = dict(latent_frames=plan.latent_frames, video_frames=(plan.latent_frames - 1) * 4 + 1,
+                    density=plan.density, sparsity_scale=case.scale, model=case.model)
     for method in timed_methods:
         ms, own = median[method.name], samples[method.name]
         spread = _spread(own)
@@ -213,10 +230,10 @@ def run_case(case, args, device, dtype, head_dim, methods, gen) -> list[Row]:
         if method.sparse:
             rows.append(Row(case.name, method.name, ms, flops / ms / 1e9, vs_dense, vs_dense * plan.density,
                             peaks[method.name], errors[method.name], method.prepare_ms, vs_fa4,
-                            None if vs_fa4 is None else vs_fa4 * plan.density, spread, own))
+                            None if vs_fa4 is None else vs_fa4 * plan.density, spread, own, **geometry))
         else:
             rows.append(Row(case.name, method.name, ms, dense_flops / ms / 1e9, vs_dense, None,
-                            peaks[method.name], None, None, vs_fa4, None, spread, own))
+                            peaks[method.name], None, None, vs_fa4, None, spread, own, **geometry))
     return rows
 
 
@@ -274,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=None, help="comma-separated substrings of case names")
     parser.add_argument("--methods", default=None, help="comma-separated substrings of driver names to measure")
     parser.add_argument("--json", default=None, help="write every number to this file")
+    parser.add_argument("--sweep-frames", type=int, nargs="+", metavar="F",
+                        help="instead of the cases: Wan 2.1's attention at these video frame counts (81 161 321 481)")
+    parser.add_argument("--sweep-scales", type=float, nargs="+", default=[1.0], metavar="S",
+                        help="sparsity scales of the sweep (default 1.0)")
     parser.add_argument("--flashinfer-direct", action="store_true",
                         help="also time FlashInfer's wrapper called directly (128 and 512 MB workspaces)")
     args = parser.parse_args(argv)
@@ -283,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     head_dim = args.head_dim or (64 if args.small else 128)
-    cases = CASES
+    cases = sweep_cases(args.sweep_frames, args.sweep_scales) if args.sweep_frames else CASES
     if args.cases:
         wanted = [w.strip() for w in args.cases.split(",")]
         cases = [c for c in cases if any(w in c.name for w in wanted)]

@@ -7,10 +7,12 @@
 #   call 3 (same machine):                        bash benchmarks/gpu.sh "$OUT" attention
 #   (attention-sync: fa4 against both dense kernels with the host's work per call counted; see timing.py)
 #   call 4 (same machine):                        bash benchmarks/gpu.sh "$OUT" pipeline compiled
+#   latency scaling (docs/figures): call 1, then  bash benchmarks/gpu.sh "$OUT" scaling
+#   (Wan 2.1's attention at 81/161/321/481 frames, s=1 and 0.5, dense cuDNN and dense FA4 against every driver)
 # (one part can take most of a 10-minute call: smoke, parity and compiled together did not fit in one)
 # Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
 set -u
-out=${1:?usage: gpu.sh OUTDIR [smoke parity parity-fa4 parity-flashinfer attention attention-sync pipeline compiled ring ceiling]}
+out=${1:?usage: gpu.sh OUTDIR [smoke parity parity-fa4 parity-flashinfer attention attention-sync scaling pipeline compiled ring ceiling]}
 shift
 parts=${*:-smoke parity attention pipeline compiled}
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0
@@ -40,6 +42,8 @@ for part in $parts; do
                  2>&1 | tee "$out/attention.txt" ;;
     attention-sync) bench attention --warmup 1 --repeats 10 --methods fa4 --timing synchronized \
                       --json "$out/attention-sync.json" 2>&1 | tee "$out/attention-sync.txt" ;;
+    scaling) bench attention --sweep-frames 81 161 321 481 --sweep-scales 1.0 0.5 --methods split,flashinfer,fa4 \
+               --warmup 1 --repeats 15 --json "$out/scaling.json" 2>&1 | tee "$out/scaling.txt" ;;
     pipeline) bench pipeline --models wan --frames 81 321 --dense-fa4 --json "$out/pipeline.json" 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/pipeline.txt" ;;
     ring) bench ring_compute --json "$out/ring.json" 2>&1 | tee "$out/ring.txt"

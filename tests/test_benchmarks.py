@@ -204,3 +204,67 @@ def test_speedup_is_the_median_of_the_per_round_ratios():
     assert timing.speedup([4.0, 9.0, 6.0], [2.0, 3.0, 1.0]) == pytest.approx(3.0)  # ratios 2, 3, 6
     with pytest.raises(ValueError, match="same rounds"):
         timing.speedup(dense, disturbed[:3])
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()  # a whole, readable PNG
+    with Image.open(path) as image:
+        return image.format, image.size
+
+
+def test_the_fidelity_report_compares_each_run_with_dense(tmp_path):
+    report = tmp_path / "fidelity.json"
+    videos = tmp_path / "videos"
+    result = _run(tmp_path, "-m", "benchmarks.quality", "--small", "--family", "wan", "--steps", "3",
+                  "--run", "sparsity_scale=1.0", "--run", "reference_latent_frames=3",
+                  "--run", "reference_latent_frames=3,dense_warmup_steps=3", "--run", "reference_latent_frames=3,"
+                  "dense_layers='0,1'", "--json", report, "--save-videos", videos, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "note: small random-weight model" in result.stdout
+    data = json.loads(report.read_text())
+    at_horizon, sparse, warm, layers = data["runs"]
+    # at the horizon lvsa is dense: the same video; every step or every layer dense: the same video
+    for same in (at_horizon, warm, layers):
+        assert same["latent_rel_error"] < 1e-5 and same["ssim"] > 0.9999, same["label"]
+    assert warm["dense_call_share"] == 1.0 and layers["dense_call_share"] == 1.0
+    # beyond it the plan engages: measurably different, frame by frame
+    assert sparse["latent_rel_error"] > 1e-4 and sparse["density"] < 1 and sparse["dense_call_share"] == 0
+    assert len(sparse["psnr_per_frame"]) == 33 and all(p is not None and p > 10 for p in sparse["psnr_per_frame"])
+    assert sparse["ssim"] < 1 and min(sparse["ssim_per_frame"]) <= sparse["ssim"]
+    assert sorted(p.name for p in videos.iterdir()) == ["dense.mp4", "run1.mp4", "run2.mp4", "run3.mp4", "run4.mp4"]
+
+
+def test_the_fidelity_report_refuses_bad_runs(tmp_path):
+    result = _run(tmp_path, "-m", "benchmarks.quality", "--small", "--run", "sparsity_scale=-1")
+    assert result.returncode == 2 and "sparsity_scale" in result.stderr.strip().splitlines()[-1]
+    result = _run(tmp_path, "-m", "benchmarks.quality", "--small", "--run", "nonsense")
+    assert result.returncode != 0 and "name=value" in result.stderr
+
+
+RECORDED = Path(__file__).resolve().parents[1] / "docs" / "data"
+
+
+def test_the_figures_are_drawn_from_recorded_json(tmp_path):
+    out = tmp_path / "figures"
+    result = _run(tmp_path, "-m", "benchmarks.figures", "--out", out, "--size", "640x400",
+                  "--scaling", RECORDED / "scaling-h200-2026-12-05.json",
+                  "--quality", RECORDED / "fidelity-small-wan-cpu.json")
+    assert result.returncode == 0, result.stderr
+    names = {"density_vs_frames", "speedup_vs_frames", "fraction_of_ideal", "fidelity_psnr", "fidelity_ssim"}
+    assert sorted(Path(p).stem for p in result.stdout.split()) == sorted(names | {"mask"})
+    for name in names:
+        assert _png_size(out / f"{name}.png") == ("PNG", (640, 400))
+    assert _png_size(out / "mask.png") == ("PNG", (640, 720))
+    bad = _run(tmp_path, "-m", "benchmarks.figures", "--out", out,
+               "--scaling", RECORDED / "fidelity-small-wan-cpu.json")
+    assert bad.returncode != 0 and "scaling JSON" in bad.stderr
+
+
+def test_the_readme_shows_the_recorded_figures():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in ("speedup_vs_frames", "mask", "density_vs_frames"):
+        assert f"](docs/figures/{name}.png)" in readme
+        assert (Path(__file__).resolve().parents[1] / "docs" / "figures" / f"{name}.png").is_file()

@@ -78,3 +78,18 @@ def test_lvsa_plan_says_which_steps_and_layers_run_dense(tmp_path):
     assert "step 2 is a dense warm-up step" in warm.stdout and "kfi=1 " in warm.stdout
     missing = _lvsa("plan", "--model", "wan", "--num-frames", "161", "--dense-warmup-fraction", "0.2", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.strip().endswith("give --steps N, the run's number of steps")
+
+
+def test_lvsa_plan_draws_the_mask(tmp_path):
+    from PIL import Image
+
+    done = _lvsa("plan", "--model", "wan", "--num-frames", "161", "--step", "3", "--png", "mask.png", "--no-mask",
+                 cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "mask.png") as image:
+        assert image.format == "PNG" and image.size == (640, 720)
+        # the picture holds the three cell colours of a sparse plan (skipped, window, global)
+        colours = {colour for _, colour in image.convert("RGB").getcolors(1 << 20)}
+    assert {(0xf2, 0xf2, 0xf2), (0x4c, 0x8b, 0xd6), (0xf2, 0x9e, 0x38)} <= colours
+    wrong = _lvsa("plan", "--model", "wan", "--num-frames", "161", "--png", "mask.jpg", cwd=tmp_path)
+    assert wrong.returncode == 2 and "name the file *.png" in wrong.stderr
