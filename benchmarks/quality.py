@@ -193,6 +193,17 @@ def _vbench(videos: Path, output: Path) -> dict[str, Any]:
     return {"command": command, "returncode": done.returncode, "output": str(output), "untested_here": True}
 
 
+def _default_device() -> str:
+    """The first accelerator lvsa's device modules find, else the CPU."""
+    from lvsa import registry
+
+    for name in ("cuda", "npu"):
+        device = registry.get_device(name)
+        if device is not None and device.is_available():
+            return name
+    return "cpu"
+
+
 def print_table(report: dict[str, Any]) -> None:
     if report["note"]:
         print(f"note: {report['note']}")
@@ -220,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="a red fox running through fresh snow, tracking shot")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: the first accelerator present, else cpu")
     parser.add_argument("--dtype", default="bfloat16", help="of a --model checkpoint (the small model runs float32)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--save-videos", metavar="DIR", help="write dense.mp4 and run<N>.mp4 here")
     parser.add_argument("--vbench", metavar="DIR", help="score the saved videos with VBench into DIR (when installed)")
     args = parser.parse_args(argv)
+    args.device = args.device or _default_device()
     if args.vbench and not args.save_videos:
         parser.error("--vbench scores the saved videos: give --save-videos DIR too")
     if args.small:

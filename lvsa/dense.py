@@ -9,14 +9,12 @@ resolved (data, not a guard: a compiled graph serves dense and sparse calls alik
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-    from .settings import LVSASettings
 
 
 def parse_layer_ranges(text: str) -> tuple[int, ...]:
@@ -69,7 +67,8 @@ class DenseControls:
     layers_given_as: str = ""
 
     @classmethod
-    def from_settings(cls, settings: LVSASettings) -> DenseControls:
+    def from_settings(cls, settings: Any) -> DenseControls:
+        """From :class:`lvsa.LVSASettings` (not imported here: the settings validate with this module)."""
         count, fraction = settings.dense_warmup_steps, settings.dense_warmup_fraction
         given = ""
         if count is not None:

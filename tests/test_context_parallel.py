@@ -121,6 +121,22 @@ def test_the_example_runs_under_torchrun(saved_models, tmp_path, degree):
     assert [p.name for p in tmp_path.glob("*.memory.json")]  # the gathered report, written once per run
 
 
+@pytest.mark.parametrize("degree", ["--ulysses-degree", "--ring-degree"])
+def test_dense_warmup_and_dense_layers_under_context_parallelism(saved_models, tmp_path, degree):
+    """A dense step or layer runs dense attention over the whole sequence on every rank (Ulysses exchange or
+    ring steps around a dense plan): the same latent as one process with the same settings."""
+    common = ["--model", str(saved_models / "wan"), "--num-frames", "161", "--steps", "2", "--lvsa",
+              "--output-latent", "--output-dir", str(tmp_path), "--dense-warmup-steps", "1", "--dense-layers", "0"]
+    result = torchrun(2, str(EXAMPLES / "wan_generate.py"), *common, degree, "2", "--output-name", "parallel",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "[LVSA] dense warm-up: step 0 of 2 runs dense, 1 sparse" in result.stderr
+    assert "of them dense: warm-up steps, dense layers" in result.stdout
+    assert main("wan", [*common, "--output-name", "single"]) == 0
+    parallel, single = (torch.load(tmp_path / f"{n}.pt")["latent"] for n in ("parallel", "single"))
+    torch.testing.assert_close(parallel, single, rtol=1e-4, atol=1e-4)
+
+
 def test_a_degree_that_does_not_divide_the_heads_is_refused(saved_models):
     pipe = load_pipeline(adapter_named("wan"), str(saved_models / "wan"), torch.float32)
     with pytest.raises(lvsa.ConfigError, match="4 attention heads, which do not split over ulysses_degree=3"):
