@@ -121,10 +121,10 @@ def test_the_example_runs_under_torchrun(saved_models, tmp_path, degree):
     assert [p.name for p in tmp_path.glob("*.memory.json")]  # the gathered report, written once per run
 
 
-@pytest.mark.parametrize("degree", ["--ulysses-degree", "--ring-degree"])
-def test_dense_warmup_and_dense_layers_under_context_parallelism(saved_models, tmp_path, degree):
-    """A dense step or layer runs dense attention over the whole sequence on every rank (Ulysses exchange or
-    ring steps around a dense plan): the same latent as one process with the same settings."""
+def test_dense_warmup_and_dense_layers_under_context_parallelism(saved_models, tmp_path):
+    """A dense step or layer runs dense attention over the whole sequence for this rank's heads (the Ulysses
+    exchange around a dense plan): the same latent as one process with the same settings."""
+    degree = "--ulysses-degree"
     common = ["--model", str(saved_models / "wan"), "--num-frames", "161", "--steps", "2", "--lvsa",
               "--output-latent", "--output-dir", str(tmp_path), "--dense-warmup-steps", "1", "--dense-layers", "0"]
     result = torchrun(2, str(EXAMPLES / "wan_generate.py"), *common, degree, "2", "--output-name", "parallel",
