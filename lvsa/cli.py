@@ -1,4 +1,5 @@
-"""The ``lvsa`` command: ``lvsa plan`` shows what the scheduler does for a video, ``lvsa drivers`` which
+"""The ``lvsa`` command: ``lvsa plan`` shows what the scheduler does for a video, ``lvsa models`` which diffusers video
+transformers lvsa runs, ``lvsa drivers`` which
 drivers can run on which device here (``lvsa backends``, its earlier name, works until lvsa 0.3), ``lvsa
 report`` the settings, drivers and memory. Flags of the settings work on each (``lvsa plan --help``)."""
 
@@ -13,7 +14,8 @@ from collections.abc import Sequence
 from . import __version__
 from .dense import DenseControls
 from .errors import LVSAError
-from .geometry import FAMILIES, family, resolve_video_geometry, token_frames
+from .families import plan_families
+from .geometry import resolve_video_geometry, token_frames
 from .log import setup_logging
 from .planning import make_plan
 from .settings import LVSASettings, add_cli_arguments
@@ -25,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Frame-level block-sparse attention for long-video diffusion transformers.",
     )
     parser.add_argument("--version", action="version", version=f"lvsa {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,drivers,report}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,models,drivers,report}")
 
     plan = commands.add_parser(
         "plan",
@@ -36,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         "--patches-per-frame.",
     )
     video = plan.add_argument_group("video")
-    video.add_argument("--model", choices=sorted(FAMILIES), help="model family (reference horizon, VAE factors)")
+    video.add_argument("--model", choices=sorted(plan_families()), metavar="FAMILY",
+                       help="model family (reference horizon, VAE factors): " + ", ".join(sorted(plan_families())))
     video.add_argument("--num-frames", type=int, help="video frames (e.g. 321); latent = (F - 1) // 4 + 1")
     video.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
     video.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
@@ -61,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--no-memory", action="store_true", help="skip allocator and nvidia-smi/npu-smi queries")
     add_cli_arguments(report.add_argument_group("lvsa settings (shown with their source)"))
 
+    models = commands.add_parser(
+        "models", allow_abbrev=False,
+        help="every diffusers video transformer: supported (family, horizon per variant) or refused, and why",
+        description="The table of diffusers video transformer classes lvsa supports or refuses, printed from "
+        "its declarations (lvsa.families); the README's table is this command's --markdown output.")
+    form = models.add_mutually_exclusive_group()
+    form.add_argument("--markdown", action="store_true", help="print the README's Markdown table")
+    form.add_argument("--json", action="store_true", help="print JSON")
+
     drivers = commands.add_parser("drivers", aliases=["backends"],
                                   help="which drivers can run on which device here, and why not "
                                   "(`lvsa backends`: its earlier name, removed in lvsa 0.3)")
@@ -71,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace) -> int:
     settings = LVSASettings.from_cli(args)
-    model = family(args.model) if args.model else None
+    model = plan_families()[args.model] if args.model else None
     if args.latent_frames is not None:
         T = token_frames(args.latent_frames, model.temporal_patch if model else 1)
         if settings.patches_per_frame is not None:
@@ -155,6 +167,16 @@ def _drivers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from .models_table import markdown_table, rows, text_table
+
+    if args.json:
+        print(json.dumps([row.as_dict() for row in rows()], indent=2))
+    else:
+        print(markdown_table() if args.markdown else text_table(), end="")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import collect, render
 
@@ -166,7 +188,7 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = _parser().parse_args(argv)
-    commands = {"plan": _plan, "drivers": _drivers, "backends": _drivers, "report": _report}
+    commands = {"plan": _plan, "models": _models, "drivers": _drivers, "backends": _drivers, "report": _report}
     try:
         status = commands[args.command](args)
         sys.stdout.flush()  # inside the try: a reader gone by now is a broken pipe here, not at exit

@@ -33,6 +33,9 @@ class ScheduleSteps:
         self._schedule: tuple[int, list[float]] | None = None  # (id of the timesteps tensor, its values)
         self._timesteps: Any = None  # the tensor itself, so that its id stays unique while cached
         self._last = 0
+        self._vector: tuple[float, ...] | None = None  # the last per-frame timestep vector
+        self._vector_steps = 0
+        self._last_vector_schedule: int | None = None
         #: the number of steps of the schedule :meth:`current` found last (its timesteps)
         self.length: int | None = None
 
@@ -57,6 +60,9 @@ class ScheduleSteps:
                 self._timesteps = timesteps
                 self._schedule = (id(timesteps), [float(x) for x in timesteps.tolist()])
                 self._last = 0
+                self._vector = None
+            if getattr(t, "numel", None) is not None and t.numel() > 1:
+                return self._per_frame_step(t)
             values = self._schedule[1]
             value = float(t)
             # from the last position on: the step never goes back within a generation
@@ -69,6 +75,18 @@ class ScheduleSteps:
                 self.length = len(values)
                 return self._schedule[0], index
         return None
+
+    def _per_frame_step(self, t: Any) -> tuple[int, int]:
+        """A pipeline whose step has one timestep per frame (SkyReels-V2's diffusion forcing walks a step
+        matrix, not the scheduler's timesteps): each new timestep vector is the next step of the loop. How
+        many steps the loop takes is not known from the schedule."""
+        vector = tuple(float(x) for x in t.detach().flatten().tolist())
+        if vector != self._vector:
+            self._vector = vector
+            self._vector_steps = 0 if self._last_vector_schedule != self._schedule[0] else self._vector_steps + 1
+            self._last_vector_schedule = self._schedule[0]
+        self.length = None
+        return self._schedule[0], self._vector_steps
 
 
 class StepTracker:

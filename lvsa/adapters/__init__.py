@@ -70,6 +70,9 @@ class LVSAHandle:
         self._hooks.clear()
         kept = []
         for name, module in self.layers.items():
+            release = getattr(self._installed[name], "release", None)
+            if release is not None:  # a declared family's processor gives back its dispatch entry
+                release()
             if getattr(module, "processor", None) is self._installed[name]:
                 module.set_processor(self._originals[name])
             else:
@@ -89,16 +92,39 @@ def adapter_plugins() -> dict[str, Plugin[ModelAdapter]]:
     return registry.plugins(registry.ADAPTERS_NAMESPACE, ModelAdapter)
 
 
+@functools.cache
+def declared_adapters() -> dict[str, ModelAdapter]:
+    """The adapters of the families declared in :mod:`.families`, by name."""
+    from ..families import DECLARED
+    from .declared import DeclaredAdapter
+
+    return {family.name: DeclaredAdapter(family) for family in DECLARED}
+
+
 def adapters() -> dict[str, ModelAdapter]:
-    return {name: plugin.obj for name, plugin in adapter_plugins().items() if plugin.obj is not None}
+    """Every model adapter: the ``lvsa.adapters`` entry points, then the declared families."""
+    found: dict[str, ModelAdapter] = {name: p.obj for name, p in adapter_plugins().items() if p.obj is not None}
+    for name, adapter in declared_adapters().items():
+        found.setdefault(name, adapter)
+    return found
 
 
 def adapter_for(transformer: Any) -> ModelAdapter:
-    for adapter in adapters().values():
-        if adapter.handles(transformer):
-            return adapter
-    known = ", ".join(f"{a.name} ({'/'.join(a.transformer_classes)})" for a in adapters().values())
-    raise ConfigError(f"lvsa has no adapter for {type(transformer).__name__}; adapters installed: {known or 'none'}")
+    """The adapter of the most specific class of ``transformer`` that one handles (a subclass of a supported
+    model runs as it, unless an adapter names the subclass); a refused class is an error with the reason."""
+    from ..families import REFUSED
+
+    everything = adapters().values()
+    for cls in type(transformer).__mro__:
+        for adapter in everything:
+            if cls.__name__ in adapter.transformer_classes:
+                return adapter
+        for refusal in REFUSED:
+            if cls.__name__ in refusal.classes:
+                raise ConfigError(refusal.message(type(transformer).__name__))
+    known = ", ".join(f"{a.name} ({'/'.join(a.transformer_classes)})" for a in everything)
+    raise ConfigError(f"lvsa has no adapter for {type(transformer).__name__}; `lvsa models` lists the "
+                      f"supported and refused classes. Adapters installed: {known or 'none'}")
 
 
 def adapter_named(name: str) -> ModelAdapter:
@@ -145,26 +171,26 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
         runtime.schedule.add(target)  # the pipeline's schedule gives the exact denoising step
     handle = LVSAHandle(runtime, adapter, transformers, target=_describe(target, transformers))
 
-    def start_forward(module: Any, hidden_states: Any, timestep: Any) -> int:
+    def start_forward(module: Any, grid: LatentGrid, timestep: Any) -> int:
         if handle.layers:
             replaced = handle.replaced_layers()
             if replaced:
                 runtime.processors_replaced(replaced)
-        grid: LatentGrid = adapter.latent_grid(module, hidden_states)
         return runtime.begin_forward(grid, timestep, context_parallel_of(module))
 
     def hook(index: int) -> Any:
         def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-            hidden_states = adapter.forward_argument("hidden_states", args, kwargs)
-            timestep = adapter.forward_argument("timestep", args, kwargs)
+            grid = adapter.grid_of_call(module, args, kwargs)  # shapes only: plain ints while dynamo traces
+            timestep = adapter.forward_argument(module, "timestep", args, kwargs)
             if not compiled.compiling():
-                start_forward(module, hidden_states, timestep)
+                start_forward(module, grid, timestep)
                 return
             # traced by dynamo: the step's state changes behind the op, so the graph holds no guard on it
             calls = runtime.compiled
-            compiled.forward_start(calls.ticket, hidden_states, compiled.as_tensor(timestep), calls.key, index)
-            if settings.riflex:  # the rotary hook reads the grid while dynamo traces (shapes only)
-                runtime.rope_grid = adapter.latent_grid(module, hidden_states)
+            compiled.forward_start(calls.ticket, grid.latent_frames, grid.patches_per_frame,
+                                   compiled.as_tensor(timestep), calls.key, index)
+            if settings.riflex:  # the rotary hook reads the grid while dynamo traces
+                runtime.rope_grid = grid
 
         return before_forward
 

@@ -180,6 +180,10 @@ class ModelAdapter(ABC):
         frames, height, width = (hidden_states.shape[axis] for axis in self.latent_axes)
         return self.grid_of(transformer, frames, height, width)
 
+    def grid_of_call(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> LatentGrid:
+        """The grid of a forward call (its ``hidden_states`` by default)."""
+        return self.latent_grid(transformer, self.forward_argument(transformer, "hidden_states", args, kwargs))
+
     @abstractmethod
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         """A processor that runs one self-attention layer through lvsa (``original`` serves fallbacks)."""
@@ -187,7 +191,8 @@ class ModelAdapter(ABC):
     #: position of ``hidden_states`` and ``timestep`` among the transformer's positional arguments
     forward_positions: ClassVar[dict[str, int]] = {"hidden_states": 0, "timestep": 1}
 
-    def forward_argument(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def forward_argument(self, transformer: Any, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Argument ``name`` of a call of ``transformer``'s forward (``None`` when not given)."""
         if name in kwargs:
             return kwargs[name]
         index = self.forward_positions[name]

@@ -6,7 +6,8 @@ recompilation per rotated plan) and the host work graph breaks. Behind these two
 only tensors in and tensors out, with shapes that do not change between steps:
 
 - ``lvsa::forward_start`` runs the transformer's forward pre-hook work (step tracking, the context of the
-  forward, the processors check) and writes the step into the installation's ``ticket``, a one-element tensor;
+  forward, the processors check) for the forward's grid (two ints, read off the call's shapes while
+  tracing) and writes the step into the installation's ``ticket``, a one-element tensor;
 - ``lvsa::attention`` takes the ``ticket`` (so the compiled graph orders it after ``forward_start`` and never
   drops either) and the layer's key (a tensor: the same graph serves every block), and calls the executor
   (:func:`lvsa.attention.execute`) with the forward's context, which plans the layer there. A layer that
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from ..attention import AttentionContext, execute
+from ..geometry import LatentGrid
 
 _installations: weakref.WeakValueDictionary[int, CompiledCalls] = weakref.WeakValueDictionary()
 _keys = itertools.count(1)
@@ -51,8 +53,9 @@ class CompiledCalls:
         _installations[self.key] = self
         with torch.inference_mode(False):  # mutated inside inference_mode and outside it alike
             self.ticket = torch.zeros(1, dtype=torch.int64)
-        #: per transformer (in the handle's order): the forward pre-hook's work, returning the step
-        self.forward_callbacks: list[Callable[[torch.Tensor, Any], int]] = []
+        #: per transformer (in the handle's order): the forward pre-hook's work on the forward's grid and
+        #: timestep, returning the step
+        self.forward_callbacks: list[Callable[[LatentGrid, Any], int]] = []
         self.layer_names: list[str] = []  # indexed by the layers' keys
 
     def layer_key(self, name: str) -> torch.Tensor:
@@ -70,14 +73,15 @@ def _installation(key: int) -> CompiledCalls:
 
 
 @torch.library.custom_op("lvsa::forward_start", mutates_args=("ticket",))
-def forward_start(ticket: torch.Tensor, hidden_states: torch.Tensor, timestep: torch.Tensor | None,
+def forward_start(ticket: torch.Tensor, latent_frames: int, patches_per_frame: int, timestep: torch.Tensor | None,
                   installation_key: int, transformer_index: int) -> None:
-    step = _installation(installation_key).forward_callbacks[transformer_index](hidden_states, timestep)
+    grid = LatentGrid(latent_frames, patches_per_frame)
+    step = _installation(installation_key).forward_callbacks[transformer_index](grid, timestep)
     ticket.fill_(step)
 
 
 @forward_start.register_fake
-def _(ticket, hidden_states, timestep, installation_key, transformer_index) -> None:
+def _(ticket, latent_frames, patches_per_frame, timestep, installation_key, transformer_index) -> None:
     return None
 
 

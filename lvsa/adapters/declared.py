@@ -1,0 +1,263 @@
+"""The one adapter that runs every declared model family (:class:`lvsa.families.Family`: what lvsa must know
+of a diffusers video transformer, written as data): :class:`DeclaredAdapter`.
+
+lvsa takes over a declared family's self-attention where every diffusers attention processor ends: its call of
+``dispatch_attention_fn``, after the model's own projections, norms and RoPE. Each self-attention layer gets a
+:class:`DispatchProcessor`, which runs the model's own processor code with that one name bound to the layer's
+entry (the processor's function over a copy of its module's globals: diffusers' module, the cross-attention
+and every other model stay untouched). There lvsa cuts the joined sequence into video and text where the
+family declares it, plans, and hands the call to the executor; a call it cannot plan goes to diffusers'
+own ``dispatch_attention_fn`` with the same arguments after the policy's loud line. So a family is a grid
+rule, the names of its self-attention layers, where its other tokens sit, and its horizons.
+
+(Registering lvsa as a diffusers attention backend by name would need diffusers' private backend registry,
+and a backend cannot tell a video self-attention call from the cross-attention of the same model: the
+per-layer binding can.)"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import sys
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from ..families import Family, Variant, plan_families
+from ..geometry import LatentGrid, ModelFamily
+from .base import LVSAProcessor, ModelAdapter
+from .compiled import compiling
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..riflex import TemporalRope
+    from .runtime import LVSARuntime
+
+__all__ = ["DeclaredAdapter", "DispatchProcessor"]
+
+_DISPATCH = "dispatch_attention_fn"
+
+
+# -- the processor ------------------------------------------------------------------------------------
+_processor_classes: dict[type, type] = {}
+
+
+def processor_for(original: Any, runtime: LVSARuntime, layer: str, family: Family) -> DispatchProcessor:
+    """lvsa's processor for a layer whose model processor is ``original``: a subclass per processor class,
+    whose ``__call__`` shows the original's signature (diffusers' attention modules drop the keyword
+    arguments a processor's signature does not name)."""
+    cls = type(original)
+    found = _processor_classes.get(cls)
+    if found is None:
+        call = cls.__call__
+
+        def __call__(self: DispatchProcessor, attn: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.run(attn, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(call)  # type: ignore[attr-defined]
+        found = type(f"LVSA{cls.__name__}", (DispatchProcessor,), {"__call__": __call__,
+                                                                   "__module__": __name__})
+        _processor_classes[cls] = found
+    return found(original, runtime, layer, family)
+
+
+class DispatchProcessor(LVSAProcessor):
+    """Runs the model's own processor code with its ``dispatch_attention_fn`` bound to :meth:`dispatch`."""
+
+    def __init__(self, original: Any, runtime: LVSARuntime, layer: str, family: Family) -> None:
+        super().__init__(original, runtime, layer)
+        self.family = family
+        self._call, self._namespace = _bind(type(original).__call__, self.dispatch, layer)
+        self._dispatched = 0  # calls that reached dispatch (checked after each eager call)
+
+    def run(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
+        if compiling():
+            return self._call(self.original, attn, *args, **kwargs)
+        before = self._dispatched
+        out = self._call(self.original, attn, *args, **kwargs)
+        if self._dispatched == before:
+            # the processor attended some other way (a helper, F.scaled_dot_product_attention): lvsa did not run
+            self.runtime.context.fallback.fall_back(
+                self.layer, "not_dispatched", f"{type(self.original).__name__} returned without calling "
+                f"{_DISPATCH}, so this layer ran without lvsa", "Report the processor class; lvsa.remove() "
+                "runs the model as it is", error=ConfigError, once=self.layer)
+        return out
+
+    def release(self) -> None:
+        """Forget the layer's namespace (on ``remove``)."""
+        sys.modules.pop(self._namespace, None)
+
+    def dispatch(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                 scale: float | None = None, enable_gqa: bool = False, attention_kwargs: dict[str, Any] | None = None,
+                 *, backend: Any = None, parallel_config: Any = None) -> torch.Tensor:
+        """The layer's attention ``[B, S, H, D]`` (diffusers' ``dispatch_attention_fn`` contract)."""
+        if not compiling():  # a counter in a compiled graph would be a guard
+            self._dispatched += 1
+        video_tokens = self._video_tokens(query.shape[1])
+        other = query.shape[1] - video_tokens
+        problem = self._problem(query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa, other)
+        plan = None
+        if problem is None:
+            plan = self.plan(video_tokens, other)
+        else:
+            self.unsupported(problem[0], video_tokens, problem[1], max(other, 0))
+        if plan is None:  # the model's own attention, with the backend chosen for the model
+            return _diffusers_dispatch()(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                         attention_kwargs, backend=backend, parallel_config=parallel_config)
+        before = self.family.other_tokens == "before"
+        if not other:
+            out, _ = self.attend((query, key, value), None, plan)
+            return out
+        cut = other if before else video_tokens
+        first = (query[:, :cut], key[:, :cut], value[:, :cut])
+        second = (query[:, cut:], key[:, cut:], value[:, cut:])
+        video, text = (second, first) if before else (first, second)
+        padding = None
+        if attn_mask is not None:
+            keys = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[-1])
+            keys = keys[:, :other] if before else keys[:, video_tokens:]
+            padding = keys if keys.dtype == _bool_dtype() else keys == 0
+        video_out, text_out = self.attend(video, text, plan, padding)
+        import torch
+
+        return torch.cat([text_out, video_out] if before else [video_out, text_out], dim=1)
+
+    def _video_tokens(self, seq_len: int) -> int:
+        grid = self.runtime.context.grid
+        if grid is None:
+            return seq_len
+        parallel = self.runtime.context.parallel
+        return grid.latent_frames * grid.patches_per_frame // (parallel.degree if parallel else 1)
+
+    def _problem(self, query: Any, key: Any, attn_mask: Any, dropout_p: float, is_causal: bool, scale: float | None,
+                 enable_gqa: bool, other: int) -> tuple[str, str] | None:
+        """Why lvsa cannot run this call as the model asked, or ``None``."""
+        family = self.family
+        if other < 0 or (other and family.other_tokens == "none"):
+            return ("geometry_detect", f"the sequence has {query.shape[1]} tokens, the grid "
+                    f"{query.shape[1] - other} video tokens, and {family.name} declares no other tokens")
+        if dropout_p or is_causal:
+            return ("unexpected_inputs", f"dropout_p={dropout_p} is_causal={is_causal}")
+        if key.shape[2] != query.shape[2] or enable_gqa:
+            return ("unexpected_inputs", f"{query.shape[2]} query heads but {key.shape[2]} key heads")
+        if scale is not None and abs(scale - query.shape[-1] ** -0.5) > 1e-12 * scale:
+            return ("unexpected_inputs", f"softmax scale {scale} is not 1/sqrt(head_dim)")
+        if attn_mask is not None:
+            shape = tuple(attn_mask.shape)
+            key_mask = len(shape) in (2, 4) and shape[-1] == query.shape[1] and all(s == 1 for s in shape[1:-1])
+            if family.mask != "key_padding" or not key_mask:
+                return ("attention_mask", f"{family.name} passed an attention mask of shape {shape}, which lvsa "
+                        "does not apply" + ("" if family.mask == "key_padding" else
+                                            " (the family declares none)"))
+        return None
+
+
+def _bool_dtype() -> Any:
+    import torch
+
+    return torch.bool
+
+
+def _diffusers_dispatch() -> Callable[..., Any]:
+    from diffusers.models import attention_dispatch
+
+    return attention_dispatch.dispatch_attention_fn
+
+
+_namespaces = itertools.count()
+
+
+def _bind(function: Callable[..., Any], dispatch: Callable[..., Any], layer: str) -> tuple[Callable[..., Any], str]:
+    """``function`` over a copy of its module's globals in which ``dispatch_attention_fn`` is ``dispatch``, and
+    the name of that copy. The copy is registered as a module of its own, under its own name: ``torch.compile``
+    finds a function's globals by their module's name."""
+    code = function.__code__
+    if _DISPATCH not in code.co_names:
+        raise ConfigError(
+            f"layer {layer}: its processor {function.__qualname__} does not call {_DISPATCH}, where lvsa runs a "
+            "declared family's attention; restore the model's own processor (or lvsa.remove) before lvsa.apply")
+    name = f"{__name__}.layer_{next(_namespaces)}"
+    namespace = types.ModuleType(name)
+    namespace.__dict__.update(function.__globals__)
+    namespace.__dict__.update({"__name__": name, _DISPATCH: dispatch})
+    sys.modules[name] = namespace
+    rebound = types.FunctionType(code, namespace.__dict__, function.__name__, function.__defaults__,
+                                 function.__closure__)
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    return rebound, name
+
+
+# -- the adapter --------------------------------------------------------------------------------------
+class DeclaredAdapter(ModelAdapter):
+    """The adapter of a declared :class:`Family`."""
+
+    def __init__(self, family: Family) -> None:
+        self.declaration = family
+        self.name = family.name  # type: ignore[misc]
+        self.transformer_classes = family.classes  # type: ignore[misc]
+        self.latent_axes = family.latent_axes  # type: ignore[misc]
+        self._positions: dict[type, dict[str, int]] = {}
+
+    def family(self, transformer: Any) -> ModelFamily:
+        return self._model_family(self.declaration.variant(transformer.config))
+
+    def family_defaults(self) -> ModelFamily:
+        return self._model_family(next(v for v in self.declaration.variants if not v.when))
+
+    def _model_family(self, variant: Variant) -> ModelFamily:
+        from dataclasses import replace
+
+        found = plan_families()[self.declaration.name]
+        if variant.when:
+            found = replace(found, name=f"{found.name} ({variant.name})",
+                            reference_latent_frames=variant.reference_latent_frames,
+                            vae_temporal_factor=variant.vae_temporal_factor or self.declaration.vae_temporal_factor)
+        return found
+
+    def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
+        pattern = self.declaration.layer_pattern()
+        found = {name: module for name, module in transformer.named_modules()
+                 if pattern.fullmatch(name) and hasattr(module, "processor")}
+        if not found:
+            raise ConfigError(f"{type(transformer).__name__}: no module matches the self-attention layers "
+                              f"declared for {self.name} ({', '.join(self.declaration.layers)})")
+        return found
+
+    def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
+        return processor_for(original, runtime, layer, self.declaration)
+
+    def forward_argument(self, transformer: Any, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        positions = self._positions.get(type(transformer))
+        if positions is None:
+            parameters = list(inspect.signature(type(transformer).forward).parameters)[1:]
+            positions = {p: i for i, p in enumerate(parameters)}
+            self._positions[type(transformer)] = positions
+        index = positions.get(name)
+        return args[index] if index is not None and index < len(args) else None
+
+    def grid_of_call(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> LatentGrid:
+        if self.declaration.grid == "latent":
+            return super().grid_of_call(transformer, args, kwargs)
+        sizes = [self.forward_argument(transformer, n, args, kwargs) for n in ("num_frames", "height", "width")]
+        if any(s is None for s in sizes):
+            raise ConfigError(f"{type(transformer).__name__} was called without num_frames, height and width, "
+                              "which give lvsa the latent grid of its token sequence")
+        return self.grid_of(transformer, *(int(s) for s in sizes))
+
+    def check_context_parallel(self, transformer: Any, degree: int) -> None:
+        if not self.declaration.context_parallel:
+            raise ConfigError(f"{type(transformer).__name__}: lvsa's context parallelism is not declared for "
+                              f"{self.name} (lvsa models lists the families that have it)")
+        super().check_context_parallel(transformer, degree)
+
+    def temporal_rope(self, transformer: Any) -> TemporalRope | None:
+        return None
+
+    def install_riflex(self, transformer: Any, runtime: LVSARuntime) -> list[Any]:
+        raise ConfigError(f"RIFLEx is not available for {type(transformer).__name__} (family {self.name}): lvsa "
+                          "knows its rotary layout only for Wan, HunyuanVideo 1.5 and CogVideoX")

@@ -1,0 +1,260 @@
+"""Every diffusers video transformer lvsa knows, as data: the declared families it runs (:data:`DECLARED`,
+run by :class:`lvsa.adapters.declared.DeclaredAdapter`), the families with an adapter module of their own
+(Wan, HunyuanVideo 1.5, CogVideoX: :data:`ADAPTER_MODULES`), and the classes it refuses, with the reason
+(:data:`REFUSED`). ``lvsa models`` and the README's table are printed from here (:mod:`lvsa.models_table`).
+Pure Python: nothing here imports torch or diffusers.
+
+A declared horizon is the number of video frames the family's diffusers pipeline generates by default, in
+latent frames (``(frames - 1) // vae_temporal + 1``): the length the checkpoints were published for. Its
+source names the pipeline, and ``tests/test_families.py`` reads that default off the pipeline's signature."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One checkpoint line of a family: its name, its reference horizon in latent frames and where that number
+    comes from. ``when`` holds the config values that identify it (empty: the family's default variant)."""
+
+    name: str
+    reference_latent_frames: int
+    source: str
+    when: Mapping[str, Any] = field(default_factory=dict)
+    #: the variant's VAE frames per latent frame, where it differs from the family's
+    vae_temporal_factor: int | None = None
+
+    def matches(self, config: Any) -> bool:
+        return all(_config_value(config, key) == value for key, value in self.when.items())
+
+
+@dataclass(frozen=True)
+class Family:
+    """What lvsa needs to know of one family of diffusers video transformers.
+
+    ``layers`` name the video self-attention modules as patterns over ``named_modules()`` (``*`` is one name
+    component: ``blocks.*.attn1``), in the order dense layer indices count them. ``other_tokens`` says where
+    the tokens that are not video (text, images) sit in the sequence a layer attends over: ``none``,
+    ``before`` or ``after`` the video. ``mask`` says what the model passes as ``attn_mask`` to those layers:
+    ``none``, or ``key_padding`` (a mask over the keys of the joined sequence whose video part is valid by
+    construction: lvsa honours its text part). ``grid`` is ``latent`` (the ``hidden_states`` input is
+    ``[B, C, F, H, W]``, patched by the config's ``patch_size``/``patch_size_t``) or ``forward_sizes`` (the
+    input is already a token sequence, and the forward's ``num_frames``, ``height`` and ``width`` give the
+    latent grid)."""
+
+    name: str
+    classes: tuple[str, ...]
+    layers: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    pipelines: tuple[str, ...]
+    vae_temporal_factor: int
+    vae_spatial_factor: int
+    default_height: int
+    default_width: int
+    #: the transformer's spatial patch in the default checkpoint (a loaded model's config wins)
+    patch_size: int = 2
+    other_tokens: Literal["none", "before", "after"] = "none"
+    mask: Literal["none", "key_padding"] = "none"
+    grid: Literal["latent", "forward_sizes"] = "latent"
+    #: where frames, height and width sit in ``hidden_states`` (``grid="latent"``)
+    latent_axes: tuple[int, int, int] = (2, 3, 4)
+    #: the model ships a diffusers context-parallel plan lvsa's Ulysses and ring paths work with
+    context_parallel: bool = False
+    #: what a user should know (shown in the table)
+    notes: str = ""
+
+    def variant(self, config: Any) -> Variant:
+        for candidate in self.variants:
+            if candidate.when and candidate.matches(config):
+                return candidate
+        return next(v for v in self.variants if not v.when)
+
+    def layer_pattern(self) -> re.Pattern[str]:
+        parts = ["\\.".join("[^.]+" if piece == "*" else re.escape(piece) for piece in p.split("."))
+                 for p in self.layers]
+        return re.compile("|".join(f"(?:{part})" for part in parts))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A diffusers video transformer lvsa does not run, and why (said by ``lvsa.apply`` and ``lvsa models``).
+    ``final``: its attention is not full attention over the 3-D grid, so a frame pattern does not apply;
+    otherwise it is full attention that lvsa has not declared yet, and ``reason`` says what it needs."""
+
+    classes: tuple[str, ...]
+    reason: str
+    final: bool = True
+
+    def message(self, cls: str) -> str:
+        if self.final:
+            return f"lvsa does not run {cls}: {self.reason}"
+        return f"lvsa does not run {cls} yet: {self.reason}"
+
+
+def _config_value(config: Any, key: str) -> Any:
+    value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    return tuple(value) if isinstance(value, list) else value
+
+
+
+def reference_video_frames(family: Family, variant: Variant) -> int:
+    """The video frames of a variant's horizon (``(T - 1) * vae_temporal + 1``), for tables."""
+    return (variant.reference_latent_frames - 1) * (variant.vae_temporal_factor or family.vae_temporal_factor) + 1
+
+
+
+def _pipeline_default(pipeline: str, frames: int) -> str:
+    return f"{pipeline} default num_frames={frames}"
+
+
+DECLARED: tuple[Family, ...] = (
+    Family(
+        name="wan-vace",
+        classes=("WanVACETransformer3DModel",),
+        layers=("blocks.*.attn1", "vace_blocks.*.attn1"),
+        variants=(Variant("Wan 2.1 VACE", 21, _pipeline_default("WanVACEPipeline", 81)),),
+        pipelines=("WanVACEPipeline",),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=832,
+        notes="the control (VACE) blocks attend over the same grid and are planned like the main blocks",
+    ),
+    Family(
+        name="skyreels-v2",
+        classes=("SkyReelsV2Transformer3DModel",),
+        layers=("blocks.*.attn1",),
+        variants=(Variant("SkyReels-V2 540P", 25, _pipeline_default("SkyReelsV2Pipeline", 97)),),
+        pipelines=("SkyReelsV2Pipeline", "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingPipeline",
+                   "SkyReelsV2DiffusionForcingImageToVideoPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline"),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=544, default_width=960,
+        notes="diffusion forcing with causal_block_size > 1 passes a causal frame mask, which lvsa refuses "
+              "(LVSA_FALLBACK=warn runs those layers dense)",
+    ),
+    Family(
+        name="chronoedit",
+        classes=("ChronoEditTransformer3DModel",),
+        layers=("blocks.*.attn1",),
+        variants=(Variant("ChronoEdit", 21, _pipeline_default("ChronoEditPipeline", 81)),),
+        pipelines=("ChronoEditPipeline",),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=832,
+    ),
+    Family(
+        name="hunyuan-video",
+        classes=("HunyuanVideoTransformer3DModel",),
+        layers=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
+        variants=(Variant("HunyuanVideo T2V, I2V", 33, _pipeline_default("HunyuanVideoPipeline", 129)),),
+        pipelines=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline", "HunyuanSkyreelsImageToVideoPipeline"),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=720, default_width=1280,
+        other_tokens="after", mask="key_padding",
+        notes="joint attention: the text tokens follow the video; their padding mask is honoured",
+    ),
+    Family(
+        name="ltx-video",
+        classes=("LTXVideoTransformer3DModel",),
+        layers=("transformer_blocks.*.attn1",),
+        variants=(Variant("LTX-Video 0.9", 21, _pipeline_default("LTXPipeline", 161)),),
+        pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
+        vae_temporal_factor=8, vae_spatial_factor=32, default_height=512, default_width=704, patch_size=1,
+        grid="forward_sizes",
+    ),
+    Family(
+        name="cosmos",
+        classes=("CosmosTransformer3DModel",),
+        layers=("transformer_blocks.*.attn1",),
+        # Cosmos 1.0 (its own 8x8x8 VAE) has the learnable extra position embedding; Predict 2 and 2.5 run on
+        # Wan's VAE (4x temporal)
+        variants=(Variant("Cosmos Predict 2, 2.5", 24, _pipeline_default("Cosmos2VideoToWorldPipeline", 93),
+                          vae_temporal_factor=4),
+                  Variant("Cosmos 1.0", 16, _pipeline_default("CosmosTextToWorldPipeline", 121),
+                          when={"extra_pos_embed_type": "learnable"})),
+        pipelines=("CosmosTextToWorldPipeline", "CosmosVideoToWorldPipeline", "Cosmos2VideoToWorldPipeline",
+                   "Cosmos2_5_PredictBasePipeline"),
+        vae_temporal_factor=8, vae_spatial_factor=8, default_height=704, default_width=1280,
+        notes="the variant is read off extra_pos_embed_type (learnable: 1.0)",
+    ),
+)
+
+#: families that run through an adapter module of their own (a processor written for the model): per class,
+#: the adapter's name and its variants as (key of lvsa.geometry.FAMILIES, variant, where the horizon comes from)
+ADAPTER_MODULES: dict[str, tuple[str, tuple[tuple[str, str, str], ...]]] = {
+    "WanTransformer3DModel": ("wan", (
+        ("wan", "Wan 2.1/2.2 T2V, I2V, A14B", _pipeline_default("WanPipeline", 81)),
+        ("wan-ti2v-5b", "Wan 2.2 TI2V-5B (48 latent channels)", "the TI2V-5B release's 121 frames"),
+    )),
+    "HunyuanVideo15Transformer3DModel": ("hunyuan", (
+        ("hunyuan", "HunyuanVideo 1.5 T2V, I2V", "129 frames, HunyuanVideo's training length"),
+    )),
+    "CogVideoXTransformer3DModel": ("cogvideox", (
+        ("cogvideox", "CogVideoX 2B, 5B", _pipeline_default("CogVideoXImageToVideoPipeline", 49)),
+        ("cogvideox-1.5", "CogVideoX 1.5 (patch_size_t=2)", "documented 16N+1 frames with N <= 10: 161 frames"),
+    )),
+}
+
+_NOT_YET = "full attention over the video, not declared yet: "
+
+REFUSED: tuple[Refusal, ...] = (
+    Refusal(("LatteTransformer3DModel",),
+            "factorised attention: alternating spatial (per frame) and temporal (per position) layers, no "
+            "attention over the 3-D grid for a frame pattern to sparsify"),
+    Refusal(("SanaVideoTransformer3DModel",),
+            "linear attention (ReLU kernels), already linear in the frame count: no attention matrix for a "
+            "block-sparse pattern"),
+    Refusal(("SanaWMTransformer3DModel",),
+            "its main branch is linear attention over time (a gated delta rule with ReLU kernels): no attention "
+            "matrix for a block-sparse pattern"),
+    Refusal(("AnyFlowFARTransformer3DModel",),
+            "frame-autoregressive: causal attention over chunks with a KV cache, not one bidirectional attention "
+            "over the grid"),
+    Refusal(("Kandinsky6SRTransformer3DModel",),
+            "super-resolution over tiles with its own NABLA block-sparse attention (sparse_params); a second "
+            "sparse pattern on top would not be the model's"),
+    Refusal(("JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel"),
+            "image editing: the frame axis holds a few reference and target images, not a video whose length "
+            "grows past a horizon"),
+    Refusal(("MochiTransformer3DModel", "AllegroTransformer3DModel", "EasyAnimateTransformer3DModel"),
+            _NOT_YET + "their processors call F.scaled_dot_product_attention themselves (per sample for Mochi), "
+            "so they need a processor of lvsa's, as CogVideoX has", final=False),
+    Refusal(("ConsisIDTransformer3DModel",),
+            _NOT_YET + "it runs CogVideoX's processor with an identity branch; it needs its horizon and a test "
+            "row", final=False),
+    Refusal(("HunyuanVideoFramepackTransformer3DModel", "HeliosTransformer3DModel"),
+            _NOT_YET + "history latents at several scales join the sequence with their own indices: the "
+            "sequence is not one grid, so the declaration needs a layout rule for the history tokens", final=False),
+    Refusal(("LTX2VideoTransformer3DModel", "Kandinsky6Transformer3DModel", "MiniMaxH3Transformer3DModel"),
+            _NOT_YET + "audio and video tokens (MiniMax-H3: video, audio and text packed by index) share the "
+            "model; the declaration needs the video stream's layout rule", final=False),
+    Refusal(("WanAnimateTransformer3DModel", "WanAnimate2Transformer3DModel"),
+            _NOT_YET + "pose and face conditioning inputs (Wan-Animate-2 also takes a KV cache); no declaration "
+            "and test row yet", final=False),
+    Refusal(("Kandinsky5Transformer3DModel",),
+            _NOT_YET + "it can run its own NABLA sparse attention (sparse_params); no declaration and test row "
+            "yet", final=False),
+    Refusal(("SanaWMLTX2RefinerTransformer3DModel",),
+            _NOT_YET + "it takes a KV cache (kv_cache_mode); no declaration and test row yet", final=False),
+    Refusal(("MotifVideoTransformer3DModel", "AnyFlowTransformer3DModel"),
+            _NOT_YET + "no declaration and test row yet", final=False),
+)
+
+
+def declared(name: str) -> Family:
+    for family in DECLARED:
+        if family.name == name:
+            return family
+    raise KeyError(name)
+
+
+def plan_families() -> dict[str, Any]:
+    """Every family ``lvsa plan --model`` knows: lvsa.geometry's and each declared family's default variant."""
+    from .geometry import FAMILIES, ModelFamily
+
+    found: dict[str, Any] = dict(FAMILIES)
+    for family in DECLARED:
+        variant = next(v for v in family.variants if not v.when)
+        found[family.name] = ModelFamily(
+            family.name, variant.reference_latent_frames, variant.vae_temporal_factor or family.vae_temporal_factor,
+            family.vae_spatial_factor, family.patch_size,
+            None if family.other_tokens == "none" else family.other_tokens,
+            family.default_height, family.default_width)
+    return found

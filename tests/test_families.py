@@ -1,0 +1,398 @@
+"""The generic suite of the declared model families (lvsa.adapters.families): one table row per family, a small
+random-weight transformer built from the real diffusers config class, saved and loaded back, and the same
+checks for every row:
+
+- at the family's horizon lvsa's output is bit-exact to the model's own attention;
+- beyond it every layer call equals the float64 reference under the plan's mask, with no fallback;
+- the denoising steps are counted and the keyframes rotate in float32, float16 and bfloat16;
+- a batched CFG call plans both halves alike (and a padded text keeps its mask);
+- ``torch.compile`` compiles once and does not recompile after the first step;
+- every refused class is refused with its reason, and the README table and ``lvsa models`` agree with the
+  declarations.
+
+Adding a family is its declaration plus a row here."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import pytest
+import torch
+
+import lvsa
+from lvsa.adapters import adapter_for
+from lvsa.adapters import base as adapter_base
+from lvsa.adapters.declared import DeclaredAdapter
+from lvsa.attention.executor import PLAN_IN_CALL
+from lvsa.backends.reference import reference_attention
+from lvsa.errors import ConfigError
+from lvsa.families import ADAPTER_MODULES, DECLARED, REFUSED
+
+ROOT = Path(__file__).resolve().parents[1]
+HEIGHT = WIDTH = 8  # latent size: 4 x 4 patches of 2 (patch 1 models: 8 x 8)
+
+
+@dataclass
+class Row:
+    family: str
+    cls: str
+    config: dict[str, Any]
+    #: (model, latent frames, batch, generator) -> the forward's keyword arguments, without the timestep
+    inputs: Callable[[Any, int, int, torch.Generator], dict[str, Any]]
+    text_tokens: int = 0  # tokens of other kinds in each self-attention call (joint-attention text)
+
+
+def _randn(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def _wan_like(model, frames, batch, g, **extra):
+    c = model.config
+    return {"hidden_states": _randn(g, batch, c.in_channels, frames, HEIGHT, WIDTH),
+            "encoder_hidden_states": _randn(g, batch, 6, c.text_dim), **extra}
+
+
+def _vace(model, frames, batch, g):
+    c = model.config
+    return _wan_like(model, frames, batch, g,
+                     control_hidden_states=_randn(g, batch, c.vace_in_channels, frames, HEIGHT, WIDTH))
+
+
+def _hunyuan_video(model, frames, batch, g):
+    c = model.config
+    mask = torch.ones(batch, 6, dtype=torch.bool)
+    mask[-1, 4:] = False  # the last prompt is padded: its two last text tokens must not be attended
+    return {"hidden_states": _randn(g, batch, c.in_channels, frames, HEIGHT, WIDTH),
+            "encoder_hidden_states": _randn(g, batch, 6, c.text_embed_dim), "encoder_attention_mask": mask,
+            "pooled_projections": _randn(g, batch, c.pooled_projection_dim),
+            "guidance": torch.full((batch,), 6000.0)}
+
+
+def _ltx(model, frames, batch, g):
+    c = model.config
+    return {"hidden_states": _randn(g, batch, frames * HEIGHT * WIDTH, c.in_channels),
+            "encoder_hidden_states": _randn(g, batch, 6, c.caption_channels),
+            "encoder_attention_mask": torch.ones(batch, 6), "num_frames": frames, "height": HEIGHT, "width": WIDTH}
+
+
+def _cosmos(model, frames, batch, g):
+    c = model.config
+    return {"hidden_states": _randn(g, batch, c.in_channels, frames, HEIGHT, WIDTH),
+            "encoder_hidden_states": _randn(g, batch, 6, c.text_embed_dim), "fps": 24}
+
+
+_WAN_TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
+             "out_channels": 4, "text_dim": 16, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
+             "rope_max_seq_len": 64}
+
+ROWS = [
+    Row("wan-vace", "WanVACETransformer3DModel", {**_WAN_TINY, "vace_layers": [0], "vace_in_channels": 8}, _vace),
+    Row("skyreels-v2", "SkyReelsV2Transformer3DModel", dict(_WAN_TINY), _wan_like),
+    Row("chronoedit", "ChronoEditTransformer3DModel", dict(_WAN_TINY), _wan_like),
+    Row("hunyuan-video", "HunyuanVideoTransformer3DModel",
+        {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 1,
+         "num_single_layers": 1, "num_refiner_layers": 1, "patch_size": 2, "text_embed_dim": 16,
+         "pooled_projection_dim": 8, "rope_axes_dim": (4, 6, 6)}, _hunyuan_video, text_tokens=6),
+    Row("ltx-video", "LTXVideoTransformer3DModel",
+        {"in_channels": 8, "out_channels": 8, "num_attention_heads": 2, "attention_head_dim": 16,
+         "cross_attention_dim": 32, "num_layers": 2, "caption_channels": 16}, _ltx),
+    Row("cosmos", "CosmosTransformer3DModel",
+        {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
+         "mlp_ratio": 2.0, "text_embed_dim": 16, "adaln_lora_dim": 8, "max_size": (64, 16, 16),
+         "concat_padding_mask": False}, _cosmos),  # concat_padding_mask resizes with torchvision
+]
+BY_FAMILY = {row.family: row for row in ROWS}
+FAMILY_OF = {family.name: family for family in DECLARED}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each row's model, saved with save_pretrained (what a user's checkpoint folder holds)."""
+    folders = {}
+    for row in ROWS:
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(row.family)
+        getattr(diffusers, row.cls)(**row.config).save_pretrained(folder)
+        folders[row.family] = folder
+    return folders
+
+
+def load(saved, family, dtype=torch.float32):
+    row = BY_FAMILY[family]
+    return getattr(diffusers, row.cls).from_pretrained(saved[family], torch_dtype=dtype).eval()
+
+
+def horizon(model):
+    return adapter_for(model).family(model).reference_latent_frames
+
+
+def run(model, frames, timesteps=(900.0,), batch=1, dtype=torch.float32, seed=1):
+    """The model's outputs over ``timesteps`` (one forward each, as a denoising loop calls it)."""
+    inner = getattr(model, "_orig_mod", model)  # a torch.compile'd model's own module
+    row = BY_FAMILY[adapter_for(inner).name]
+    kwargs = row.inputs(inner, frames, batch, torch.Generator().manual_seed(seed))
+    kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in kwargs.items()}
+    outputs = []
+    with torch.no_grad():
+        for t in timesteps:
+            out = model(**kwargs, timestep=torch.full((batch,), t, dtype=dtype), return_dict=False)[0]
+            outputs.append(out)
+    return outputs
+
+
+def record(monkeypatch):
+    calls = []
+    real = adapter_base.execute
+
+    def recording(context, origin, video, text=None, key_padding_mask=None, plan=PLAN_IN_CALL):
+        out = real(context, origin, video, text, key_padding_mask, plan)
+        calls.append((context.denoising_step, origin, plan, video, text, key_padding_mask, out))
+        return out
+
+    monkeypatch.setattr(adapter_base, "execute", recording)
+    return calls
+
+
+def test_every_declared_family_has_a_row():
+    assert sorted(BY_FAMILY) == sorted(FAMILY_OF)
+    for row in ROWS:
+        assert row.cls in FAMILY_OF[row.family].classes
+
+
+@pytest.mark.parametrize("family", sorted(BY_FAMILY))
+def test_at_the_horizon_lvsa_is_bit_exact_to_the_model(saved, family, caplog):
+    model = load(saved, family)
+    frames = horizon(model)
+    dense = run(model, frames, batch=2)[0]
+    caplog.set_level(logging.INFO, logger="lvsa")
+    handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
+    try:
+        sparse = run(model, frames, batch=2)[0]
+    finally:
+        handle.remove()
+    assert torch.equal(dense, sparse)
+    assert handle.stats.sparse_calls == len(adapter_for(model).self_attention_layers(model))
+    assert f"model {family}" in caplog.text
+    assert torch.equal(run(model, frames, batch=2)[0], dense)  # removed: the model's own attention again
+
+
+@pytest.mark.parametrize("family", sorted(BY_FAMILY))
+def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, monkeypatch):
+    model = load(saved, family)
+    frames = 2 * horizon(model) + 1
+    calls = record(monkeypatch)
+    handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
+    try:
+        run(model, frames, batch=2)
+    finally:
+        handle.remove()
+    layers = adapter_for(model).self_attention_layers(model)
+    assert len(calls) == len(layers) and handle.stats.fallback_calls == 0
+    row = BY_FAMILY[family]
+    for _step, _origin, plan, video, text, padding, out in calls:
+        assert plan.kfi > 1 and not plan.is_dense and plan.latent_frames == frames
+        assert plan.text_tokens == row.text_tokens
+        video_out, text_out = out
+        if text is None:
+            q, k, v = video
+            got = video_out
+        else:
+            after = plan.text_position == "after"
+            q, k, v = (torch.cat([a, b] if after else [b, a], dim=1) for a, b in zip(video, text, strict=True))
+            got = torch.cat([video_out, text_out] if after else [text_out, video_out], dim=1)
+        torch.testing.assert_close(got.double(), reference_attention(q, k, v, plan, padding), rtol=2e-5, atol=2e-5)
+        if family == "hunyuan-video":  # the padded prompt's last two text keys are masked, the other's are not
+            assert padding is not None and padding.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", sorted(BY_FAMILY))
+def test_steps_are_counted_and_the_keyframes_rotate(saved, family, dtype):
+    model = load(saved, family, dtype)
+    frames = 2 * horizon(model) + 1
+    handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
+    try:
+        outputs = run(model, frames, timesteps=(999.0, 667.0, 333.0), dtype=dtype)
+    finally:
+        handle.remove()
+    layers = len(adapter_for(model).self_attention_layers(model))
+    assert handle.stats.steps == 3 and handle.stats.fallback_calls == 0
+    assert handle.stats.calls_by_step == {0: [0, layers], 1: [0, layers], 2: [0, layers]}
+    assert handle.stats.plan_builds == 3  # one plan per step: the keyframes rotate
+    assert all(out.dtype == dtype and torch.isfinite(out).all() for out in outputs)
+
+
+@pytest.mark.parametrize("family", sorted(BY_FAMILY))
+def test_compile_does_not_recompile_after_the_first_step(saved, family):
+    from torch._dynamo.utils import counters
+
+    model = load(saved, family)
+    frames = 2 * horizon(model) + 1
+    handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
+    try:
+        eager = run(model, frames, timesteps=(999.0, 667.0, 333.0))
+        handle.runtime.reset()
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model)
+        first = run(compiled, frames, timesteps=(999.0,))
+        graphs = counters["stats"]["unique_graphs"]
+        rest = run(compiled, frames, timesteps=(667.0, 333.0))
+        assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the first step"
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
+    for got, want in zip(first + rest, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert handle.stats.plan_builds >= 3
+
+
+# -- declarations, refusals and the table ---------------------------------------------------------------
+@pytest.mark.parametrize("family", DECLARED, ids=lambda f: f.name)
+def test_each_horizon_is_the_default_its_source_names(family):
+    for variant in family.variants:
+        match = re.fullmatch(r"(\w+) default num_frames=(\d+)", variant.source)
+        assert match, variant.source
+        pipeline, frames = getattr(diffusers, match[1]), int(match[2])
+        assert inspect.signature(pipeline.__call__).parameters["num_frames"].default == frames
+        factor = variant.vae_temporal_factor or family.vae_temporal_factor
+        assert (frames - 1) // factor + 1 == variant.reference_latent_frames
+    for name in family.pipelines:
+        annotation = str(inspect.signature(getattr(diffusers, name).__init__).parameters["transformer"].annotation)
+        assert any(cls in annotation for cls in family.classes), (name, annotation)
+
+
+def test_every_diffusers_video_transformer_is_supported_or_refused():
+    video = {n for n in dir(diffusers) if n.endswith("Transformer3DModel")}
+    known = {c for f in DECLARED for c in f.classes} | set(ADAPTER_MODULES) | {c for r in REFUSED for c in r.classes}
+    assert video <= known, sorted(video - known)
+
+
+@pytest.mark.parametrize("refusal", REFUSED, ids=lambda r: r.classes[0])
+def test_a_refused_class_is_refused_with_its_reason(refusal):
+    cls = getattr(diffusers, refusal.classes[0])
+    model = cls.__new__(cls)  # the refusal is decided from the class alone, before any weight is read
+    with pytest.raises(ConfigError, match=re.escape(refusal.reason)):
+        lvsa.apply(model)
+
+
+def test_a_processor_that_does_not_reach_dispatch_is_refused(saved):
+    model = load(saved, "wan-vace")
+
+    class Own:
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    model.blocks[0].attn1.set_processor(Own())
+    with pytest.raises(ConfigError, match=r"blocks\.0\.attn1: its processor .*Own\.__call__ does not call "
+                                          r"dispatch_attention_fn"):
+        lvsa.apply(model)
+
+
+def test_the_readme_table_and_lvsa_models_agree_with_the_declarations():
+    from lvsa.models_table import markdown_table
+
+    table = markdown_table()
+    readme = (ROOT / "README.md").read_text()
+    assert table in readme, "README's model table is out of date: paste `lvsa models --markdown`"
+    exe = Path(sys.executable).parent / "lvsa"
+    printed = subprocess.run([str(exe), "models", "--markdown"], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == table.strip()
+    for family in DECLARED:
+        assert family.name in table and all(cls in table for cls in family.classes)
+    for refusal in REFUSED:
+        assert refusal.reason in table
+
+
+def test_declared_adapters_are_model_adapters():
+    for family in DECLARED:
+        assert isinstance(lvsa.adapters.adapters()[family.name], DeclaredAdapter)
+
+
+# -- the families' pipelines ------------------------------------------------------------------------------
+_PIPELINE_TINY = {**_WAN_TINY, "in_channels": 16, "out_channels": 16, "text_dim": 32}
+PIPELINES = {  # pipeline class -> (transformer class, extra config)
+    "WanVACEPipeline": ("WanVACETransformer3DModel", {"vace_layers": [0], "vace_in_channels": 96}),
+    "SkyReelsV2Pipeline": ("SkyReelsV2Transformer3DModel", {}),
+    "SkyReelsV2DiffusionForcingPipeline": ("SkyReelsV2Transformer3DModel", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_pipelines(tmp_path_factory):
+    """Small random-weight pipelines (Wan's VAE, no text encoder), saved with save_pretrained."""
+    folders = {}
+    for name, (cls, extra) in PIPELINES.items():
+        torch.manual_seed(0)
+        vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True])
+        scheduler = (diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0) if "VACE" in name else
+                     diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
+                                                       prediction_type="flow_prediction"))
+        transformer = getattr(diffusers, cls)(**_PIPELINE_TINY, **extra)
+        pipe = getattr(diffusers, name)(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+                                        scheduler=scheduler)
+        folders[name] = tmp_path_factory.mktemp(name)
+        pipe.save_pretrained(folders[name])
+    return folders
+
+
+def generate(pipe, frames, **extra):
+    g = torch.Generator().manual_seed(0)
+    embeds = {n: torch.randn(1, 8, 32, generator=g) for n in ("prompt_embeds", "negative_prompt_embeds")}
+    if "DiffusionForcing" in type(pipe).__name__:
+        extra = {"prompt": None, **extra}
+    with torch.inference_mode():
+        return pipe(**embeds, height=32, width=32, num_frames=frames, num_inference_steps=3, guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(0), output_type="latent", **extra).frames
+
+
+def load_pipeline(saved_pipelines, name):
+    # the components saved as absent (no text encoder) are passed as None, as diffusers asks
+    pipe = diffusers.DiffusionPipeline.from_pretrained(saved_pipelines[name], tokenizer=None, text_encoder=None)
+    assert type(pipe).__name__ == name
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_pipelines_equal_the_model_at_the_horizon_and_rotate_beyond_it(saved_pipelines, name, monkeypatch):
+    pipe = load_pipeline(saved_pipelines, name)
+    reference = horizon(pipe.transformer)
+    at, beyond = (reference - 1) * 4 + 1, (2 * reference - 1) * 4 + 1
+    extra = {"base_num_frames": beyond} if "DiffusionForcing" in name else {}  # one pass over the long video
+    dense = generate(pipe, at)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
+    assert torch.equal(generate(pipe, at), dense)
+    layers = len(handle.layers)
+    assert handle.stats.calls_by_step == {s: [0, 2 * layers] for s in range(3)}  # CFG: two forwards a step
+    calls = record(monkeypatch)
+    handle.stats.plan_builds = 0
+    generate(pipe, beyond, **extra)
+    assert handle.stats.plan_builds == 3 and handle.stats.fallback_calls == 0  # one rotated plan per step
+    assert [call[0] for call in calls] == [s for s in range(3) for _ in range(2 * layers)]
+    for _step, _origin, plan, (q, k, v), _text, padding, (out, _) in calls:
+        assert plan.kfi > 1 and plan.latent_frames == 2 * reference
+        torch.testing.assert_close(out.double(), reference_attention(q, k, v, plan, padding), rtol=2e-5, atol=2e-5)
+
+
+def test_diffusion_forcing_with_causal_blocks_is_refused_loudly(saved_pipelines, caplog):
+    pipe = load_pipeline(saved_pipelines, "SkyReelsV2DiffusionForcingPipeline")
+    lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
+    with pytest.raises(lvsa.GeometryError, match=r"reason=attention_mask .*skyreels-v2 passed an attention mask"):
+        generate(pipe, 97, causal_block_size=5, ar_step=2)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="warn"))
+    caplog.set_level(logging.WARNING, logger="lvsa")
+    generate(pipe, 97, causal_block_size=5, ar_step=2)
+    assert "[LVSA-FALLBACK] origin=blocks.0.attn1 reason=attention_mask" in caplog.text
+    assert handle.stats.fallback_calls > 0 and handle.stats.sparse_calls == 0
