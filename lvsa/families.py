@@ -60,6 +60,12 @@ class Family:
     other_tokens: Literal["none", "before", "after"] = "none"
     mask: Literal["none", "key_padding"] = "none"
     grid: Literal["latent", "forward_sizes"] = "latent"
+    #: the call the model's processor attends with, where lvsa takes over: diffusers' ``dispatch_attention_fn``,
+    #: or torch's ``F.scaled_dot_product_attention`` for processors that call it themselves
+    attention_call: Literal["dispatch_attention_fn", "F.scaled_dot_product_attention"] = "dispatch_attention_fn"
+    #: under ``torch.compile`` the layers run outside the compiled graph (a processor that breaks the graph
+    #: itself, such as Mochi's per-sample loop)
+    eager_under_compile: bool = False
     #: where frames, height and width sit in ``hidden_states`` (``grid="latent"``)
     latent_axes: tuple[int, int, int] = (2, 3, 4)
     #: the model ships a diffusers context-parallel plan lvsa's Ulysses and ring paths work with
@@ -139,6 +145,7 @@ DECLARED: tuple[Family, ...] = (
         variants=(Variant("ChronoEdit", 21, _pipeline_default("ChronoEditPipeline", 81)),),
         pipelines=("ChronoEditPipeline",),
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=832,
+        context_parallel=True,
     ),
     Family(
         name="hunyuan-video",
@@ -173,6 +180,69 @@ DECLARED: tuple[Family, ...] = (
                    "Cosmos2_5_PredictBasePipeline"),
         vae_temporal_factor=8, vae_spatial_factor=8, default_height=704, default_width=1280,
         notes="the variant is read off extra_pos_embed_type (learnable: 1.0)",
+    ),
+    Family(
+        name="consisid",
+        classes=("ConsisIDTransformer3DModel",),
+        layers=("transformer_blocks.*.attn1",),
+        variants=(Variant("ConsisID", 13, "the config's default sample_frames=49 (video frames)"),),
+        pipelines=("ConsisIDPipeline",),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=720,
+        other_tokens="before", attention_call="F.scaled_dot_product_attention", latent_axes=(1, 3, 4),
+        notes="CogVideoX's joint attention (text first); the identity branch's cross-attention stays dense",
+    ),
+    Family(
+        name="easyanimate",
+        classes=("EasyAnimateTransformer3DModel",),
+        layers=("transformer_blocks.*.attn1",),
+        variants=(Variant("EasyAnimate V5.1", 13, _pipeline_default("EasyAnimatePipeline", 49)),),
+        pipelines=("EasyAnimatePipeline", "EasyAnimateInpaintPipeline", "EasyAnimateControlPipeline"),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=512, default_width=512,
+        other_tokens="before", attention_call="F.scaled_dot_product_attention",
+        notes="joint attention (text first)",
+    ),
+    Family(
+        name="mochi",
+        classes=("MochiTransformer3DModel",),
+        layers=("transformer_blocks.*.attn1",),
+        # MochiPipeline's default num_frames (19) is a short preview, not the release's length
+        variants=(Variant("Mochi 1", 28, "the Mochi 1 release's 163 frames (5.4 s at 30 fps)"),),
+        pipelines=("MochiPipeline",),
+        vae_temporal_factor=6, vae_spatial_factor=8, default_height=480, default_width=848,
+        other_tokens="after", attention_call="F.scaled_dot_product_attention", eager_under_compile=True,
+        notes="joint attention (text after the video); the model cuts each prompt's padding off per sample, so "
+              "every call holds only valid text; under torch.compile its attention layers run outside the graph, "
+              "where the model breaks it anyway",
+    ),
+    Family(
+        name="allegro",
+        classes=("AllegroTransformer3DModel",),
+        layers=("transformer_blocks.*.attn1",),
+        variants=(Variant("Allegro", 22, "the config's default sample_frames=22 (latent frames)"),),
+        pipelines=("AllegroPipeline",),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=720, default_width=1280,
+        attention_call="F.scaled_dot_product_attention",
+        notes="a video attention_mask (padded frames) is refused",
+    ),
+    Family(
+        name="motif-video",
+        classes=("MotifVideoTransformer3DModel",),
+        layers=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
+        variants=(Variant("Motif-Video", 31, _pipeline_default("MotifVideoPipeline", 121)),),
+        pipelines=("MotifVideoPipeline", "MotifVideoImage2VideoPipeline"),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=736, default_width=1280,
+        other_tokens="after", mask="key_padding",
+        notes="joint attention: the text tokens follow the video; their padding mask is honoured",
+    ),
+    Family(
+        name="anyflow",
+        classes=("AnyFlowTransformer3DModel",),
+        layers=("blocks.*.attn1",),
+        variants=(Variant("AnyFlow", 21, _pipeline_default("AnyFlowPipeline", 81)),),
+        pipelines=("AnyFlowPipeline",),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=832,
+        latent_axes=(1, 3, 4),  # its latents are [B, F, C, H, W]
+        notes="the bidirectional AnyFlow, a timestep per frame (the frame-autoregressive AnyFlowFAR is refused)",
     ),
 )
 
@@ -213,12 +283,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal(("JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel"),
             "image editing: the frame axis holds a few reference and target images, not a video whose length "
             "grows past a horizon"),
-    Refusal(("MochiTransformer3DModel", "AllegroTransformer3DModel", "EasyAnimateTransformer3DModel"),
-            _NOT_YET + "their processors call F.scaled_dot_product_attention themselves (per sample for Mochi), "
-            "so they need a processor of lvsa's, as CogVideoX has", final=False),
-    Refusal(("ConsisIDTransformer3DModel",),
-            _NOT_YET + "it runs CogVideoX's processor with an identity branch; it needs its horizon and a test "
-            "row", final=False),
     Refusal(("HunyuanVideoFramepackTransformer3DModel", "HeliosTransformer3DModel"),
             _NOT_YET + "history latents at several scales join the sequence with their own indices: the "
             "sequence is not one grid, so the declaration needs a layout rule for the history tokens", final=False),
@@ -233,8 +297,6 @@ REFUSED: tuple[Refusal, ...] = (
             "yet", final=False),
     Refusal(("SanaWMLTX2RefinerTransformer3DModel",),
             _NOT_YET + "it takes a KV cache (kv_cache_mode); no declaration and test row yet", final=False),
-    Refusal(("MotifVideoTransformer3DModel", "AnyFlowTransformer3DModel"),
-            _NOT_YET + "no declaration and test row yet", final=False),
 )
 
 

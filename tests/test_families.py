@@ -49,6 +49,10 @@ class Row:
     #: (model, latent frames, batch, generator) -> the forward's keyword arguments, without the timestep
     inputs: Callable[[Any, int, int, torch.Generator], dict[str, Any]]
     text_tokens: int = 0  # tokens of other kinds in each self-attention call (joint-attention text)
+    #: the model takes a timestep per latent frame ([B, F])
+    timestep_per_frame: bool = False
+    #: the model attends one sample at a time (Mochi: each prompt's valid text only): a call per sample
+    per_sample: bool = False
 
 
 def _randn(g, *shape):
@@ -90,6 +94,45 @@ def _cosmos(model, frames, batch, g):
             "encoder_hidden_states": _randn(g, batch, 6, c.text_embed_dim), "fps": 24}
 
 
+def _text_first(model, frames, batch, g, channels_first=True):
+    c = model.config
+    shape = (batch, c.in_channels, frames, HEIGHT, WIDTH) if channels_first else (batch, frames, c.in_channels,
+                                                                                  HEIGHT, WIDTH)
+    return {"hidden_states": _randn(g, *shape), "encoder_hidden_states": _randn(g, batch, 6, c.text_embed_dim)}
+
+
+def _consisid(model, frames, batch, g):
+    return _text_first(model, frames, batch, g, channels_first=False)
+
+
+def _anyflow(model, frames, batch, g):
+    c = model.config
+    return {"hidden_states": _randn(g, batch, frames, c.in_channels, HEIGHT, WIDTH),
+            "encoder_hidden_states": _randn(g, batch, 6, c.text_dim), "r_timestep": torch.full((batch, frames), 0.0)}
+
+
+def _motif(model, frames, batch, g):
+    c = model.config
+    mask = torch.ones(batch, 6, dtype=torch.bool)
+    mask[-1, 4:] = False  # the last prompt is padded
+    return {"hidden_states": _randn(g, batch, c.in_channels, frames, HEIGHT, WIDTH),
+            "encoder_hidden_states": _randn(g, batch, 6, c.text_embed_dim), "encoder_attention_mask": mask}
+
+
+def _mochi(model, frames, batch, g):
+    c = model.config
+    mask = torch.ones(batch, 6, dtype=torch.bool)
+    mask[-1, 4:] = False  # the last prompt is padded: the model drops its two last text tokens
+    return {"hidden_states": _randn(g, batch, c.in_channels, frames, HEIGHT, WIDTH),
+            "encoder_hidden_states": _randn(g, batch, 6, c.text_embed_dim), "encoder_attention_mask": mask}
+
+
+def _allegro(model, frames, batch, g):
+    c = model.config
+    return {"hidden_states": _randn(g, batch, c.in_channels, frames, HEIGHT, WIDTH),
+            "encoder_hidden_states": _randn(g, batch, 6, c.caption_channels)}
+
+
 _WAN_TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
              "out_channels": 4, "text_dim": 16, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
              "rope_max_seq_len": 64}
@@ -109,6 +152,27 @@ ROWS = [
         {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
          "mlp_ratio": 2.0, "text_embed_dim": 16, "adaln_lora_dim": 8, "max_size": (64, 16, 16),
          "concat_padding_mask": False}, _cosmos),  # concat_padding_mask resizes with torchvision
+    Row("consisid", "ConsisIDTransformer3DModel",
+        {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4,
+         "time_embed_dim": 8, "text_embed_dim": 16, "num_layers": 2, "sample_width": WIDTH, "sample_height": HEIGHT,
+         "max_text_seq_length": 6}, _consisid, text_tokens=6),
+    Row("easyanimate", "EasyAnimateTransformer3DModel",
+        {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4, "patch_size": 2,
+         "num_layers": 2, "mmdit_layers": 2, "time_embed_dim": 8, "text_embed_dim": 16, "sample_width": WIDTH,
+         "sample_height": HEIGHT}, _text_first, text_tokens=6),
+    Row("mochi", "MochiTransformer3DModel",
+        {"patch_size": 2, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
+         "pooled_projection_dim": 16, "in_channels": 4, "text_embed_dim": 16, "time_embed_dim": 8,
+         "max_sequence_length": 6}, _mochi, text_tokens=6, per_sample=True),
+    Row("allegro", "AllegroTransformer3DModel",
+        {"patch_size": 2, "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4,
+         "num_layers": 2, "cross_attention_dim": 32, "sample_height": HEIGHT, "sample_width": WIDTH,
+         "caption_channels": 16}, _allegro),
+    Row("anyflow", "AnyFlowTransformer3DModel", dict(_WAN_TINY), _anyflow, timestep_per_frame=True),
+    Row("motif-video", "MotifVideoTransformer3DModel",
+        {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 1,
+         "num_single_layers": 1, "patch_size": 2, "text_embed_dim": 16, "rope_axes_dim": (4, 6, 6)}, _motif,
+        text_tokens=6),
 ]
 BY_FAMILY = {row.family: row for row in ROWS}
 FAMILY_OF = {family.name: family for family in DECLARED}
@@ -131,6 +195,11 @@ def load(saved, family, dtype=torch.float32):
     return getattr(diffusers, row.cls).from_pretrained(saved[family], torch_dtype=dtype).eval()
 
 
+def calls_per_forward(model, batch):
+    layers = len(adapter_for(model).self_attention_layers(model))
+    return layers * (batch if BY_FAMILY[adapter_for(model).name].per_sample else 1)
+
+
 def horizon(model):
     return adapter_for(model).family(model).reference_latent_frames
 
@@ -145,7 +214,8 @@ def run(model, frames, timesteps=(900.0,), batch=1, dtype=torch.float32, seed=1)
     outputs = []
     with torch.no_grad():
         for t in timesteps:
-            out = model(**kwargs, timestep=torch.full((batch,), t, dtype=dtype), return_dict=False)[0]
+            shape = (batch, frames) if row.timestep_per_frame else (batch,)
+            out = model(**kwargs, timestep=torch.full(shape, t, dtype=dtype), return_dict=False)[0]
             outputs.append(out)
     return outputs
 
@@ -181,7 +251,7 @@ def test_at_the_horizon_lvsa_is_bit_exact_to_the_model(saved, family, caplog):
     finally:
         handle.remove()
     assert torch.equal(dense, sparse)
-    assert handle.stats.sparse_calls == len(adapter_for(model).self_attention_layers(model))
+    assert handle.stats.sparse_calls == calls_per_forward(model, 2)
     assert f"model {family}" in caplog.text
     assert torch.equal(run(model, frames, batch=2)[0], dense)  # removed: the model's own attention again
 
@@ -196,12 +266,12 @@ def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, mo
         run(model, frames, batch=2)
     finally:
         handle.remove()
-    layers = adapter_for(model).self_attention_layers(model)
-    assert len(calls) == len(layers) and handle.stats.fallback_calls == 0
+    assert len(calls) == calls_per_forward(model, 2) and handle.stats.fallback_calls == 0
     row = BY_FAMILY[family]
+    text_tokens = []
     for _step, _origin, plan, video, text, padding, out in calls:
         assert plan.kfi > 1 and not plan.is_dense and plan.latent_frames == frames
-        assert plan.text_tokens == row.text_tokens
+        text_tokens.append(plan.text_tokens)
         video_out, text_out = out
         if text is None:
             q, k, v = video
@@ -211,8 +281,10 @@ def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, mo
             q, k, v = (torch.cat([a, b] if after else [b, a], dim=1) for a, b in zip(video, text, strict=True))
             got = torch.cat([video_out, text_out] if after else [text_out, video_out], dim=1)
         torch.testing.assert_close(got.double(), reference_attention(q, k, v, plan, padding), rtol=2e-5, atol=2e-5)
-        if family == "hunyuan-video":  # the padded prompt's last two text keys are masked, the other's are not
+        if family in ("hunyuan-video", "motif-video"):  # the padded prompt's two last text keys are masked
             assert padding is not None and padding.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+    # Mochi drops the padded prompt's two last tokens itself: its second sample has 4 text tokens
+    assert text_tokens == ([6, 4] * (len(calls) // 2) if row.per_sample else [row.text_tokens] * len(calls))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -225,7 +297,7 @@ def test_steps_are_counted_and_the_keyframes_rotate(saved, family, dtype):
         outputs = run(model, frames, timesteps=(999.0, 667.0, 333.0), dtype=dtype)
     finally:
         handle.remove()
-    layers = len(adapter_for(model).self_attention_layers(model))
+    layers = calls_per_forward(model, 1)
     assert handle.stats.steps == 3 and handle.stats.fallback_calls == 0
     assert handle.stats.calls_by_step == {0: [0, layers], 1: [0, layers], 2: [0, layers]}
     assert handle.stats.plan_builds == 3  # one plan per step: the keyframes rotate
@@ -260,15 +332,32 @@ def test_compile_does_not_recompile_after_the_first_step(saved, family):
 # -- declarations, refusals and the table ---------------------------------------------------------------
 @pytest.mark.parametrize("family", DECLARED, ids=lambda f: f.name)
 def test_each_horizon_is_the_default_its_source_names(family):
+    """A source names a pipeline's default num_frames or a config default (both read here off diffusers), or a
+    release's documented length (then only the arithmetic is checked)."""
     for variant in family.variants:
-        match = re.fullmatch(r"(\w+) default num_frames=(\d+)", variant.source)
-        assert match, variant.source
-        pipeline, frames = getattr(diffusers, match[1]), int(match[2])
-        assert inspect.signature(pipeline.__call__).parameters["num_frames"].default == frames
         factor = variant.vae_temporal_factor or family.vae_temporal_factor
+        pipeline = re.fullmatch(r"(\w+) default num_frames=(\d+)", variant.source)
+        config = re.fullmatch(r"the config's default (\w+)=(\d+) \((video|latent) frames\)", variant.source)
+        if pipeline:
+            frames = int(pipeline[2])
+            signature = inspect.signature(getattr(diffusers, pipeline[1]).__call__)
+            assert signature.parameters["num_frames"].default == frames
+        elif config:
+            defaults = inspect.signature(getattr(diffusers, family.classes[0]).__init__).parameters
+            assert defaults[config[1]].default == int(config[2])
+            frames = int(config[2]) if config[3] == "video" else (int(config[2]) - 1) * factor + 1
+        else:
+            release = re.fullmatch(r"the .* release's (\d+) frames .*", variant.source)
+            assert release, variant.source
+            frames = int(release[1])
         assert (frames - 1) // factor + 1 == variant.reference_latent_frames
     for name in family.pipelines:
-        annotation = str(inspect.signature(getattr(diffusers, name).__init__).parameters["transformer"].annotation)
+        pipeline = getattr(diffusers, name)
+        parameters = inspect.signature(pipeline.__init__).parameters
+        if "transformer" not in parameters:  # diffusers' placeholder for a pipeline whose extra is not installed
+            assert hasattr(pipeline, "_backends"), name
+            continue
+        annotation = str(parameters["transformer"].annotation)
         assert any(cls in annotation for cls in family.classes), (name, annotation)
 
 
@@ -396,3 +485,84 @@ def test_diffusion_forcing_with_causal_blocks_is_refused_loudly(saved_pipelines,
     generate(pipe, 97, causal_block_size=5, ar_step=2)
     assert "[LVSA-FALLBACK] origin=blocks.0.attn1 reason=attention_mask" in caplog.text
     assert handle.stats.fallback_calls > 0 and handle.stats.sparse_calls == 0
+
+
+# -- context parallelism --------------------------------------------------------------------------------------
+CP_WORKER = Path(__file__).with_name("families_cp_worker.py")
+CP_LAYOUTS = [(2, 1), (1, 2)]  # Ulysses 2, ring 2
+
+
+def torchrun(processes, *args, cwd):
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd)
+
+
+@pytest.mark.parametrize(("ulysses", "ring"), CP_LAYOUTS, ids=[f"ulysses{u}-ring{r}" for u, r in CP_LAYOUTS])
+@pytest.mark.parametrize("family", sorted(f.name for f in DECLARED if f.context_parallel))
+def test_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_path):
+    model = load(saved, family)
+    frames = 2 * horizon(model) + 2  # beyond the horizon, and tokens that split over two ranks
+    row = BY_FAMILY[family]
+    kwargs = row.inputs(model, frames, 2, torch.Generator().manual_seed(1))
+    handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
+    with torch.no_grad():
+        one = [model(**kwargs, timestep=torch.full((2,), t), return_dict=False)[0] for t in (999.0, 500.0)]
+    handle.remove()
+    torch.save(kwargs, tmp_path / "inputs.pt")
+    result = torchrun(ulysses * ring, str(CP_WORKER), str(saved[family]), row.cls, str(tmp_path / "inputs.pt"),
+                      str(tmp_path / "out.pt"), str(ulysses), str(ring), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert (got["ulysses"], got["ring"]) == (ulysses, ring)
+    assert got["sparse_calls"] == 2 * calls_per_forward(model, 2)
+    for parallel, single in zip(got["outputs"], one, strict=True):
+        torch.testing.assert_close(parallel, single, rtol=1e-4, atol=1e-4)
+
+
+def test_context_parallel_of_an_undeclared_family_is_refused(saved):
+    model = load(saved, "cosmos")
+    with pytest.raises(ConfigError, match="lvsa's context parallelism is not declared for cosmos"):
+        lvsa.adapters.adapter_for(model).check_context_parallel(model, 2)
+
+
+# -- the generic example ------------------------------------------------------------------------------------
+GENERATE = ROOT / "examples" / "generate.py"
+
+
+def _generate(*args, cwd):
+    return subprocess.run([sys.executable, str(GENERATE), *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
+
+
+def test_the_generic_example_picks_the_family_from_the_folder(tmp_path):
+    from lvsa_app.models import example_model
+
+    torch.manual_seed(0)
+    example_model("wan-vace").tiny_pipeline().save_pretrained(tmp_path / "vace")
+    result = _generate("--model", str(tmp_path / "vace"), "--num-frames", "161", "--height", "64", "--width", "64",
+                       "--steps", "2", "--lvsa", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = tmp_path / "outputs" / "wan-vace_161f_lvsa.mp4"
+    assert output.is_file() and output.stat().st_size > 0
+    assert "model wan-vace" in result.stderr + result.stdout
+    assert "0 fell back" in result.stderr + result.stdout
+
+
+def test_the_generic_example_refuses_what_it_cannot_run(tmp_path):
+    folder = tmp_path / "latte"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "LattePipeline", '
+                                             '"transformer": ["diffusers", "LatteTransformer3DModel"]}')
+    result = _generate("--model", str(folder), "--lvsa", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "LatteTransformer3DModel is not supported by lvsa: factorised attention" in result.stderr
+    result = _generate("--family", "cosmos", "--lvsa", cwd=tmp_path)
+    assert result.returncode == 2 and "no example pipelines for the family 'cosmos'" in result.stderr
+    result = _generate("--model", str(tmp_path / "missing"), cwd=tmp_path)
+    assert result.returncode == 2 and "cannot read" in result.stderr

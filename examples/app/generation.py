@@ -38,8 +38,8 @@ from .settings import AppSettings
 
 #: defaults of the small random-weight model: about 2x the training horizon, tiny frames, few steps
 TINY_DEFAULTS = {"height": 64, "width": 64, "steps": 4}
-TINY_FRAMES = {"wan": 161, "hunyuan": 257, "cogvideox": 97}
-MODEL_FRAMES = {"wan": 81, "hunyuan": 121, "cogvideox": 49}
+TINY_FRAMES = {"wan": 161, "hunyuan": 257, "cogvideox": 97, "wan-vace": 161, "skyreels-v2": 193}
+MODEL_FRAMES = {"wan": 81, "hunyuan": 121, "cogvideox": 49, "wan-vace": 81, "skyreels-v2": 97}
 PRINT_PREFIX = "[lvsa example]"
 #: settings the example sets from its own flags (--height/--width), not from generated ones
 APPLICATION_GEOMETRY = ("video_height", "video_width")
@@ -126,6 +126,54 @@ def main(adapter_name: str, argv: list[str] | None = None) -> int:
         from lvsa.parallel import leave_distributed
 
         leave_distributed()
+
+
+def family_of_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """For ``examples/generate.py``: the family of the run (``--family NAME``, or the transformer class of the
+    ``--model`` folder's model_index.json) and the arguments for its example; ``(None, ...)`` after an error
+    line on stderr (or the help)."""
+    from lvsa.adapters import adapters
+    from lvsa.models_table import rows
+
+    from .models import EXAMPLES
+
+    known = ", ".join(sorted(EXAMPLES))
+    usage = ("usage: generate.py (--model FOLDER | --family NAME) [the family example's flags; --help with "
+             f"either]\nfamilies with example pipelines: {known}")
+    rest = list(argv)
+    family = None
+    for flag in ("--family",):
+        if flag in rest:
+            index = rest.index(flag)
+            if index + 1 >= len(rest):
+                print(f"generate.py: error: {flag} needs a family name ({known})", file=sys.stderr)
+                return None, rest
+            family = rest[index + 1]
+            del rest[index:index + 2]
+    folder = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--model"), None)
+    folder = folder or next((a.split("=", 1)[1] for a in rest if a.startswith("--model=")), None)
+    if family is None and folder is None:
+        print(usage, file=sys.stderr if rest and rest[0] not in ("-h", "--help") else sys.stdout)
+        return None, rest
+    if family is None:
+        index = Path(folder).expanduser() / "model_index.json"
+        try:
+            transformer = json.loads(index.read_text()).get("transformer")
+        except (OSError, ValueError, AttributeError) as error:
+            print(f"generate.py: error: --model {folder}: cannot read {index}: {error}", file=sys.stderr)
+            return None, rest
+        cls = transformer[1] if isinstance(transformer, list) and len(transformer) == 2 else None
+        family = next((name for name, a in adapters().items() if cls in a.transformer_classes), None)
+        if family is None:
+            why = next((r.notes for r in rows() if r.cls == cls), "not a diffusers video transformer lvsa knows")
+            print(f"generate.py: error: --model {folder}: its transformer {cls} is not supported by lvsa: {why}",
+                  file=sys.stderr)
+            return None, rest
+    if family not in EXAMPLES:
+        print(f"generate.py: error: no example pipelines for the family {family!r} (lvsa runs it through "
+              f"lvsa.apply in your own code; families with examples: {known})", file=sys.stderr)
+        return None, rest
+    return family, rest
 
 
 def check_arguments(args: argparse.Namespace, adapter: Any, settings: AppSettings) -> str | None:

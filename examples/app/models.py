@@ -134,9 +134,43 @@ class CogVideoXExample(ExampleModel):
                 for name in ("prompt_embeds", "negative_prompt_embeds")}
 
 
-#: by adapter name (the ``lvsa.adapters`` entry point of the family)
-EXAMPLES: dict[str, ExampleModel] = {"wan": WanExample(), "hunyuan": HunyuanVideo15Example(),
-                                     "cogvideox": CogVideoXExample()}
+class WanBackboneExample(WanExample):
+    """Declared families built on Wan's backbone and VAE (Wan VACE, SkyReels-V2): the same small VAE, text
+    as random embeddings of the transformer's ``text_dim``."""
+
+    def __init__(self, pipeline_class: str, transformer_class: str, **extra: Any) -> None:
+        self.pipeline_class = pipeline_class
+        self.transformer_class = transformer_class
+        self.extra = extra
+
+    def tiny_pipeline(self) -> Any:
+        import diffusers
+
+        vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True])
+        transformer = getattr(diffusers, self.transformer_class)(
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=1024, **self.extra)
+        scheduler = diffusers.UniPCMultistepScheduler(flow_shift=5.0, use_flow_sigmas=True,
+                                                      prediction_type="flow_prediction")
+        return getattr(diffusers, self.pipeline_class)(tokenizer=None, text_encoder=None, transformer=transformer,
+                                                       vae=vae, scheduler=scheduler)
+
+    def pipeline_inputs(self, pipe: Any, prompt: str | None, seed: int) -> dict[str, Any]:
+        inputs = super().pipeline_inputs(pipe, prompt, seed)
+        if "prompt" not in inputs and "DiffusionForcing" in type(pipe).__name__:
+            inputs["prompt"] = None  # diffusion forcing's prompt is positional: None with embeddings
+        return inputs
+
+
+#: by adapter name (the ``lvsa.adapters`` entry point of the family, or the declared family's name)
+EXAMPLES: dict[str, ExampleModel] = {
+    "wan": WanExample(), "hunyuan": HunyuanVideo15Example(), "cogvideox": CogVideoXExample(),
+    "wan-vace": WanBackboneExample("WanVACEPipeline", "WanVACETransformer3DModel", vace_layers=[0],
+                                   vace_in_channels=96),
+    "skyreels-v2": WanBackboneExample("SkyReelsV2Pipeline", "SkyReelsV2Transformer3DModel"),
+}
 
 
 def example_model(name: str) -> ExampleModel:

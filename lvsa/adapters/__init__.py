@@ -74,7 +74,7 @@ class LVSAHandle:
             if release is not None:  # a declared family's processor gives back its dispatch entry
                 release()
             if getattr(module, "processor", None) is self._installed[name]:
-                module.set_processor(self._originals[name])
+                _set_processor(module, self._originals[name])
             else:
                 kept.append(name)  # the user put another processor there since: theirs stays
         if kept:
@@ -189,8 +189,7 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
             calls = runtime.compiled
             compiled.forward_start(calls.ticket, grid.latent_frames, grid.patches_per_frame,
                                    compiled.as_tensor(timestep), calls.key, index)
-            if settings.riflex:  # the rotary hook reads the grid while dynamo traces
-                runtime.rope_grid = grid
+            runtime.rope_grid = grid  # what the rotary hook and the processors read while dynamo traces
 
         return before_forward
 
@@ -210,7 +209,7 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
                 layer_names[-1].append(qualified)
                 handle._originals[qualified] = module.processor
                 processor = adapter.make_processor(module.processor, runtime, qualified)
-                module.set_processor(processor)
+                _set_processor(module, processor)
                 handle.layers[qualified] = module
                 handle._installed[qualified] = processor
         runtime.dense_layers = runtime.dense.layer_names(layer_names, type(transformers[0]).__name__)
@@ -241,6 +240,15 @@ def _declared_geometry(target: Any, transformer: Any, adapter: ModelAdapter) -> 
         "vae_spatial_factor": (getattr(target, "vae_scale_factor_spatial", None),
                                f"{pipeline}.vae_scale_factor_spatial"),
     }
+
+
+def _set_processor(module: Any, processor: Any) -> None:
+    """Give an attention module a processor (Mochi's attention module has no ``set_processor``)."""
+    setter = getattr(module, "set_processor", None)
+    if setter is not None:
+        setter(processor)
+    else:
+        module.processor = processor
 
 
 def _describe(target: Any, transformers: list[Any]) -> str:

@@ -93,11 +93,12 @@ def attention(ticket: torch.Tensor, layer_key: torch.Tensor, q: torch.Tensor, k:
     layer = installation.layer_names[int(layer_key)]
     text = None if text_q is None else (text_q, text_k, text_v)
     video_out, text_out = execute(installation.context(), layer, (q, k, v), text, key_padding_mask)
-    # an op's outputs have the strides its fake says (contiguous), never share storage, and are never None
+    # an op's outputs have the strides its fake says (its inputs': a processor may hand in transposed views),
+    # never share storage, and are never None
+    video = torch.empty_like(q).copy_(video_out)
     if text_out is None:
-        return video_out.contiguous(), q.new_empty(0)
-    return video_out.clone(memory_format=torch.contiguous_format), text_out.clone(
-        memory_format=torch.contiguous_format)
+        return video, q.new_empty(0)
+    return video, torch.empty_like(text_q).copy_(text_out)
 
 
 @attention.register_fake

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["DeclaredAdapter", "DispatchProcessor"]
 
 _DISPATCH = "dispatch_attention_fn"
+_SDPA = "F.scaled_dot_product_attention"
 
 
 # -- the processor ------------------------------------------------------------------------------------
@@ -64,36 +65,69 @@ def processor_for(original: Any, runtime: LVSARuntime, layer: str, family: Famil
 
 
 class DispatchProcessor(LVSAProcessor):
-    """Runs the model's own processor code with its ``dispatch_attention_fn`` bound to :meth:`dispatch`."""
+    """Runs the model's own processor code with its attention call bound to this layer's entry: diffusers'
+    ``dispatch_attention_fn`` (:meth:`dispatch`, ``[B, S, H, D]``) or, for processors that call torch
+    themselves, ``F.scaled_dot_product_attention`` (:meth:`sdpa`, ``[B, H, S, D]``)."""
 
     def __init__(self, original: Any, runtime: LVSARuntime, layer: str, family: Family) -> None:
         super().__init__(original, runtime, layer)
         self.family = family
-        self._call, self._namespace = _bind(type(original).__call__, self.dispatch, layer)
-        self._dispatched = 0  # calls that reached dispatch (checked after each eager call)
+        self._call, self._namespaces = _bind(type(original).__call__, family.attention_call, self, layer)
+        self._dispatched = 0  # calls that reached the entry (checked after each eager call)
 
     def run(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
         if compiling():
+            if self.family.eager_under_compile:
+                return _outside_the_graph(self, attn, *args, **kwargs)
             return self._call(self.original, attn, *args, **kwargs)
+        return self._run_eager(attn, *args, **kwargs)
+
+    def _run_eager(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
         before = self._dispatched
         out = self._call(self.original, attn, *args, **kwargs)
         if self._dispatched == before:
-            # the processor attended some other way (a helper, F.scaled_dot_product_attention): lvsa did not run
+            # the processor attended some other way (a helper, another kernel): lvsa did not run
             self.runtime.context.fallback.fall_back(
                 self.layer, "not_dispatched", f"{type(self.original).__name__} returned without calling "
-                f"{_DISPATCH}, so this layer ran without lvsa", "Report the processor class; lvsa.remove() "
-                "runs the model as it is", error=ConfigError, once=self.layer)
+                f"{self.family.attention_call}, so this layer ran without lvsa", "Report the processor class; "
+                "lvsa.remove() runs the model as it is", error=ConfigError, once=self.layer)
         return out
 
     def release(self) -> None:
-        """Forget the layer's namespace (on ``remove``)."""
-        sys.modules.pop(self._namespace, None)
+        """Forget the layer's namespaces (on ``remove``)."""
+        for name in self._namespaces:
+            sys.modules.pop(name, None)
 
     def dispatch(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
                  scale: float | None = None, enable_gqa: bool = False, attention_kwargs: dict[str, Any] | None = None,
                  *, backend: Any = None, parallel_config: Any = None) -> torch.Tensor:
-        """The layer's attention ``[B, S, H, D]`` (diffusers' ``dispatch_attention_fn`` contract)."""
+        """The layer's attention ``[B, S, H, D]`` (diffusers' ``dispatch_attention_fn`` contract); a call lvsa
+        cannot run goes to diffusers' own, with the same arguments."""
+        out = self._lvsa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if out is None:
+            out = _diffusers_dispatch()(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                        attention_kwargs, backend=backend, parallel_config=parallel_config)
+        return out
+
+    def sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+             enable_gqa: bool = False) -> torch.Tensor:
+        """The layer's attention ``[B, H, S, D]`` (``F.scaled_dot_product_attention``'s contract)."""
+        import torch
+
+        out = self._lvsa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, dropout_p,
+                         is_causal, scale, enable_gqa)
+        if out is None:
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                enable_gqa=enable_gqa)
+        return out.transpose(1, 2)
+
+    def _lvsa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+              dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor | None:
+        """lvsa's output ``[B, S, H, D]`` for the joined sequence, or ``None`` after the policy's loud line (the
+        caller then runs the model's own attention)."""
         if not compiling():  # a counter in a compiled graph would be a guard
             self._dispatched += 1
         video_tokens = self._video_tokens(query.shape[1])
@@ -104,9 +138,8 @@ class DispatchProcessor(LVSAProcessor):
             plan = self.plan(video_tokens, other)
         else:
             self.unsupported(problem[0], video_tokens, problem[1], max(other, 0))
-        if plan is None:  # the model's own attention, with the backend chosen for the model
-            return _diffusers_dispatch()(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                         attention_kwargs, backend=backend, parallel_config=parallel_config)
+        if plan is None:
+            return None
         before = self.family.other_tokens == "before"
         if not other:
             out, _ = self.attend((query, key, value), None, plan)
@@ -126,10 +159,17 @@ class DispatchProcessor(LVSAProcessor):
         return torch.cat([text_out, video_out] if before else [video_out, text_out], dim=1)
 
     def _video_tokens(self, seq_len: int) -> int:
-        grid = self.runtime.context.grid
+        """The video tokens of this layer's sequence: from the forward's grid, which the pre-hook sets before
+        any layer runs (while dynamo traces too, where the context of the forward is built only at run time)."""
+        grid = self.runtime.rope_grid
         if grid is None:
             return seq_len
+        if compiling():
+            return grid.latent_frames * grid.patches_per_frame
         parallel = self.runtime.context.parallel
+        if parallel is not None and not self.family.context_parallel:
+            raise ConfigError(f"{self.layer}: lvsa's context parallelism is not declared for {self.family.name} "
+                              "(lvsa models lists the families that have it); run it in one process")
         return grid.latent_frames * grid.patches_per_frame // (parallel.degree if parallel else 1)
 
     def _problem(self, query: Any, key: Any, attn_mask: Any, dropout_p: float, is_causal: bool, scale: float | None,
@@ -155,6 +195,19 @@ class DispatchProcessor(LVSAProcessor):
         return None
 
 
+def _run_outside_the_graph(processor: DispatchProcessor, attn: Any, *args: Any, **kwargs: Any) -> Any:
+    return processor._run_eager(attn, *args, **kwargs)
+
+
+def _outside_the_graph(processor: DispatchProcessor, attn: Any, *args: Any, **kwargs: Any) -> Any:
+    """The layer run eagerly from inside a compiled model: for processors that break the graph themselves
+    (Mochi's per-sample loop over each prompt's valid tokens), whose frames dynamo cannot resume over lvsa's
+    per-layer globals. The forward's context exists by then: ``lvsa::forward_start`` ran before."""
+    import torch
+
+    return torch._dynamo.disable(_run_outside_the_graph, recursive=True)(processor, attn, *args, **kwargs)
+
+
 def _bool_dtype() -> Any:
     import torch
 
@@ -170,24 +223,48 @@ def _diffusers_dispatch() -> Callable[..., Any]:
 _namespaces = itertools.count()
 
 
-def _bind(function: Callable[..., Any], dispatch: Callable[..., Any], layer: str) -> tuple[Callable[..., Any], str]:
-    """``function`` over a copy of its module's globals in which ``dispatch_attention_fn`` is ``dispatch``, and
-    the name of that copy. The copy is registered as a module of its own, under its own name: ``torch.compile``
-    finds a function's globals by their module's name."""
+def _namespace(name: str, contents: dict[str, Any]) -> types.ModuleType:
+    """A module registered under ``name`` holding ``contents``: ``torch.compile`` finds a function's globals,
+    and the modules they refer to, by their module's name."""
+    module = types.ModuleType(name)
+    module.__dict__.update(contents)
+    module.__dict__["__name__"] = name
+    sys.modules[name] = module
+    return module
+
+
+def _bind(function: Callable[..., Any], call: str, processor: DispatchProcessor,
+          layer: str) -> tuple[Callable[..., Any], list[str]]:
+    """``function`` over a copy of its module's globals in which the attention ``call`` is the layer's entry,
+    and the names of the namespaces made for it."""
     code = function.__code__
-    if _DISPATCH not in code.co_names:
+    global_name = _DISPATCH if call == _DISPATCH else "F"
+    wrong = global_name not in code.co_names
+    if call == _SDPA and not wrong:
+        import torch
+
+        wrong = function.__globals__.get("F") is not torch.nn.functional
+    if wrong:
         raise ConfigError(
-            f"layer {layer}: its processor {function.__qualname__} does not call {_DISPATCH}, where lvsa runs a "
-            "declared family's attention; restore the model's own processor (or lvsa.remove) before lvsa.apply")
-    name = f"{__name__}.layer_{next(_namespaces)}"
-    namespace = types.ModuleType(name)
-    namespace.__dict__.update(function.__globals__)
-    namespace.__dict__.update({"__name__": name, _DISPATCH: dispatch})
-    sys.modules[name] = namespace
-    rebound = types.FunctionType(code, namespace.__dict__, function.__name__, function.__defaults__,
+            f"layer {layer}: its processor {function.__qualname__} does not call {call}, where lvsa runs this "
+            "family's attention; restore the model's own processor (or lvsa.remove) before lvsa.apply")
+    base = f"{__name__}.layer_{next(_namespaces)}"
+    names = [base]
+    replacement: Any = processor.dispatch
+    if call == _SDPA:
+        import torch
+
+        names.append(f"{base}_functional")
+        functional = {**vars(torch.nn.functional), "scaled_dot_product_attention": processor.sdpa}
+        replacement = _namespace(names[1], functional)
+    namespace = _namespace(base, {**function.__globals__, global_name: replacement})
+    # a code object of its own: torch.compile keeps its compiled frames per code object, and a frame compiled
+    # over one layer's globals (a processor with a graph break, such as Mochi's per-sample loop) must not be
+    # run over another's
+    rebound = types.FunctionType(code.replace(), namespace.__dict__, function.__name__, function.__defaults__,
                                  function.__closure__)
     rebound.__kwdefaults__ = function.__kwdefaults__
-    return rebound, name
+    return rebound, names
 
 
 # -- the adapter --------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ class LVSARuntime:
         self._total_steps: int | None = None  # set_total_steps: a custom loop's step count
         self._warmup_said: tuple[int | None, int] | None = None
         self.context = self._context(None, 0, None)
-        #: the grid RIFLEx rewrites rotary tables for: set by the forward pre-hook, also while dynamo traces
+        #: the grid of the forward being run, set by the forward pre-hook, also while dynamo traces (when the
+        #: context is not built yet): what RIFLEx rewrites rotary tables for and how declared families split a
+        #: sequence
         self.rope_grid: LatentGrid | None = None
         #: what torch.compile'd transformers reach through the custom ops (see .compiled)
         self.compiled = CompiledCalls(lambda: self.context)

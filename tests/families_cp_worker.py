@@ -1,0 +1,34 @@
+"""torchrun worker for tests/test_families.py: one declared family's transformer under lvsa with context
+parallelism on CPU (gloo). Arguments: model folder, class name, inputs file, output file, ulysses degree, ring
+degree. Rank 0 writes the output."""
+
+from __future__ import annotations
+
+import sys
+
+import diffusers
+import torch
+
+import lvsa
+from lvsa.parallel import enable_context_parallel, init_distributed, leave_distributed
+
+
+def main(folder: str, cls: str, inputs: str, out: str, ulysses: int, ring: int) -> None:
+    rank, _world, _local = init_distributed("cpu")
+    try:
+        model = getattr(diffusers, cls).from_pretrained(folder).eval()
+        enable_context_parallel(model, ulysses, ring_degree=ring)
+        handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
+        kwargs = torch.load(inputs)
+        with torch.no_grad():
+            outputs = [model(**kwargs, timestep=torch.full((2,), t), return_dict=False)[0] for t in (999.0, 500.0)]
+        if rank == 0:
+            torch.save({"outputs": outputs, "sparse_calls": handle.stats.sparse_calls,
+                        "ulysses": handle.stats.ulysses_degree, "ring": handle.stats.ring_degree}, out)
+    finally:
+        leave_distributed()
+
+
+if __name__ == "__main__":
+    folder, cls, inputs, out, ulysses, ring = sys.argv[1:7]
+    main(folder, cls, inputs, out, int(ulysses), int(ring))
