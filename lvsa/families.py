@@ -244,6 +244,30 @@ DECLARED: tuple[Family, ...] = (
         latent_axes=(1, 3, 4),  # its latents are [B, F, C, H, W]
         notes="the bidirectional AnyFlow, a timestep per frame (the frame-autoregressive AnyFlowFAR is refused)",
     ),
+    Family(
+        name="ltx-2",
+        classes=("LTX2VideoTransformer3DModel",),
+        layers=("transformer_blocks.*.attn1",),
+        variants=(Variant("LTX-2", 16, _pipeline_default("LTX2InContextPipeline", 121)),),
+        pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline", "LTX2InContextPipeline"),
+        vae_temporal_factor=8, vae_spatial_factor=32, default_height=512, default_width=768, patch_size=1,
+        grid="forward_sizes",
+        notes="the video stream's self-attention; the audio stream and the audio-video cross-attention stay "
+              "dense; a video self-attention mask (keyframe conditioning) is refused",
+    ),
+    Family(
+        name="wan-animate",
+        classes=("WanAnimateTransformer3DModel",),
+        layers=("blocks.*.attn1",),
+        # the grid holds the reference image's latent frame, then the segment's
+        variants=(Variant("Wan 2.2 Animate", 21, "WanAnimatePipeline default segment_frame_length=77 "
+                                                 "(+1 reference frame)"),),
+        pipelines=("WanAnimatePipeline",),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=720, default_width=1280,
+        notes="the reference image is the grid's first frame (a global anchor); the pipeline cuts long videos "
+              "into segments of segment_frame_length, so lvsa engages when segments pass the horizon; the face "
+              "adapter's attention stays dense",
+    ),
 )
 
 #: families that run through an adapter module of their own (a processor written for the model): per class,
@@ -284,17 +308,22 @@ REFUSED: tuple[Refusal, ...] = (
             "image editing: the frame axis holds a few reference and target images, not a video whose length "
             "grows past a horizon"),
     Refusal(("HunyuanVideoFramepackTransformer3DModel", "HeliosTransformer3DModel"),
-            _NOT_YET + "history latents at several scales join the sequence with their own indices: the "
-            "sequence is not one grid, so the declaration needs a layout rule for the history tokens", final=False),
-    Refusal(("LTX2VideoTransformer3DModel", "Kandinsky6Transformer3DModel", "MiniMaxH3Transformer3DModel"),
-            _NOT_YET + "audio and video tokens (MiniMax-H3: video, audio and text packed by index) share the "
-            "model; the declaration needs the video stream's layout rule", final=False),
-    Refusal(("WanAnimateTransformer3DModel", "WanAnimate2Transformer3DModel"),
-            _NOT_YET + "pose and face conditioning inputs (Wan-Animate-2 also takes a KV cache); no declaration "
-            "and test row yet", final=False),
+            "generates a long video as fixed chunks (FramePack: latent_window_size=9, Helios: "
+            "num_latent_frames_per_chunk=9 latent frames) attending compressed history tokens: every call "
+            "stays far below a horizon, and the history tokens are not frames of the grid"),
+    Refusal(("MiniMaxH3Transformer3DModel",),
+            _NOT_YET + "it packs video, audio and text tokens into one sequence by index (video_indices, "
+            "audio_indices, text_indices); the declaration needs an index layout rule, and diffusers has no "
+            "MiniMax-H3 pipeline to test it through", final=False),
+    Refusal(("Kandinsky6Transformer3DModel",),
+            _NOT_YET + "audio and video tokens share the model; no declaration and test row yet", final=False),
+    Refusal(("WanAnimate2Transformer3DModel",),
+            _NOT_YET + "it takes a KV cache and its two token streams as separate arguments; no declaration and "
+            "test row yet", final=False),
     Refusal(("Kandinsky5Transformer3DModel",),
-            _NOT_YET + "it can run its own NABLA sparse attention (sparse_params); no declaration and test row "
-            "yet", final=False),
+            _NOT_YET + "its forward takes one sample with channels last ([1, F, H, W, C]) and returns it without "
+            "the batch axis, and it can run its own NABLA sparse attention (sparse_params); no declaration and "
+            "test row yet", final=False),
     Refusal(("SanaWMLTX2RefinerTransformer3DModel",),
             _NOT_YET + "it takes a KV cache (kv_cache_mode); no declaration and test row yet", final=False),
 )

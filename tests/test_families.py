@@ -88,6 +88,24 @@ def _ltx(model, frames, batch, g):
             "encoder_attention_mask": torch.ones(batch, 6), "num_frames": frames, "height": HEIGHT, "width": WIDTH}
 
 
+def _wan_animate(model, frames, batch, g):
+    c = model.config
+    segment = frames - 1  # the first grid frame is the reference image's
+    return {"hidden_states": _randn(g, batch, c.in_channels, frames, HEIGHT, WIDTH),
+            "encoder_hidden_states": _randn(g, batch, 6, c.text_dim),
+            "pose_hidden_states": _randn(g, batch, c.latent_channels, segment, HEIGHT, WIDTH),
+            "face_pixel_values": _randn(g, batch, 3, 4 * segment - 3, 16, 16)}
+
+
+def _ltx2(model, frames, batch, g):
+    c = model.config
+    return {"hidden_states": _randn(g, batch, frames * HEIGHT * WIDTH, c.in_channels),
+            "audio_hidden_states": _randn(g, batch, 10, c.audio_in_channels),
+            "encoder_hidden_states": _randn(g, batch, 6, c.caption_channels),
+            "audio_encoder_hidden_states": _randn(g, batch, 6, c.caption_channels),
+            "num_frames": frames, "height": HEIGHT, "width": WIDTH, "audio_num_frames": 10}
+
+
 def _cosmos(model, frames, batch, g):
     c = model.config
     return {"hidden_states": _randn(g, batch, c.in_channels, frames, HEIGHT, WIDTH),
@@ -148,6 +166,16 @@ ROWS = [
     Row("ltx-video", "LTXVideoTransformer3DModel",
         {"in_channels": 8, "out_channels": 8, "num_attention_heads": 2, "attention_head_dim": 16,
          "cross_attention_dim": 32, "num_layers": 2, "caption_channels": 16}, _ltx),
+    Row("wan-animate", "WanAnimateTransformer3DModel",
+        {**_WAN_TINY, "in_channels": 12, "latent_channels": 4, "image_dim": None, "motion_encoder_size": 16,
+         "motion_style_dim": 16, "motion_dim": 4, "motion_encoder_dim": 16, "face_encoder_hidden_dim": 16,
+         "face_encoder_num_heads": 2, "inject_face_latents_blocks": 1, "motion_encoder_batch_size": 2},
+        _wan_animate),
+    Row("ltx-2", "LTX2VideoTransformer3DModel",
+        {"in_channels": 8, "out_channels": 8, "num_attention_heads": 2, "attention_head_dim": 16,
+         "cross_attention_dim": 32, "audio_in_channels": 8, "audio_out_channels": 8, "audio_num_attention_heads": 2,
+         "audio_attention_head_dim": 8, "audio_cross_attention_dim": 16, "num_layers": 2, "caption_channels": 16},
+        _ltx2),
     Row("cosmos", "CosmosTransformer3DModel",
         {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
          "mlp_ratio": 2.0, "text_embed_dim": 16, "adaln_lora_dim": 8, "max_size": (64, 16, 16),
@@ -336,12 +364,16 @@ def test_each_horizon_is_the_default_its_source_names(family):
     release's documented length (then only the arithmetic is checked)."""
     for variant in family.variants:
         factor = variant.vae_temporal_factor or family.vae_temporal_factor
-        pipeline = re.fullmatch(r"(\w+) default num_frames=(\d+)", variant.source)
+        pipeline = re.fullmatch(r"(\w+) default (num_frames|segment_frame_length)=(\d+)"
+                                r"( \(\+1 reference frame\))?", variant.source)
         config = re.fullmatch(r"the config's default (\w+)=(\d+) \((video|latent) frames\)", variant.source)
         if pipeline:
-            frames = int(pipeline[2])
+            frames = int(pipeline[3])
             signature = inspect.signature(getattr(diffusers, pipeline[1]).__call__)
-            assert signature.parameters["num_frames"].default == frames
+            assert signature.parameters[pipeline[2]].default == frames
+            if pipeline[4]:  # one more grid frame than the segment's latent frames
+                assert (frames - 1) // factor + 2 == variant.reference_latent_frames
+                continue
         elif config:
             defaults = inspect.signature(getattr(diffusers, family.classes[0]).__init__).parameters
             assert defaults[config[1]].default == int(config[2])
