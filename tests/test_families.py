@@ -442,29 +442,65 @@ def test_declared_adapters_are_model_adapters():
 
 # -- the families' pipelines ------------------------------------------------------------------------------
 _PIPELINE_TINY = {**_WAN_TINY, "in_channels": 16, "out_channels": 16, "text_dim": 32}
-PIPELINES = {  # pipeline class -> (transformer class, extra config)
-    "WanVACEPipeline": ("WanVACETransformer3DModel", {"vace_layers": [0], "vace_in_channels": 96}),
-    "SkyReelsV2Pipeline": ("SkyReelsV2Transformer3DModel", {}),
-    "SkyReelsV2DiffusionForcingPipeline": ("SkyReelsV2Transformer3DModel", {}),
+
+
+def _wan_backbone(name, cls, **extra):
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    scheduler = (diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0) if "VACE" in name else
+                 diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
+                                                   prediction_type="flow_prediction"))
+    transformer = getattr(diffusers, cls)(**_PIPELINE_TINY, **extra)
+    return getattr(diffusers, name)(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+                                    scheduler=scheduler)
+
+
+def _ltx_pipeline(name):
+    ones = (1, 1, 1, 1)
+    vae = diffusers.AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, *ones), decoder_layers_per_block=(1, *ones), spatio_temporal_scaling=(True, True, False,
+                                                                                                   False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=ones, patch_size=1)  # 4x time, 4x space
+    transformer = diffusers.LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+        num_layers=2, caption_channels=32)
+    return getattr(diffusers, name)(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                    tokenizer=None, transformer=transformer)
+
+
+def _hunyuan_video_pipeline(name):
+    vae = diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                              norm_num_groups=4, mid_block_add_attention=False)
+    transformer = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, text_embed_dim=32, pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6))
+    return getattr(diffusers, name)(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                    scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                    text_encoder_2=None, tokenizer_2=None)
+
+
+PIPELINES = {  # pipeline class -> a small random-weight pipeline of it
+    "WanVACEPipeline": lambda: _wan_backbone("WanVACEPipeline", "WanVACETransformer3DModel", vace_layers=[0],
+                                             vace_in_channels=96),
+    "SkyReelsV2Pipeline": lambda: _wan_backbone("SkyReelsV2Pipeline", "SkyReelsV2Transformer3DModel"),
+    "SkyReelsV2DiffusionForcingPipeline": lambda: _wan_backbone("SkyReelsV2DiffusionForcingPipeline",
+                                                                "SkyReelsV2Transformer3DModel"),
+    "LTXPipeline": lambda: _ltx_pipeline("LTXPipeline"),
+    "HunyuanVideoPipeline": lambda: _hunyuan_video_pipeline("HunyuanVideoPipeline"),
 }
 
 
 @pytest.fixture(scope="module")
 def saved_pipelines(tmp_path_factory):
-    """Small random-weight pipelines (Wan's VAE, no text encoder), saved with save_pretrained."""
+    """Small random-weight pipelines (no text encoder), saved with save_pretrained."""
     folders = {}
-    for name, (cls, extra) in PIPELINES.items():
+    for name, build in PIPELINES.items():
         torch.manual_seed(0)
-        vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                         temperal_downsample=[False, True, True])
-        scheduler = (diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0) if "VACE" in name else
-                     diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
-                                                       prediction_type="flow_prediction"))
-        transformer = getattr(diffusers, cls)(**_PIPELINE_TINY, **extra)
-        pipe = getattr(diffusers, name)(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
-                                        scheduler=scheduler)
         folders[name] = tmp_path_factory.mktemp(name)
-        pipe.save_pretrained(folders[name])
+        build().save_pretrained(folders[name])
     return folders
 
 
@@ -473,6 +509,14 @@ def generate(pipe, frames, **extra):
     embeds = {n: torch.randn(1, 8, 32, generator=g) for n in ("prompt_embeds", "negative_prompt_embeds")}
     if "DiffusionForcing" in type(pipe).__name__:
         extra = {"prompt": None, **extra}
+    if type(pipe).__name__.startswith("LTX"):
+        extra = {"prompt_attention_mask": torch.ones(1, 8), "negative_prompt_attention_mask": torch.ones(1, 8),
+                 **extra}
+    if type(pipe).__name__.startswith("HunyuanVideo"):  # a padded prompt: its last two tokens are masked
+        mask = torch.ones(1, 8, dtype=torch.bool)
+        mask[0, 6:] = False
+        del embeds["negative_prompt_embeds"]
+        extra = {"pooled_prompt_embeds": torch.randn(1, 8, generator=g), "prompt_attention_mask": mask, **extra}
     with torch.inference_mode():
         return pipe(**embeds, height=32, width=32, num_frames=frames, num_inference_steps=3, guidance_scale=5.0,
                     generator=torch.Generator().manual_seed(0), output_type="latent", **extra).frames
@@ -480,7 +524,11 @@ def generate(pipe, frames, **extra):
 
 def load_pipeline(saved_pipelines, name):
     # the components saved as absent (no text encoder) are passed as None, as diffusers asks
-    pipe = diffusers.DiffusionPipeline.from_pretrained(saved_pipelines[name], tokenizer=None, text_encoder=None)
+    import json
+
+    index = json.loads((saved_pipelines[name] / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(saved_pipelines[name], **absent)
     assert type(pipe).__name__ == name
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -490,20 +538,28 @@ def load_pipeline(saved_pipelines, name):
 def test_pipelines_equal_the_model_at_the_horizon_and_rotate_beyond_it(saved_pipelines, name, monkeypatch):
     pipe = load_pipeline(saved_pipelines, name)
     reference = horizon(pipe.transformer)
-    at, beyond = (reference - 1) * 4 + 1, (2 * reference - 1) * 4 + 1
+    at, beyond = (reference - 1) * 4 + 1, (2 * reference - 1) * 4 + 1  # every VAE here has 4 frames per latent
     extra = {"base_num_frames": beyond} if "DiffusionForcing" in name else {}  # one pass over the long video
     dense = generate(pipe, at)
     handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
     assert torch.equal(generate(pipe, at), dense)
     layers = len(handle.layers)
-    assert handle.stats.calls_by_step == {s: [0, 2 * layers] for s in range(3)}  # CFG: two forwards a step
+    # LTX batches the two CFG halves; Wan's backbones call twice; HunyuanVideo embeds the guidance (one call)
+    forwards = 1 if name in ("LTXPipeline", "HunyuanVideoPipeline") else 2
+    assert handle.runtime.vae_temporal_factor == 4  # read off the pipeline (LTX: vae_temporal_compression_ratio)
+    assert handle.stats.calls_by_step == {s: [0, forwards * layers] for s in range(3)}
     calls = record(monkeypatch)
     handle.stats.plan_builds = 0
     generate(pipe, beyond, **extra)
     assert handle.stats.plan_builds == 3 and handle.stats.fallback_calls == 0  # one rotated plan per step
-    assert [call[0] for call in calls] == [s for s in range(3) for _ in range(2 * layers)]
-    for _step, _origin, plan, (q, k, v), _text, padding, (out, _) in calls:
+    assert [call[0] for call in calls] == [s for s in range(3) for _ in range(forwards * layers)]
+    for _step, _origin, plan, video, text, padding, (out, text_out) in calls:
         assert plan.kfi > 1 and plan.latent_frames == 2 * reference
+        q, k, v = video
+        if text is not None:  # HunyuanVideo: the text follows the video, its padding masked
+            assert padding.tolist() == [[True] * 6 + [False] * 2]
+            q, k, v = (torch.cat(pair, dim=1) for pair in zip(video, text, strict=True))
+            out = torch.cat([out, text_out], dim=1)
         torch.testing.assert_close(out.double(), reference_attention(q, k, v, plan, padding), rtol=2e-5, atol=2e-5)
 
 

@@ -164,8 +164,8 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     if shared is not None:
         return shared
     check_declared_geometry(settings, _declared_geometry(target, transformers[0], adapter))
-    vae_temporal = getattr(target, "vae_scale_factor_temporal", None) or family.vae_temporal_factor
-    vae_spatial = getattr(target, "vae_scale_factor_spatial", None) or family.vae_spatial_factor
+    vae_temporal = _pipeline_factor(target, "temporal")[0] or family.vae_temporal_factor
+    vae_spatial = _pipeline_factor(target, "spatial")[0] or family.vae_spatial_factor
     runtime = LVSARuntime(settings, family, vae_temporal, adapter.name, vae_spatial)
     if hasattr(target, "components"):
         runtime.schedule.add(target)  # the pipeline's schedule gives the exact denoising step
@@ -235,11 +235,21 @@ def _declared_geometry(target: Any, transformer: Any, adapter: ModelAdapter) -> 
     pipeline = type(target).__name__
     return {
         "patch_size": (adapter.spatial_patch(transformer)[1], f"{type(transformer).__name__}'s config (patch_size)"),
-        "vae_temporal_factor": (getattr(target, "vae_scale_factor_temporal", None),
-                                f"{pipeline}.vae_scale_factor_temporal"),
-        "vae_spatial_factor": (getattr(target, "vae_scale_factor_spatial", None),
-                               f"{pipeline}.vae_scale_factor_spatial"),
+        "vae_temporal_factor": (_pipeline_factor(target, "temporal")[0],
+                                f"{pipeline}.{_pipeline_factor(target, 'temporal')[1]}"),
+        "vae_spatial_factor": (_pipeline_factor(target, "spatial")[0],
+                               f"{pipeline}.{_pipeline_factor(target, 'spatial')[1]}"),
     }
+
+
+def _pipeline_factor(target: Any, axis: str) -> tuple[int | None, str]:
+    """The VAE factor a pipeline declares along ``axis`` (``temporal`` or ``spatial``), and the attribute it
+    comes from: ``vae_scale_factor_<axis>`` in most pipelines, ``vae_<axis>_compression_ratio`` in LTX's."""
+    for name in (f"vae_scale_factor_{axis}", f"vae_{axis}_compression_ratio"):
+        value = getattr(target, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, name
+    return None, f"vae_scale_factor_{axis}"
 
 
 def _set_processor(module: Any, processor: Any) -> None:
