@@ -68,8 +68,17 @@ class Family:
     eager_under_compile: bool = False
     #: where frames, height and width sit in ``hidden_states`` (``grid="latent"``)
     latent_axes: tuple[int, int, int] = (2, 3, 4)
-    #: the model ships a diffusers context-parallel plan lvsa's Ulysses and ring paths work with
+    #: lvsa's Ulysses and ring paths are declared (and tested) for the family, with the model's own diffusers
+    #: context-parallel plan or :attr:`cp_plan`
     context_parallel: bool = False
+    #: diffusers' sharding plan for a model that ships none, as data: ``{module: {input: ("split", dim,
+    #: expected_dims, split_output)}}`` and ``{module: ("gather", dim, expected_dims)}``
+    cp_plan: Mapping[str, Any] | None = None
+    #: forward arguments that must be unset (or false) under context parallelism, with why
+    cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
+    #: ring attention is declared too (a model whose cross-attention diffusers cannot run in a ring on every
+    #: backend gets Ulysses only)
+    ring: bool = True
     #: what a user should know (shown in the table)
     notes: str = ""
 
@@ -137,6 +146,15 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=544, default_width=960,
         notes="diffusion forcing with causal_block_size > 1 passes a causal frame mask, which lvsa refuses "
               "(LVSA_FALLBACK=warn runs those layers dense)",
+        context_parallel=True,
+        # Wan's sharding (SkyReels-V2 is Wan's backbone), without the per-token timestep Wan 2.2 TI2V has
+        cp_plan={"rope": {0: ("split", 1, 4, True), 1: ("split", 1, 4, True)},
+                 "blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "proj_out": ("gather", 1, 3)},
+        cp_refused_arguments={"enable_diffusion_forcing": "diffusion forcing's per-frame timestep embedding is "
+                                                          "not sharded with the sequence"},
+        # its cross-attention asks diffusers for ring attention too, which diffusers' native (CPU) backend lacks
+        ring=False,
     ),
     Family(
         name="chronoedit",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .families import ADAPTER_MODULES, DECLARED, REFUSED, reference_video_frames
+from .families import ADAPTER_MODULES, DECLARED, REFUSED, Family, reference_video_frames
 from .geometry import FAMILIES
 
 
@@ -27,6 +27,12 @@ def _horizon(variant: str, latent: int, video: int, source: str) -> str:
     return f"{variant}: {latent} latent frames ({video} video frames; {source})"
 
 
+def _parallelism(family: Family) -> str:
+    if not family.context_parallel:
+        return ""
+    return "context parallelism (Ulysses and ring)" if family.ring else "context parallelism (Ulysses)"
+
+
 def rows() -> list[ModelRow]:
     """One row per class, sorted by class name."""
     found: list[ModelRow] = []
@@ -36,13 +42,13 @@ def rows() -> list[ModelRow]:
             f = FAMILIES[key]
             video = (f.reference_latent_frames - 1) * f.vae_temporal_factor + 1
             horizons.append(_horizon(label, f.reference_latent_frames, video, source))
-        found.append(ModelRow(cls, "supported", adapter, tuple(horizons),
-                              "a processor of lvsa's own (lvsa.adapters); RIFLEx; context parallelism"))
+        notes = "a processor of lvsa's own (lvsa.adapters); RIFLEx; context parallelism (Ulysses and ring)"
+        found.append(ModelRow(cls, "supported", adapter, tuple(horizons), notes))
     for family in DECLARED:
         horizons = tuple(_horizon(v.name, v.reference_latent_frames, reference_video_frames(family, v), v.source)
                          for v in family.variants)
         notes = "; ".join(x for x in (f"pipelines: {', '.join(family.pipelines)}", family.notes,
-                                      "context parallelism" if family.context_parallel else "") if x)
+                                      _parallelism(family)) if x)
         for cls in family.classes:
             found.append(ModelRow(cls, "supported", family.name, horizons, notes))
     for refusal in REFUSED:

@@ -80,6 +80,7 @@ def enable_context_parallel(target: Any, ulysses_degree: int = 1, *, ring_degree
     for transformer in transformers_of(target):
         adapter = adapter_for(transformer)
         adapter.check_context_parallel(transformer, ulysses_degree)
+        adapter.check_ring(transformer, ring_degree)
         config = ContextParallelConfig(ulysses_degree=ulysses_degree, ring_degree=ring_degree, mesh=mesh)
         plan = adapter.cp_plan(transformer)
         if torch.accelerator.device_count() > 0:

@@ -594,6 +594,11 @@ def torchrun(processes, *args, cwd):
 @pytest.mark.parametrize(("ulysses", "ring"), CP_LAYOUTS, ids=[f"ulysses{u}-ring{r}" for u, r in CP_LAYOUTS])
 @pytest.mark.parametrize("family", sorted(f.name for f in DECLARED if f.context_parallel))
 def test_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_path):
+    if ring > 1 and not FAMILY_OF[family].ring:
+        model = load(saved, family)
+        with pytest.raises(ConfigError, match="ring attention is not declared for"):
+            lvsa.adapters.adapter_for(model).check_ring(model, ring)
+        return
     model = load(saved, family)
     frames = 2 * horizon(model) + 2  # beyond the horizon, and tokens that split over two ranks
     row = BY_FAMILY[family]
@@ -611,6 +616,15 @@ def test_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_p
     assert got["sparse_calls"] == 2 * calls_per_forward(model, 2)
     for parallel, single in zip(got["outputs"], one, strict=True):
         torch.testing.assert_close(parallel, single, rtol=1e-4, atol=1e-4)
+
+
+def test_diffusion_forcing_under_context_parallelism_is_refused(saved):
+    model = load(saved, "skyreels-v2")
+    adapter = lvsa.adapters.adapter_for(model)
+    model._parallel_config = object()  # what enable_parallelism leaves on the model
+    with pytest.raises(ConfigError, match="called with enable_diffusion_forcing under context parallelism"):
+        adapter.grid_of_call(model, (), {"hidden_states": torch.zeros(1, 4, 3, 8, 8), "enable_diffusion_forcing": True})
+    assert adapter.grid_of_call(model, (), {"hidden_states": torch.zeros(1, 4, 3, 8, 8)}).latent_frames == 3
 
 
 def test_context_parallel_of_an_undeclared_family_is_refused(saved):

@@ -212,6 +212,11 @@ class ModelAdapter(ABC):
         if self.cp_plan(transformer) is None and getattr(transformer, "_cp_plan", None) is None:
             raise ConfigError(f"{type(transformer).__name__} has no context-parallel plan")
 
+    def check_ring(self, transformer: Any, degree: int) -> None:
+        """Refuse ring attention over ``degree`` ranks where the family does not run it (every family with an
+        adapter module does)."""
+        return None
+
     # -- RIFLEx ------------------------------------------------------------------------------------
     @abstractmethod
     def temporal_rope(self, transformer: Any) -> TemporalRope | None:

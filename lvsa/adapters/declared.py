@@ -318,6 +318,12 @@ class DeclaredAdapter(ModelAdapter):
         return args[index] if index is not None and index < len(args) else None
 
     def grid_of_call(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> LatentGrid:
+        refused = self.declaration.cp_refused_arguments
+        if refused and getattr(transformer, "_parallel_config", None) is not None:
+            for name, why in refused.items():
+                if self.forward_argument(transformer, name, args, kwargs):
+                    raise ConfigError(f"{type(transformer).__name__} was called with {name} under context "
+                                      f"parallelism, which lvsa does not run: {why}; run it in one process")
         if self.declaration.grid == "latent":
             return super().grid_of_call(transformer, args, kwargs)
         sizes = [self.forward_argument(transformer, n, args, kwargs) for n in ("num_frames", "height", "width")]
@@ -326,11 +332,33 @@ class DeclaredAdapter(ModelAdapter):
                               "which give lvsa the latent grid of its token sequence")
         return self.grid_of(transformer, *(int(s) for s in sizes))
 
+    def cp_plan(self, transformer: Any) -> dict[str, Any] | None:
+        declared = self.declaration.cp_plan
+        if declared is None:
+            return None
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        def spec(entry: tuple[Any, ...]) -> Any:
+            kind, *values = entry
+            if kind == "split":
+                dim, dims, output = values
+                return ContextParallelInput(split_dim=dim, expected_dims=dims, split_output=output)
+            dim, dims = values
+            return ContextParallelOutput(gather_dim=dim, expected_dims=dims)
+
+        return {module: spec(value) if isinstance(value, tuple) else {k: spec(v) for k, v in value.items()}
+                for module, value in declared.items()}
+
     def check_context_parallel(self, transformer: Any, degree: int) -> None:
         if not self.declaration.context_parallel:
             raise ConfigError(f"{type(transformer).__name__}: lvsa's context parallelism is not declared for "
                               f"{self.name} (lvsa models lists the families that have it)")
         super().check_context_parallel(transformer, degree)
+
+    def check_ring(self, transformer: Any, degree: int) -> None:
+        if degree > 1 and not self.declaration.ring:
+            raise ConfigError(f"{type(transformer).__name__}: ring attention is not declared for {self.name}, only "
+                              "Ulysses: use ulysses_degree for every process (ring_degree=1)")
 
     def temporal_rope(self, transformer: Any) -> TemporalRope | None:
         return None
