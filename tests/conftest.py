@@ -128,3 +128,40 @@ def backends_required() -> list[str]:
 
 def pytest_report_header(config):
     return f"lvsa parity devices: {', '.join(test_devices())}; drivers: {', '.join(registry.drivers())}"
+
+
+@pytest.fixture
+def layer_calls(monkeypatch):
+    """Every layer call the diffusers host's processors hand to the executor, as it is run: ``(denoising
+    step, layer, plan, video q/k/v, text q/k/v or None, key padding mask, (video out, text out))``."""
+    from lvsa.adapters import base
+    from lvsa.attention.executor import PLAN_IN_CALL
+
+    calls = []
+    real = base.execute
+
+    def recording(context, origin, video, text=None, key_padding_mask=None, plan=PLAN_IN_CALL):
+        out = real(context, origin, video, text, key_padding_mask, plan)
+        calls.append((context.denoising_step, origin, plan, video, text, key_padding_mask, out))
+        return out
+
+    monkeypatch.setattr(base, "execute", recording)
+    return calls
+
+
+@pytest.fixture
+def torchrun():
+    """``torchrun(processes, *args, cwd=...)``: a CPU launch of ``processes`` ranks on a free port (the
+    completed process; 15 minutes at most)."""
+    import socket
+    import subprocess
+
+    def launch(processes: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+        with socket.socket() as probe:  # a free port for the rendezvous
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                   "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd)
+
+    return launch

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -56,17 +53,8 @@ def one_process(saved_models):
             for name in FAMILIES for backend in CPU_DRIVERS}
 
 
-def torchrun(processes: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd)
-
-
 @pytest.mark.parametrize(("ulysses", "ring"), LAYOUTS, ids=[f"ulysses{u}-ring{r}" for u, r in LAYOUTS])
-def test_context_parallel_equals_one_process(saved_models, one_process, tmp_path, ulysses, ring):
+def test_context_parallel_equals_one_process(saved_models, one_process, tmp_path, ulysses, ring, torchrun):
     processes = ulysses * ring
     frames = ",".join(f"{name}={count}" for name, count in FRAMES.items())
     result = torchrun(processes, str(WORKER), str(saved_models), str(tmp_path), ",".join(FAMILIES),
@@ -104,7 +92,7 @@ def token_mask_skips(plan, shards: int) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("degree", ["--ulysses-degree", "--ring-degree"])
-def test_the_example_runs_under_torchrun(saved_models, tmp_path, degree):
+def test_the_example_runs_under_torchrun(saved_models, tmp_path, degree, torchrun):
     common = ["--model", str(saved_models / "wan"), "--num-frames", "161", "--steps", "2", "--lvsa",
               "--output-latent", "--output-dir", str(tmp_path)]
     result = torchrun(2, str(EXAMPLES / "wan_generate.py"), *common, degree, "2",
@@ -121,7 +109,7 @@ def test_the_example_runs_under_torchrun(saved_models, tmp_path, degree):
     assert [p.name for p in tmp_path.glob("*.memory.json")]  # the gathered report, written once per run
 
 
-def test_dense_warmup_and_dense_layers_under_context_parallelism(saved_models, tmp_path):
+def test_dense_warmup_and_dense_layers_under_context_parallelism(saved_models, tmp_path, torchrun):
     """A dense step or layer runs dense attention over the whole sequence for this rank's heads (the Ulysses
     exchange around a dense plan): the same latent as one process with the same settings."""
     degree = "--ulysses-degree"

@@ -30,9 +30,7 @@ import torch
 
 import lvsa
 from lvsa.adapters import adapter_for
-from lvsa.adapters import base as adapter_base
 from lvsa.adapters.declared import DeclaredAdapter
-from lvsa.attention.executor import PLAN_IN_CALL
 from lvsa.backends.reference import reference_attention
 from lvsa.errors import ConfigError
 from lvsa.families import ADAPTER_MODULES, DECLARED, REFUSED
@@ -248,19 +246,6 @@ def run(model, frames, timesteps=(900.0,), batch=1, dtype=torch.float32, seed=1)
     return outputs
 
 
-def record(monkeypatch):
-    calls = []
-    real = adapter_base.execute
-
-    def recording(context, origin, video, text=None, key_padding_mask=None, plan=PLAN_IN_CALL):
-        out = real(context, origin, video, text, key_padding_mask, plan)
-        calls.append((context.denoising_step, origin, plan, video, text, key_padding_mask, out))
-        return out
-
-    monkeypatch.setattr(adapter_base, "execute", recording)
-    return calls
-
-
 def test_every_declared_family_has_a_row():
     assert sorted(BY_FAMILY) == sorted(FAMILY_OF)
     for row in ROWS:
@@ -285,10 +270,10 @@ def test_at_the_horizon_lvsa_is_bit_exact_to_the_model(saved, family, caplog):
 
 
 @pytest.mark.parametrize("family", sorted(BY_FAMILY))
-def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, monkeypatch):
+def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, layer_calls):
     model = load(saved, family)
     frames = 2 * horizon(model) + 1
-    calls = record(monkeypatch)
+    calls = layer_calls
     handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
     try:
         run(model, frames, batch=2)
@@ -535,7 +520,7 @@ def load_pipeline(saved_pipelines, name):
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
-def test_pipelines_equal_the_model_at_the_horizon_and_rotate_beyond_it(saved_pipelines, name, monkeypatch):
+def test_pipelines_equal_the_model_at_the_horizon_and_rotate_beyond_it(saved_pipelines, name, layer_calls):
     pipe = load_pipeline(saved_pipelines, name)
     reference = horizon(pipe.transformer)
     at, beyond = (reference - 1) * 4 + 1, (2 * reference - 1) * 4 + 1  # every VAE here has 4 frames per latent
@@ -548,7 +533,8 @@ def test_pipelines_equal_the_model_at_the_horizon_and_rotate_beyond_it(saved_pip
     forwards = 1 if name in ("LTXPipeline", "HunyuanVideoPipeline") else 2
     assert handle.runtime.vae_temporal_factor == 4  # read off the pipeline (LTX: vae_temporal_compression_ratio)
     assert handle.stats.calls_by_step == {s: [0, forwards * layers] for s in range(3)}
-    calls = record(monkeypatch)
+    calls = layer_calls
+    calls.clear()  # only the run beyond the horizon
     handle.stats.plan_builds = 0
     generate(pipe, beyond, **extra)
     assert handle.stats.plan_builds == 3 and handle.stats.fallback_calls == 0  # one rotated plan per step
@@ -580,20 +566,9 @@ CP_WORKER = Path(__file__).with_name("families_cp_worker.py")
 CP_LAYOUTS = [(2, 1), (1, 2)]  # Ulysses 2, ring 2
 
 
-def torchrun(processes, *args, cwd):
-    import socket
-
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd)
-
-
 @pytest.mark.parametrize(("ulysses", "ring"), CP_LAYOUTS, ids=[f"ulysses{u}-ring{r}" for u, r in CP_LAYOUTS])
 @pytest.mark.parametrize("family", sorted(f.name for f in DECLARED if f.context_parallel))
-def test_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_path):
+def test_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_path, torchrun):
     if ring > 1 and not FAMILY_OF[family].ring:
         model = load(saved, family)
         with pytest.raises(ConfigError, match="ring attention is not declared for"):

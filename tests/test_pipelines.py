@@ -15,9 +15,7 @@ import torch
 
 import lvsa
 from lvsa.adapters import adapter_named, handle_of
-from lvsa.adapters import base as adapter_base
 from lvsa.attention import context as context_module
-from lvsa.attention.executor import PLAN_IN_CALL
 from lvsa.backends.reference import reference_attention
 from lvsa.errors import ConfigError
 from lvsa.kernels.attention_ops import dense_attention, key_mask_with_text
@@ -530,20 +528,6 @@ def test_remove_keeps_the_attention_backend_chosen_while_installed(saved_models,
 
 
 # -- dense warm-up steps and dense layers (lvsa.dense) ----------------------------------------------
-def _record(monkeypatch):
-    """Every layer call the processors hand to the executor: its step, layer, plan, tensors and output."""
-    calls = []
-    real = adapter_base.execute
-
-    def recording(context, origin, video, text=None, key_padding_mask=None, plan=PLAN_IN_CALL):
-        out = real(context, origin, video, text, key_padding_mask, plan)
-        calls.append((context.denoising_step, origin, plan, video, text, key_padding_mask, out))
-        return out
-
-    monkeypatch.setattr(adapter_base, "execute", recording)
-    return calls
-
-
 def _joined(plan, video, text, key_padding_mask):
     if text is None:
         return video, None
@@ -561,10 +545,10 @@ def _output(plan, out):
 
 
 @pytest.mark.parametrize("name", ["wan", "hunyuan", "cogvideox"])
-def test_dense_steps_and_layers_run_dense_attention_and_the_rest_the_plan(saved_models, name, monkeypatch, caplog):
+def test_dense_steps_and_layers_run_dense_attention_and_the_rest_the_plan(saved_models, name, layer_calls, caplog):
     pipe = load(saved_models, name)
     caplog.set_level(logging.INFO, logger="lvsa")
-    calls = _record(monkeypatch)
+    calls = layer_calls
     handle = lvsa.apply(pipe, lvsa.LVSASettings(dense_warmup_fraction=0.34, dense_layers="0"))
     generate(pipe, name, BEYOND[name], steps=3)
     layers = sorted(handle.layers)
@@ -610,9 +594,9 @@ def test_every_step_and_layer_dense_is_the_model_without_lvsa(saved_models, name
     del sparse
 
 
-def test_both_transformers_of_wan_2_2_get_the_dense_layers(saved_models, monkeypatch):
+def test_both_transformers_of_wan_2_2_get_the_dense_layers(saved_models, layer_calls):
     pipe = _variant(saved_models, "wan-i2v-2.2-two-transformers")
-    calls = _record(monkeypatch)
+    calls = layer_calls
     handle = lvsa.apply(pipe, lvsa.LVSASettings(dense_layers="1", dense_warmup_steps=1))
     assert handle.runtime.dense_layers == {"transformer.blocks.1.attn1", "transformer_2.blocks.1.attn1"}
     _generate_variant(pipe, 161, steps=3)
