@@ -142,14 +142,13 @@ def family_of_argv(argv: list[str]) -> tuple[str | None, list[str]]:
              f"either]\nfamilies with example pipelines: {known}")
     rest = list(argv)
     family = None
-    for flag in ("--family",):
-        if flag in rest:
-            index = rest.index(flag)
-            if index + 1 >= len(rest):
-                print(f"generate.py: error: {flag} needs a family name ({known})", file=sys.stderr)
-                return None, rest
-            family = rest[index + 1]
-            del rest[index:index + 2]
+    if "--family" in rest:
+        index = rest.index("--family")
+        if index + 1 >= len(rest):
+            print(f"generate.py: error: --family needs a family name ({known})", file=sys.stderr)
+            return None, rest
+        family = rest[index + 1]
+        del rest[index:index + 2]
     folder = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--model"), None)
     folder = folder or next((a.split("=", 1)[1] for a in rest if a.startswith("--model=")), None)
     if family is None and folder is None:

@@ -95,7 +95,7 @@ def attention(ticket: torch.Tensor, layer_key: torch.Tensor, q: torch.Tensor, k:
     video_out, text_out = execute(installation.context(), layer, (q, k, v), text, key_padding_mask)
     # an op's outputs have the strides its fake says (its inputs': a processor may hand in transposed views),
     # never share storage, and are never None
-    video = torch.empty_like(q).copy_(video_out)
+    video = video_out if video_out.stride() == q.stride() else torch.empty_like(q).copy_(video_out)
     if text_out is None:
         return video, q.new_empty(0)
     return video, torch.empty_like(text_q).copy_(text_out)

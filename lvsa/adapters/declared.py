@@ -23,6 +23,8 @@ import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..errors import ConfigError
 from ..families import Family, Variant, plan_families
 from ..geometry import LatentGrid, ModelFamily
@@ -30,8 +32,6 @@ from .base import LVSAProcessor, ModelAdapter
 from .compiled import compiling
 
 if TYPE_CHECKING:
-    import torch
-
     from ..riflex import TemporalRope
     from .runtime import LVSARuntime
 
@@ -114,8 +114,6 @@ class DispatchProcessor(LVSAProcessor):
              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
              enable_gqa: bool = False) -> torch.Tensor:
         """The layer's attention ``[B, H, S, D]`` (``F.scaled_dot_product_attention``'s contract)."""
-        import torch
-
         out = self._lvsa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, dropout_p,
                          is_causal, scale, enable_gqa)
         if out is None:
@@ -152,10 +150,8 @@ class DispatchProcessor(LVSAProcessor):
         if attn_mask is not None:
             keys = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[-1])
             keys = keys[:, :other] if before else keys[:, video_tokens:]
-            padding = keys if keys.dtype == _bool_dtype() else keys == 0
+            padding = keys if keys.dtype == torch.bool else keys == 0
         video_out, text_out = self.attend(video, text, plan, padding)
-        import torch
-
         return torch.cat([text_out, video_out] if before else [video_out, text_out], dim=1)
 
     def _video_tokens(self, seq_len: int) -> int:
@@ -203,15 +199,7 @@ def _outside_the_graph(processor: DispatchProcessor, attn: Any, *args: Any, **kw
     """The layer run eagerly from inside a compiled model: for processors that break the graph themselves
     (Mochi's per-sample loop over each prompt's valid tokens), whose frames dynamo cannot resume over lvsa's
     per-layer globals. The forward's context exists by then: ``lvsa::forward_start`` ran before."""
-    import torch
-
     return torch._dynamo.disable(_run_outside_the_graph, recursive=True)(processor, attn, *args, **kwargs)
-
-
-def _bool_dtype() -> Any:
-    import torch
-
-    return torch.bool
 
 
 def _diffusers_dispatch() -> Callable[..., Any]:
@@ -241,8 +229,6 @@ def _bind(function: Callable[..., Any], call: str, processor: DispatchProcessor,
     global_name = _DISPATCH if call == _DISPATCH else "F"
     wrong = global_name not in code.co_names
     if call == _SDPA and not wrong:
-        import torch
-
         wrong = function.__globals__.get("F") is not torch.nn.functional
     if wrong:
         raise ConfigError(
@@ -252,8 +238,6 @@ def _bind(function: Callable[..., Any], call: str, processor: DispatchProcessor,
     names = [base]
     replacement: Any = processor.dispatch
     if call == _SDPA:
-        import torch
-
         names.append(f"{base}_functional")
         functional = {**vars(torch.nn.functional), "scaled_dot_product_attention": processor.sdpa}
         replacement = _namespace(names[1], functional)
