@@ -27,6 +27,8 @@ class Variant:
     when: Mapping[str, Any] = field(default_factory=dict)
     #: the variant's VAE frames per latent frame, where it differs from the family's
     vae_temporal_factor: int | None = None
+    #: why lvsa does not run this variant ("" where it does): ``lvsa.apply`` stops with it
+    refusal: str = ""
 
     def matches(self, config: Any) -> bool:
         return all(_config_value(config, key) == value for key, value in self.when.items())
@@ -68,6 +70,10 @@ class Family:
     eager_under_compile: bool = False
     #: where frames, height and width sit in ``hidden_states`` (``grid="latent"``)
     latent_axes: tuple[int, int, int] = (2, 3, 4)
+    #: processor arguments that, when true, make the model's own processor skip attention by design (LTX-2's
+    #: spatio-temporal guidance pass, which takes the value projection): such a call never reaches the attention
+    #: call, and lvsa lets it pass; any other call that does not reach it is an error (``not_dispatched``)
+    skip_arguments: tuple[str, ...] = ()
     #: lvsa's Ulysses and ring paths are declared (and tested) for the family, with the model's own diffusers
     #: context-parallel plan or :attr:`cp_plan`
     context_parallel: bool = False
@@ -269,9 +275,10 @@ DECLARED: tuple[Family, ...] = (
         variants=(Variant("LTX-2", 16, _pipeline_default("LTX2InContextPipeline", 121)),),
         pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline", "LTX2InContextPipeline"),
         vae_temporal_factor=8, vae_spatial_factor=32, default_height=512, default_width=768, patch_size=1,
-        grid="forward_sizes",
+        grid="forward_sizes", skip_arguments=("all_perturbed",),
         notes="the video stream's self-attention; the audio stream and the audio-video cross-attention stay "
-              "dense; a video self-attention mask (keyframe conditioning) is refused",
+              "dense; a video self-attention mask (keyframe conditioning) is refused; the spatio-temporal guidance "
+              "pass skips attention in its blocks, as the model does",
     ),
     Family(
         name="wan-animate",
@@ -285,6 +292,21 @@ DECLARED: tuple[Family, ...] = (
         notes="the reference image is the grid's first frame (a global anchor); the pipeline cuts long videos "
               "into segments of segment_frame_length, so lvsa engages when segments pass the horizon; the face "
               "adapter's attention stays dense",
+    ),
+    Family(
+        name="kandinsky-5",
+        classes=("Kandinsky5Transformer3DModel",),
+        layers=("visual_transformer_blocks.*.self_attention",),
+        variants=(Variant("Kandinsky 5.0 Video", 31, _pipeline_default("Kandinsky5T2VPipeline", 121)),
+                  Variant("Kandinsky 5.0 Video with NABLA attention", 0, "", when={"attention_type": "nabla"},
+                          refusal="the checkpoint runs its own NABLA block-sparse attention (attention_type="
+                                  "'nabla'), whose token order and mask are the model's; a second sparse pattern on "
+                                  "top would not be the model's")),
+        pipelines=("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline"),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=512, default_width=768,
+        latent_axes=(1, 2, 3),  # its latents are channels last: [B, F, H, W, C]
+        notes="the video blocks' self-attention (the text has blocks of its own and reaches the video through "
+              "cross-attention, which stays dense)",
     ),
 )
 
@@ -336,12 +358,9 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal(("Kandinsky6Transformer3DModel",),
             _NOT_YET + "audio and video tokens share the model; no declaration and test row yet", final=False),
     Refusal(("WanAnimate2Transformer3DModel",),
-            _NOT_YET + "it takes a KV cache and its two token streams as separate arguments; no declaration and "
-            "test row yet", final=False),
-    Refusal(("Kandinsky5Transformer3DModel",),
-            _NOT_YET + "its forward takes one sample with channels last ([1, F, H, W, C]) and returns it without "
-            "the batch axis, and it can run its own NABLA sparse attention (sparse_params); no declaration and "
-            "test row yet", final=False),
+            _NOT_YET + "its generation pass attends the video together with the reference pass's cached keys and "
+            "values through the model's own flex BlockMask (each frame sees the reference frame of its index); "
+            "lvsa's frame pattern would have to be merged into that mask", final=False),
     Refusal(("SanaWMLTX2RefinerTransformer3DModel",),
             _NOT_YET + "it takes a KV cache (kv_cache_mode); no declaration and test row yet", final=False),
 )

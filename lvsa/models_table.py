@@ -45,7 +45,8 @@ def rows() -> list[ModelRow]:
         notes = "a processor of lvsa's own (lvsa.adapters); RIFLEx; context parallelism (Ulysses and ring)"
         found.append(ModelRow(cls, "supported", adapter, tuple(horizons), notes))
     for family in DECLARED:
-        horizons = tuple(_horizon(v.name, v.reference_latent_frames, reference_video_frames(family, v), v.source)
+        horizons = tuple(f"{v.name}: refused, {v.refusal}" if v.refusal else
+                         _horizon(v.name, v.reference_latent_frames, reference_video_frames(family, v), v.source)
                          for v in family.variants)
         notes = "; ".join(x for x in (f"pipelines: {', '.join(family.pipelines)}", family.notes,
                                       _parallelism(family)) if x)

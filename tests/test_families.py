@@ -20,7 +20,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from lvsa.adapters.declared import DeclaredAdapter
 from lvsa.backends.reference import reference_attention
 from lvsa.errors import ConfigError
 from lvsa.families import ADAPTER_MODULES, DECLARED, REFUSED
+from lvsa.models_table import text_table
 
 ROOT = Path(__file__).resolve().parents[1]
 HEIGHT = WIDTH = 8  # latent size: 4 x 4 patches of 2 (patch 1 models: 8 x 8)
@@ -149,6 +150,15 @@ def _allegro(model, frames, batch, g):
             "encoder_hidden_states": _randn(g, batch, 6, c.caption_channels)}
 
 
+def _kandinsky5(model, frames, batch, g):
+    c = model.config
+    return {"hidden_states": _randn(g, batch, frames, HEIGHT, WIDTH, c.in_visual_dim),
+            "encoder_hidden_states": _randn(g, batch, 6, c.in_text_dim),
+            "pooled_projections": _randn(g, batch, c.in_text_dim2),
+            "visual_rope_pos": [torch.arange(frames), torch.arange(HEIGHT // 2), torch.arange(WIDTH // 2)],
+            "text_rope_pos": torch.arange(6)}
+
+
 _WAN_TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
              "out_channels": 4, "text_dim": 16, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
              "rope_max_seq_len": 64}
@@ -199,6 +209,10 @@ ROWS = [
         {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 1,
          "num_single_layers": 1, "patch_size": 2, "text_embed_dim": 16, "rope_axes_dim": (4, 6, 6)}, _motif,
         text_tokens=6),
+    Row("kandinsky-5", "Kandinsky5Transformer3DModel",
+        {"in_visual_dim": 4, "out_visual_dim": 4, "in_text_dim": 16, "in_text_dim2": 8, "time_dim": 16,
+         "model_dim": 32, "ff_dim": 32, "num_text_blocks": 1, "num_visual_blocks": 2, "axes_dims": (4, 6, 6)},
+        _kandinsky5),
 ]
 BY_FAMILY = {row.family: row for row in ROWS}
 FAMILY_OF = {family.name: family for family in DECLARED}
@@ -285,15 +299,7 @@ def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, la
     for _step, _origin, plan, video, text, padding, out in calls:
         assert plan.kfi > 1 and not plan.is_dense and plan.latent_frames == frames
         text_tokens.append(plan.text_tokens)
-        video_out, text_out = out
-        if text is None:
-            q, k, v = video
-            got = video_out
-        else:
-            after = plan.text_position == "after"
-            q, k, v = (torch.cat([a, b] if after else [b, a], dim=1) for a, b in zip(video, text, strict=True))
-            got = torch.cat([video_out, text_out] if after else [text_out, video_out], dim=1)
-        torch.testing.assert_close(got.double(), reference_attention(q, k, v, plan, padding), rtol=2e-5, atol=2e-5)
+        assert_reference(plan, video, text, padding, out)
         if family in ("hunyuan-video", "motif-video"):  # the padded prompt's two last text keys are masked
             assert padding is not None and padding.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
     # Mochi drops the padded prompt's two last tokens itself: its second sample has 4 text tokens
@@ -348,6 +354,9 @@ def test_each_horizon_is_the_default_its_source_names(family):
     """A source names a pipeline's default num_frames or a config default (both read here off diffusers), or a
     release's documented length (then only the arithmetic is checked)."""
     for variant in family.variants:
+        if variant.refusal:  # tested by test_a_refused_variant_is_refused_with_its_reason
+            assert variant.when and not variant.source
+            continue
         factor = variant.vae_temporal_factor or family.vae_temporal_factor
         pipeline = re.fullmatch(r"(\w+) default (num_frames|segment_frame_length)=(\d+)"
                                 r"( \(\+1 reference frame\))?", variant.source)
@@ -392,6 +401,16 @@ def test_a_refused_class_is_refused_with_its_reason(refusal):
         lvsa.apply(model)
 
 
+def test_a_refused_variant_is_refused_with_its_reason(saved):
+    model = load(saved, "kandinsky-5")
+    model.register_to_config(attention_type="nabla")  # a NABLA checkpoint's config
+    with pytest.raises(ConfigError, match=r"^lvsa does not run Kandinsky5Transformer3DModel as Kandinsky 5.0 Video "
+                                          r"with NABLA attention: the checkpoint runs its own NABLA"):
+        lvsa.apply(model)
+    assert not any(type(m.processor).__module__.startswith("lvsa") for m in model.modules() if hasattr(m, "processor"))
+    assert "Kandinsky 5.0 Video with NABLA attention: refused, the checkpoint runs" in text_table()
+
+
 def test_a_processor_that_does_not_reach_dispatch_is_refused(saved):
     model = load(saved, "wan-vace")
 
@@ -429,18 +448,26 @@ def test_declared_adapters_are_model_adapters():
 _PIPELINE_TINY = {**_WAN_TINY, "in_channels": 16, "out_channels": 16, "text_dim": 32}
 
 
+def _wan_vae():
+    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                      temperal_downsample=[False, True, True])
+
+
+def _hunyuan_vae():
+    return diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                               norm_num_groups=4, mid_block_add_attention=False)
+
+
 def _wan_backbone(name, cls, **extra):
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True])
     scheduler = (diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0) if "VACE" in name else
                  diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
                                                    prediction_type="flow_prediction"))
     transformer = getattr(diffusers, cls)(**_PIPELINE_TINY, **extra)
-    return getattr(diffusers, name)(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+    return getattr(diffusers, name)(tokenizer=None, text_encoder=None, transformer=transformer, vae=_wan_vae(),
                                     scheduler=scheduler)
 
 
-def _ltx_pipeline(name):
+def _ltx():
     ones = (1, 1, 1, 1)
     vae = diffusers.AutoencoderKLLTXVideo(
         latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
@@ -451,30 +478,225 @@ def _ltx_pipeline(name):
     transformer = diffusers.LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
         num_layers=2, caption_channels=32)
-    return getattr(diffusers, name)(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                                    tokenizer=None, transformer=transformer)
+    return diffusers.LTXPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                 tokenizer=None, transformer=transformer)
 
 
-def _hunyuan_video_pipeline(name):
-    vae = diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                                              norm_num_groups=4, mid_block_add_attention=False)
+def _hunyuan_video():
     transformer = diffusers.HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
         num_single_layers=1, num_refiner_layers=1, patch_size=2, text_embed_dim=32, pooled_projection_dim=8,
         rope_axes_dim=(4, 6, 6))
-    return getattr(diffusers, name)(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                    scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
-                                    text_encoder_2=None, tokenizer_2=None)
+    return diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer,
+                                          vae=_hunyuan_vae(), text_encoder_2=None, tokenizer_2=None,
+                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
-PIPELINES = {  # pipeline class -> a small random-weight pipeline of it
-    "WanVACEPipeline": lambda: _wan_backbone("WanVACEPipeline", "WanVACETransformer3DModel", vace_layers=[0],
-                                             vace_in_channels=96),
-    "SkyReelsV2Pipeline": lambda: _wan_backbone("SkyReelsV2Pipeline", "SkyReelsV2Transformer3DModel"),
-    "SkyReelsV2DiffusionForcingPipeline": lambda: _wan_backbone("SkyReelsV2DiffusionForcingPipeline",
-                                                                "SkyReelsV2Transformer3DModel"),
-    "LTXPipeline": lambda: _ltx_pipeline("LTXPipeline"),
-    "HunyuanVideoPipeline": lambda: _hunyuan_video_pipeline("HunyuanVideoPipeline"),
+def _kandinsky5():
+    transformer = diffusers.Kandinsky5Transformer3DModel(**BY_FAMILY["kandinsky-5"].config)
+    return diffusers.Kandinsky5T2VPipeline(transformer=transformer, vae=_hunyuan_vae(), text_encoder=None,
+                                           tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                           scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=10.0))
+
+
+def _mochi():
+    # the Mochi VAE's group norms have 32 groups
+    vae = diffusers.AutoencoderKLMochi(latent_channels=4, encoder_block_out_channels=(32,) * 4,
+                                       decoder_block_out_channels=(32,) * 4, layers_per_block=(1,) * 5,
+                                       add_attention_block=(False,) * 5, latents_mean=(0.0,) * 4,
+                                       latents_std=(1.0,) * 4)
+    transformer = diffusers.MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=32, time_embed_dim=8, max_sequence_length=8)
+    return diffusers.MochiPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                   tokenizer=None, transformer=transformer)
+
+
+def _allegro():
+    vae = diffusers.AutoencoderKLAllegro(block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1,
+                                         norm_num_groups=4, sample_size=32)
+    transformer = diffusers.AllegroTransformer3DModel(  # the pipeline's RoPE splits the head in three even parts
+        patch_size=2, num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4, num_layers=2,
+        cross_attention_dim=48, sample_height=4, sample_width=4, caption_channels=32)
+    return diffusers.AllegroPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                     scheduler=diffusers.EulerAncestralDiscreteScheduler())
+
+
+def _easyanimate():
+    vae = diffusers.AutoencoderKLMagvit(latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1,
+                                        norm_num_groups=4)
+    transformer = diffusers.EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, num_layers=2,
+        mmdit_layers=2, time_embed_dim=8, text_embed_dim=32, sample_width=4, sample_height=4)
+    return diffusers.EasyAnimatePipeline(vae=vae, text_encoder=None, tokenizer=None, transformer=transformer,
+                                         scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _motif():
+    transformer = diffusers.MotifVideoTransformer3DModel(  # the latent, its condition and a mask channel
+        in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, patch_size=2, text_embed_dim=32, rope_axes_dim=(4, 6, 6))
+    return diffusers.MotifVideoPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_wan_vae(),
+                                        text_encoder=None, tokenizer=None, transformer=transformer,
+                                        guider=diffusers.ClassifierFreeGuidance(guidance_scale=5.0))
+
+
+def _anyflow():
+    transformer = diffusers.AnyFlowTransformer3DModel(**_PIPELINE_TINY)
+    return diffusers.AnyFlowPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=_wan_vae(),
+                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _chronoedit():
+    import transformers
+
+    image_encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))
+    transformer = diffusers.ChronoEditTransformer3DModel(  # the latent, the image's latent and a 4-channel mask
+        **{**_PIPELINE_TINY, "in_channels": 36}, image_dim=16, added_kv_proj_dim=32)
+    return diffusers.ChronoEditPipeline(
+        tokenizer=None, text_encoder=None, image_encoder=image_encoder, transformer=transformer, vae=_wan_vae(),
+        image_processor=transformers.CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
+        scheduler=diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
+                                                    prediction_type="flow_prediction"))
+
+
+def _wan_animate_pipeline():
+    import transformers
+
+    image_encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))
+    transformer = diffusers.WanAnimateTransformer3DModel(
+        **{**_PIPELINE_TINY, "in_channels": 36}, latent_channels=16, image_dim=16, motion_encoder_size=16,
+        motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=1, motion_encoder_batch_size=2)
+    return diffusers.WanAnimatePipeline(
+        tokenizer=None, text_encoder=None, image_encoder=image_encoder, transformer=transformer, vae=_wan_vae(),
+        image_processor=transformers.CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
+        scheduler=diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
+                                                    prediction_type="flow_prediction"))
+
+
+def _wan_animate_length(frames):
+    """One segment whose grid (the reference image's latent frame, then the segment's) spans ``frames`` video
+    frames: a pose and a face video of ``frames - 4`` frames."""
+    from PIL import Image
+
+    segment = frames - 4
+    return {"segment_frame_length": segment, "image": Image.new("RGB", (32, 32), (120, 30, 200)),
+            "pose_video": [Image.new("RGB", (32, 32), (10, 200, 40))] * segment,
+            "face_video": [Image.new("RGB", (16, 16), (200, 160, 120))] * segment}
+
+
+def _ltx2():
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    vae = diffusers.AutoencoderKLLTX2Video(  # 4x time, 4x space
+        latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 3, layers_per_block=(1,) * 5,
+        decoder_layers_per_block=(1,) * 4, spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False), upsample_residual=(False,) * 3, upsample_factor=(1,) * 3,
+        patch_size=1)
+    heads = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "num_learnable_registers": None}
+    streams = {f"{stream}_connector_{k}": v for stream in ("video", "audio") for k, v in heads.items()}
+    connectors = LTX2TextConnectors(caption_channels=16, text_proj_in_factor=2, video_hidden_dim=16,
+                                    audio_hidden_dim=16, **streams)
+    transformer = diffusers.LTX2VideoTransformer3DModel(  # perturbed_attn: the spatio-temporal guidance pass
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=16, audio_out_channels=16, audio_num_attention_heads=2, audio_attention_head_dim=8,
+        audio_cross_attention_dim=16, num_layers=2, caption_channels=16, perturbed_attn=True)
+    return diffusers.LTX2Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+        audio_vae=diffusers.AutoencoderKLLTX2Audio(base_channels=16, ch_mult=(1, 2), num_res_blocks=1,
+                                                   latent_channels=4, mel_bins=16),
+        connectors=connectors, transformer=transformer,
+        vocoder=LTX2Vocoder(in_channels=8, hidden_channels=8, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
+                            resnet_kernel_sizes=[3], resnet_dilations=[[1]], output_sampling_rate=16000))
+
+
+def _embeds(g):
+    return {n: torch.randn(1, 8, 32, generator=g) for n in ("prompt_embeds", "negative_prompt_embeds")}
+
+
+def _masked_embeds(g, valid=8):
+    """Prompt embeddings with attention masks; the prompt's tokens past ``valid`` are padding."""
+    mask = torch.ones(1, 8)
+    mask[0, valid:] = 0
+    return {**_embeds(g), "prompt_attention_mask": mask, "negative_prompt_attention_mask": torch.ones(1, 8)}
+
+
+def _hunyuan_video_inputs(g):  # a padded prompt: its last two tokens are masked; the guidance is embedded
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    mask[0, 6:] = False
+    return {"prompt_embeds": torch.randn(1, 8, 32, generator=g), "prompt_attention_mask": mask,
+            "pooled_prompt_embeds": torch.randn(1, 8, generator=g)}
+
+
+def _kandinsky5_inputs(g):  # Qwen embeddings with their lengths, and a CLIP vector per prompt
+    lengths = torch.tensor([0, 8], dtype=torch.int32)
+    return {"prompt_embeds_qwen": torch.randn(1, 8, 16, generator=g),
+            "negative_prompt_embeds_qwen": torch.randn(1, 8, 16, generator=g),
+            "prompt_embeds_clip": torch.randn(1, 8, generator=g),
+            "negative_prompt_embeds_clip": torch.randn(1, 8, generator=g),
+            "prompt_cu_seqlens": lengths, "negative_prompt_cu_seqlens": lengths}
+
+
+def _chronoedit_inputs(g):  # the image to edit; its video of temporal reasoning is the grid lvsa plans
+    from PIL import Image
+
+    return {**_embeds(g), "image": Image.new("RGB", (32, 32), (120, 30, 200)), "enable_temporal_reasoning": True}
+
+
+@dataclass
+class PipelineCase:
+    """A family's pipeline, small and with random weights (no text encoder: the prompts come as embeddings)."""
+
+    build: Callable[[], Any]
+    #: generator -> the prompt arguments it is called with
+    inputs: Callable[[torch.Generator], dict[str, Any]]
+    #: layer calls per self-attention layer and step: 1 where CFG is batched (or the guidance embedded), 2 where
+    #: the two halves are separate forwards or the model attends one sample at a time
+    calls: int
+    #: the key padding mask each call beyond the horizon must hold (a padded prompt's text keys)
+    padding: list[list[bool]] | None = None
+    #: the pipeline is given guidance_scale=5 (Motif's guider holds its own; LTX-2 keeps its default guidance)
+    guidance_scale: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: video frames per latent frame of the small VAE, which lvsa must read off the pipeline
+    vae_temporal: int = 4
+    #: plans per step beyond the horizon: one per geometry, and a geometry counts its text tokens
+    plans_per_step: int = 1
+    #: layer calls per step that the model's processor skips by design (LTX-2's guidance pass in its STG blocks)
+    skipped: int = 0
+    #: the arguments that make the pipeline generate ``frames`` video frames
+    length: Callable[[int], dict[str, Any]] = lambda frames: {"num_frames": frames}
+
+
+PIPELINES = {
+    "WanVACEPipeline": PipelineCase(lambda: _wan_backbone("WanVACEPipeline", "WanVACETransformer3DModel",
+                                                          vace_layers=[0], vace_in_channels=96), _embeds, 2),
+    "SkyReelsV2Pipeline": PipelineCase(lambda: _wan_backbone("SkyReelsV2Pipeline", "SkyReelsV2Transformer3DModel"),
+                                       _embeds, 2),
+    "SkyReelsV2DiffusionForcingPipeline": PipelineCase(
+        lambda: _wan_backbone("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2Transformer3DModel"), _embeds, 2,
+        extra={"prompt": None}),
+    "LTXPipeline": PipelineCase(_ltx, _masked_embeds, 1),
+    "HunyuanVideoPipeline": PipelineCase(_hunyuan_video, _hunyuan_video_inputs, 1,
+                                         padding=[[True] * 6 + [False] * 2]),
+    "Kandinsky5T2VPipeline": PipelineCase(_kandinsky5, _kandinsky5_inputs, 2),
+    # batched CFG, but the model attends each sample with its own prompt's valid tokens (6 and 8: two plans)
+    "MochiPipeline": PipelineCase(_mochi, lambda g: _masked_embeds(g, valid=6), 2, vae_temporal=6,
+                                  plans_per_step=2),
+    "AllegroPipeline": PipelineCase(_allegro, _masked_embeds, 1, extra={"negative_prompt": None}),
+    "EasyAnimatePipeline": PipelineCase(_easyanimate, _masked_embeds, 1),
+    "MotifVideoPipeline": PipelineCase(_motif, _masked_embeds, 2, guidance_scale=False),
+    "AnyFlowPipeline": PipelineCase(_anyflow, _embeds, 1),
+    "ChronoEditPipeline": PipelineCase(_chronoedit, _chronoedit_inputs, 2, extra={"num_temporal_reasoning_steps": 3}),
+    "WanAnimatePipeline": PipelineCase(_wan_animate_pipeline, _embeds, 2, length=_wan_animate_length),
+    # three passes a step: CFG batched, spatio-temporal guidance (its block, the second, skips attention), and
+    # the modalities isolated
+    "LTX2Pipeline": PipelineCase(_ltx2, _masked_embeds, 3, skipped=1, guidance_scale=False,
+                                 extra={"spatio_temporal_guidance_blocks": [1]}),
 }
 
 
@@ -482,29 +704,21 @@ PIPELINES = {  # pipeline class -> a small random-weight pipeline of it
 def saved_pipelines(tmp_path_factory):
     """Small random-weight pipelines (no text encoder), saved with save_pretrained."""
     folders = {}
-    for name, build in PIPELINES.items():
+    for name, case in PIPELINES.items():
         torch.manual_seed(0)
         folders[name] = tmp_path_factory.mktemp(name)
-        build().save_pretrained(folders[name])
+        case.build().save_pretrained(folders[name])
     return folders
 
 
 def generate(pipe, frames, **extra):
-    g = torch.Generator().manual_seed(0)
-    embeds = {n: torch.randn(1, 8, 32, generator=g) for n in ("prompt_embeds", "negative_prompt_embeds")}
-    if "DiffusionForcing" in type(pipe).__name__:
-        extra = {"prompt": None, **extra}
-    if type(pipe).__name__.startswith("LTX"):
-        extra = {"prompt_attention_mask": torch.ones(1, 8), "negative_prompt_attention_mask": torch.ones(1, 8),
-                 **extra}
-    if type(pipe).__name__.startswith("HunyuanVideo"):  # a padded prompt: its last two tokens are masked
-        mask = torch.ones(1, 8, dtype=torch.bool)
-        mask[0, 6:] = False
-        del embeds["negative_prompt_embeds"]
-        extra = {"pooled_prompt_embeds": torch.randn(1, 8, generator=g), "prompt_attention_mask": mask, **extra}
+    """The pipeline's latents for ``frames`` video frames in three steps (``extra`` overrides the case's)."""
+    case = PIPELINES[type(pipe).__name__]
+    arguments = {**case.inputs(torch.Generator().manual_seed(0)), **case.length(frames), "height": 32, "width": 32,
+                 "num_inference_steps": 3, "generator": torch.Generator().manual_seed(0), "output_type": "latent",
+                 **({"guidance_scale": 5.0} if case.guidance_scale else {}), **case.extra, **extra}
     with torch.inference_mode():
-        return pipe(**embeds, height=32, width=32, num_frames=frames, num_inference_steps=3, guidance_scale=5.0,
-                    generator=torch.Generator().manual_seed(0), output_type="latent", **extra).frames
+        return pipe(**arguments).frames
 
 
 def load_pipeline(saved_pipelines, name):
@@ -519,34 +733,61 @@ def load_pipeline(saved_pipelines, name):
     return pipe
 
 
+def assert_reference(plan, video, text, padding, out):
+    """A layer call's output equals the float64 reference under its plan's mask (its text placed as declared)."""
+    video_out, text_out = out
+    if text is None:
+        q, k, v = video
+        got = video_out
+    else:
+        after = plan.text_position == "after"
+        q, k, v = (torch.cat([a, b] if after else [b, a], dim=1) for a, b in zip(video, text, strict=True))
+        got = torch.cat([video_out, text_out] if after else [text_out, video_out], dim=1)
+    torch.testing.assert_close(got.double(), reference_attention(q, k, v, plan, padding), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("name", sorted(PIPELINES))
 def test_pipelines_equal_the_model_at_the_horizon_and_rotate_beyond_it(saved_pipelines, name, layer_calls):
     pipe = load_pipeline(saved_pipelines, name)
-    reference = horizon(pipe.transformer)
-    at, beyond = (reference - 1) * 4 + 1, (2 * reference - 1) * 4 + 1  # every VAE here has 4 frames per latent
+    case = PIPELINES[name]
+    reference, factor = horizon(pipe.transformer), case.vae_temporal
+    at, beyond = (reference - 1) * factor + 1, (2 * reference - 1) * factor + 1
     extra = {"base_num_frames": beyond} if "DiffusionForcing" in name else {}  # one pass over the long video
     dense = generate(pipe, at)
     handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
     assert torch.equal(generate(pipe, at), dense)
     layers = len(handle.layers)
-    # LTX batches the two CFG halves; Wan's backbones call twice; HunyuanVideo embeds the guidance (one call)
-    forwards = 1 if name in ("LTXPipeline", "HunyuanVideoPipeline") else 2
-    assert handle.runtime.vae_temporal_factor == 4  # read off the pipeline (LTX: vae_temporal_compression_ratio)
-    assert handle.stats.calls_by_step == {s: [0, forwards * layers] for s in range(3)}
+    # read off the pipeline (LTX, EasyAnimate: vae_temporal_compression_ratio; Mochi: vae_temporal_scale_factor),
+    # not the family's default (LTX's small VAE has 4 frames per latent, the family's 8)
+    assert handle.runtime.vae_temporal_factor == factor
+    per_step = case.calls * layers - case.skipped
+    assert handle.stats.calls_by_step == {s: [0, per_step] for s in range(3)}
     calls = layer_calls
     calls.clear()  # only the run beyond the horizon
     handle.stats.plan_builds = 0
     generate(pipe, beyond, **extra)
-    assert handle.stats.plan_builds == 3 and handle.stats.fallback_calls == 0  # one rotated plan per step
-    assert [call[0] for call in calls] == [s for s in range(3) for _ in range(forwards * layers)]
-    for _step, _origin, plan, video, text, padding, (out, text_out) in calls:
+    # the keyframes rotate: new plans every step
+    assert handle.stats.plan_builds == 3 * case.plans_per_step and handle.stats.fallback_calls == 0
+    assert [call[0] for call in calls] == [s for s in range(3) for _ in range(per_step)]
+    for _step, _origin, plan, video, text, padding, out in calls:
         assert plan.kfi > 1 and plan.latent_frames == 2 * reference
-        q, k, v = video
-        if text is not None:  # HunyuanVideo: the text follows the video, its padding masked
-            assert padding.tolist() == [[True] * 6 + [False] * 2]
-            q, k, v = (torch.cat(pair, dim=1) for pair in zip(video, text, strict=True))
-            out = torch.cat([out, text_out], dim=1)
-        torch.testing.assert_close(out.double(), reference_attention(q, k, v, plan, padding), rtol=2e-5, atol=2e-5)
+        if case.padding is not None:
+            assert padding.tolist() == case.padding
+        assert_reference(plan, video, text, padding, out)
+
+
+def test_a_grid_that_changes_within_a_run_is_planned_anew(saved_pipelines, layer_calls):
+    """ChronoEdit reasons over a long video for its first steps, then keeps only its first and last frames:
+    the step after the cut is planned on the two-frame grid."""
+    pipe = load_pipeline(saved_pipelines, "ChronoEditPipeline")
+    reference = horizon(pipe.transformer)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
+    generate(pipe, (2 * reference - 1) * 4 + 1, num_temporal_reasoning_steps=2)
+    frames = {step: {call[2].latent_frames for call in layer_calls if call[0] == step} for step in range(3)}
+    assert frames == {0: {2 * reference}, 1: {2 * reference}, 2: {2}}
+    assert handle.stats.fallback_calls == 0
+    for _step, _origin, plan, video, text, padding, out in layer_calls:
+        assert_reference(plan, video, text, padding, out)
 
 
 def test_diffusion_forcing_with_causal_blocks_is_refused_loudly(saved_pipelines, caplog):

@@ -244,8 +244,9 @@ def _declared_geometry(target: Any, transformer: Any, adapter: ModelAdapter) -> 
 
 def _pipeline_factor(target: Any, axis: str) -> tuple[int | None, str]:
     """The VAE factor a pipeline declares along ``axis`` (``temporal`` or ``spatial``), and the attribute it
-    comes from: ``vae_scale_factor_<axis>`` in most pipelines, ``vae_<axis>_compression_ratio`` in LTX's."""
-    for name in (f"vae_scale_factor_{axis}", f"vae_{axis}_compression_ratio"):
+    comes from: ``vae_scale_factor_<axis>`` in most pipelines, ``vae_<axis>_compression_ratio`` in LTX's and
+    EasyAnimate's, ``vae_<axis>_scale_factor`` in Mochi's."""
+    for name in (f"vae_scale_factor_{axis}", f"vae_{axis}_compression_ratio", f"vae_{axis}_scale_factor"):
         value = getattr(target, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value, name

@@ -85,13 +85,20 @@ class DispatchProcessor(LVSAProcessor):
     def _run_eager(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
         before = self._dispatched
         out = self._call(self.original, attn, *args, **kwargs)
-        if self._dispatched == before:
+        if self._dispatched == before and not self._skipped_by_design(attn, args, kwargs):
             # the processor attended some other way (a helper, another kernel): lvsa did not run
             self.runtime.context.fallback.fall_back(
                 self.layer, "not_dispatched", f"{type(self.original).__name__} returned without calling "
                 f"{self.family.attention_call}, so this layer ran without lvsa", "Report the processor class; "
                 "lvsa.remove() runs the model as it is", error=ConfigError, once=self.layer)
         return out
+
+    def _skipped_by_design(self, attn: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Whether the call asked the model's processor to skip attention (:attr:`Family.skip_arguments`)."""
+        if not self.family.skip_arguments:
+            return False
+        bound = inspect.signature(type(self.original).__call__).bind_partial(self.original, attn, *args, **kwargs)
+        return any(bool(bound.arguments.get(name)) for name in self.family.skip_arguments)
 
     def release(self) -> None:
         """Forget the layer's namespaces (on ``remove``)."""
@@ -271,6 +278,8 @@ class DeclaredAdapter(ModelAdapter):
     def _model_family(self, variant: Variant) -> ModelFamily:
         from dataclasses import replace
 
+        if variant.refusal:
+            raise ConfigError(f"lvsa does not run {self.declaration.classes[0]} as {variant.name}: {variant.refusal}")
         found = plan_families()[self.declaration.name]
         if variant.when:
             found = replace(found, name=f"{found.name} ({variant.name})",
