@@ -78,13 +78,16 @@ class Family:
     #: context-parallel plan or :attr:`cp_plan`
     context_parallel: bool = False
     #: diffusers' sharding plan for a model that ships none, as data: ``{module: {input: ("split", dim,
-    #: expected_dims, split_output)}}`` and ``{module: ("gather", dim, expected_dims)}``
+    #: expected_dims, split_output)}}`` and ``{module: ("gather", dim, expected_dims)}``; a module name may
+    #: end in ``.-1``, the last module of a list (``blocks.-1``)
     cp_plan: Mapping[str, Any] | None = None
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
     #: ring attention is declared too (a model whose cross-attention diffusers cannot run in a ring on every
     #: backend gets Ulysses only)
     ring: bool = True
+    #: why context parallelism is not declared (every family without it says why)
+    no_context_parallel: str = ""
     #: what a user should know (shown in the table)
     notes: str = ""
 
@@ -132,6 +135,9 @@ def _pipeline_default(pipeline: str, frames: int) -> str:
     return f"{pipeline} default num_frames={frames}"
 
 
+_JOINT_TEXT_UNSHARDED = ("diffusers ships no sharding plan for it, and its joint text tokens need one that keeps "
+                         "them whole on every rank")
+
 DECLARED: tuple[Family, ...] = (
     Family(
         name="wan-vace",
@@ -141,6 +147,13 @@ DECLARED: tuple[Family, ...] = (
         pipelines=("WanVACEPipeline",),
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=832,
         notes="the control (VACE) blocks attend over the same grid and are planned like the main blocks",
+        context_parallel=True,
+        # Wan's sharding, with the control branch's two inputs split where it starts
+        cp_plan={"rope": {0: ("split", 1, 4, True), 1: ("split", 1, 4, True)},
+                 "vace_blocks.0": {"hidden_states": ("split", 1, 3, False),
+                                   "control_hidden_states": ("split", 1, 3, False)},
+                 "blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "proj_out": ("gather", 1, 3)},
     ),
     Family(
         name="skyreels-v2",
@@ -180,6 +193,7 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=720, default_width=1280,
         other_tokens="after", mask="key_padding",
         notes="joint attention: the text tokens follow the video; their padding mask is honoured",
+        no_context_parallel=_JOINT_TEXT_UNSHARDED,
     ),
     Family(
         name="ltx-video",
@@ -189,6 +203,8 @@ DECLARED: tuple[Family, ...] = (
         pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
         vae_temporal_factor=8, vae_spatial_factor=32, default_height=512, default_width=704, patch_size=1,
         grid="forward_sizes",
+        no_context_parallel="diffusers' own plan fails in its masked cross-attention on diffusers' native "
+                            "backend, where lvsa tests context parallelism, so it is not verified",
     ),
     Family(
         name="cosmos",
@@ -204,6 +220,8 @@ DECLARED: tuple[Family, ...] = (
                    "Cosmos2_5_PredictBasePipeline"),
         vae_temporal_factor=8, vae_spatial_factor=8, default_height=704, default_width=1280,
         notes="the variant is read off extra_pos_embed_type (learnable: 1.0)",
+        no_context_parallel="Video2World's per-frame timesteps are expanded per token inside the forward, where a "
+                            "sharding plan cannot split them",
     ),
     Family(
         name="consisid",
@@ -214,6 +232,7 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=720,
         other_tokens="before", attention_call="F.scaled_dot_product_attention", latent_axes=(1, 3, 4),
         notes="CogVideoX's joint attention (text first); the identity branch's cross-attention stays dense",
+        no_context_parallel=_JOINT_TEXT_UNSHARDED,
     ),
     Family(
         name="easyanimate",
@@ -224,6 +243,7 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=512, default_width=512,
         other_tokens="before", attention_call="F.scaled_dot_product_attention",
         notes="joint attention (text first)",
+        no_context_parallel=_JOINT_TEXT_UNSHARDED,
     ),
     Family(
         name="mochi",
@@ -237,6 +257,8 @@ DECLARED: tuple[Family, ...] = (
         notes="joint attention (text after the video); the model cuts each prompt's padding off per sample, so "
               "every call holds only valid text; under torch.compile its attention layers run outside the graph, "
               "where the model breaks it anyway",
+        no_context_parallel="diffusers ships no sharding plan for it, and it attends each sample with its own "
+                            "text tokens",
     ),
     Family(
         name="allegro",
@@ -247,6 +269,8 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=720, default_width=1280,
         attention_call="F.scaled_dot_product_attention",
         notes="a video attention_mask (padded frames) is refused",
+        no_context_parallel="its rotary embedding arrives as nested tuples of per-axis tables and positions, "
+                            "which diffusers' sharding specs cannot split",
     ),
     Family(
         name="motif-video",
@@ -257,6 +281,7 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=736, default_width=1280,
         other_tokens="after", mask="key_padding",
         notes="joint attention: the text tokens follow the video; their padding mask is honoured",
+        no_context_parallel=_JOINT_TEXT_UNSHARDED,
     ),
     Family(
         name="anyflow",
@@ -267,6 +292,8 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=832,
         latent_axes=(1, 3, 4),  # its latents are [B, F, C, H, W]
         notes="the bidirectional AnyFlow, a timestep per frame (the frame-autoregressive AnyFlowFAR is refused)",
+        no_context_parallel="its rotary embedding is a dict of query and key tables, which diffusers' sharding "
+                            "specs cannot split",
     ),
     Family(
         name="ltx-2",
@@ -279,6 +306,8 @@ DECLARED: tuple[Family, ...] = (
         notes="the video stream's self-attention; the audio stream and the audio-video cross-attention stay "
               "dense; a video self-attention mask (keyframe conditioning) is refused; the spatio-temporal guidance "
               "pass skips attention in its blocks, as the model does",
+        no_context_parallel="diffusers' own plan does not run on diffusers' native backend, where lvsa tests "
+                            "context parallelism, so it is not verified",
     ),
     Family(
         name="wan-animate",
@@ -292,6 +321,8 @@ DECLARED: tuple[Family, ...] = (
         notes="the reference image is the grid's first frame (a global anchor); the pipeline cuts long videos "
               "into segments of segment_frame_length, so lvsa engages when segments pass the horizon; the face "
               "adapter's attention stays dense",
+        no_context_parallel="no sharding plan yet for its face-adapter blocks, which add per-frame motion "
+                            "features to the sequence",
     ),
     Family(
         name="kandinsky-5",
@@ -307,6 +338,15 @@ DECLARED: tuple[Family, ...] = (
         latent_axes=(1, 2, 3),  # its latents are channels last: [B, F, H, W, C]
         notes="the video blocks' self-attention (the text has blocks of its own and reaches the video through "
               "cross-attention, which stays dense)",
+        context_parallel=True,
+        # the flattened video enters the first video block split; every block splits its own copy of the rope
+        # (the forward hands the same full tensor to each); the last video block's output is gathered before
+        # the output layer unflattens it
+        cp_plan={"visual_transformer_blocks.0": {"visual_embed": ("split", 1, 3, False)},
+                 "visual_transformer_blocks.*": {"rope": ("split", 1, 6, False)},
+                 "visual_transformer_blocks.-1": ("gather", 1, 3)},
+        # its cross-attention asks diffusers for ring attention too, which diffusers' native (CPU) backend lacks
+        ring=False,
     ),
 )
 

@@ -29,7 +29,7 @@ def _horizon(variant: str, latent: int, video: int, source: str) -> str:
 
 def _parallelism(family: Family) -> str:
     if not family.context_parallel:
-        return ""
+        return f"no context parallelism: {family.no_context_parallel}"
     return "context parallelism (Ulysses and ring)" if family.ring else "context parallelism (Ulysses)"
 
 

@@ -8,6 +8,7 @@ The all-to-alls themselves are in :mod:`lvsa.ulysses` (re-exported here)."""
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -50,13 +51,19 @@ def init_distributed(device_type: str, timeout: float = 600.0) -> tuple[int, int
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def leave_distributed() -> None:
+def leave_distributed(*, wait_for_peers: bool = True) -> None:
     """Destroy the process group, if one is up. A process that exits with it alive can abort in the collective
     library's teardown ("terminate called without an active exception"), and torchrun then reports the whole
-    run failed: call it on every exit path of a process that :func:`init_distributed` joined."""
+    run failed: call it on every exit path of a process that :func:`init_distributed` joined.
+
+    On a clean exit every rank first waits for the others (a rank that tears down while a peer is still at
+    work, rank 0 writing its result, can abort the same way). Pass ``wait_for_peers=False`` on an error path,
+    where the peers may never come; an exception on its way out counts as one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers and sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 

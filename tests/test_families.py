@@ -843,10 +843,24 @@ def test_diffusion_forcing_under_context_parallelism_is_refused(saved):
     assert adapter.grid_of_call(model, (), {"hidden_states": torch.zeros(1, 4, 3, 8, 8)}).latent_frames == 3
 
 
-def test_context_parallel_of_an_undeclared_family_is_refused(saved):
-    model = load(saved, "cosmos")
-    with pytest.raises(ConfigError, match="lvsa's context parallelism is not declared for cosmos"):
+@pytest.mark.parametrize("family", sorted(f.name for f in DECLARED if not f.context_parallel))
+def test_context_parallel_of_an_undeclared_family_is_refused_with_its_reason(saved, family):
+    model = load(saved, family)
+    reason = FAMILY_OF[family].no_context_parallel
+    with pytest.raises(ConfigError, match=f"lvsa's context parallelism is not declared for {family}: "
+                                          f"{re.escape(reason)}; run it in one process"):
         lvsa.adapters.adapter_for(model).check_context_parallel(model, 2)
+
+
+def test_every_family_declares_context_parallelism_or_says_why_not():
+    for family in DECLARED:
+        assert family.context_parallel != bool(family.no_context_parallel), family.name
+        if family.context_parallel:  # a sharding plan of its own, or diffusers'
+            assert family.cp_plan is not None or family.classes[0] in _DIFFUSERS_CP_PLANS, family.name
+
+
+_DIFFUSERS_CP_PLANS = {c for c in dir(diffusers) if c.endswith("Transformer3DModel")
+                       and getattr(getattr(diffusers, c), "_cp_plan", None)}
 
 
 # -- the generic example ------------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ def main(adapter_name: str, argv: list[str] | None = None) -> int:
     parser = build_parser(adapter_name)
     args = parser.parse_args(argv)
     log.setup_logging()
+    status = 1  # an exception on its way out
     try:
         settings = AppSettings.from_cli(args)
         adapter = adapter_named(adapter_name)
@@ -118,14 +119,15 @@ def main(adapter_name: str, argv: list[str] | None = None) -> int:
         _warn_unused_settings(settings)
         terminate_on_sigterm()
         with contextlib.ExitStack() as cleanup:
-            return _generate(adapter, args, settings, cleanup)
+            status = _generate(adapter, args, settings, cleanup)
     except LVSAError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        status = 2
     finally:
         from lvsa.parallel import leave_distributed
 
-        leave_distributed()
+        leave_distributed(wait_for_peers=status == 0)
+    return status
 
 
 def family_of_argv(argv: list[str]) -> tuple[str | None, list[str]]:

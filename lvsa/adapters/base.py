@@ -203,8 +203,17 @@ class ModelAdapter(ABC):
         """diffusers' sharding plan for ``enable_parallelism``: ``None`` keeps the model's own ``_cp_plan``."""
         return None
 
+    def attention_heads(self, transformer: Any) -> int:
+        """The heads of the video self-attention: the config's ``num_attention_heads``, or (for a model whose
+        config counts them otherwise, such as Kandinsky 5's ``model_dim / head_dim``) its first layer's."""
+        heads = getattr(transformer.config, "num_attention_heads", None)
+        if heads is None:
+            layer = next(iter(self.self_attention_layers(transformer).values()))
+            heads = getattr(layer, "heads", None) or layer.num_heads
+        return int(heads)
+
     def check_context_parallel(self, transformer: Any, degree: int) -> None:
-        heads = transformer.config.num_attention_heads
+        heads = self.attention_heads(transformer)
         if heads % degree:
             raise ConfigError(f"{type(transformer).__name__} has {heads} attention heads, which do not split over "
                               f"ulysses_degree={degree}; use a degree that divides {heads}, and ring_degree for "

@@ -171,8 +171,8 @@ class DispatchProcessor(LVSAProcessor):
             return grid.latent_frames * grid.patches_per_frame
         parallel = self.runtime.context.parallel
         if parallel is not None and not self.family.context_parallel:
-            raise ConfigError(f"{self.layer}: lvsa's context parallelism is not declared for {self.family.name} "
-                              "(lvsa models lists the families that have it); run it in one process")
+            raise ConfigError(f"{self.layer}: lvsa's context parallelism is not declared for {self.family.name}: "
+                              f"{self.family.no_context_parallel}; run it in one process")
         return grid.latent_frames * grid.patches_per_frame // (parallel.degree if parallel else 1)
 
     def _problem(self, query: Any, key: Any, attn_mask: Any, dropout_p: float, is_causal: bool, scale: float | None,
@@ -339,13 +339,19 @@ class DeclaredAdapter(ModelAdapter):
             dim, dims = values
             return ContextParallelOutput(gather_dim=dim, expected_dims=dims)
 
-        return {module: spec(value) if isinstance(value, tuple) else {k: spec(v) for k, v in value.items()}
+        def resolved(module: str) -> str:  # "blocks.-1": the list's last module, as diffusers names it
+            if not module.endswith(".-1"):
+                return module
+            parent = module[:-3]
+            return f"{parent}.{len(transformer.get_submodule(parent)) - 1}"
+
+        return {resolved(module): spec(value) if isinstance(value, tuple) else {k: spec(v) for k, v in value.items()}
                 for module, value in declared.items()}
 
     def check_context_parallel(self, transformer: Any, degree: int) -> None:
         if not self.declaration.context_parallel:
             raise ConfigError(f"{type(transformer).__name__}: lvsa's context parallelism is not declared for "
-                              f"{self.name} (lvsa models lists the families that have it)")
+                              f"{self.name}: {self.declaration.no_context_parallel}; run it in one process")
         super().check_context_parallel(transformer, degree)
 
     def check_ring(self, transformer: Any, degree: int) -> None:
