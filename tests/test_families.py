@@ -35,6 +35,16 @@ from lvsa.backends.reference import reference_attention
 from lvsa.errors import ConfigError
 from lvsa.families import ADAPTER_MODULES, DECLARED, REFUSED
 from lvsa.models_table import text_table
+from lvsa_app.models import (
+    EXAMPLES,
+    KANDINSKY5_TINY,
+    DeclaredExample,
+    ExampleModel,
+    WanBackboneExample,
+    example_model,
+    random_prompt_embeddings,
+    small_wan_vae,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEIGHT = WIDTH = 8  # latent size: 4 x 4 patches of 2 (patch 1 models: 8 x 8)
@@ -209,10 +219,7 @@ ROWS = [
         {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 1,
          "num_single_layers": 1, "patch_size": 2, "text_embed_dim": 16, "rope_axes_dim": (4, 6, 6)}, _motif,
         text_tokens=6),
-    Row("kandinsky-5", "Kandinsky5Transformer3DModel",
-        {"in_visual_dim": 4, "out_visual_dim": 4, "in_text_dim": 16, "in_text_dim2": 8, "time_dim": 16,
-         "model_dim": 32, "ff_dim": 32, "num_text_blocks": 1, "num_visual_blocks": 2, "axes_dims": (4, 6, 6)},
-        _kandinsky5),
+    Row("kandinsky-5", "Kandinsky5Transformer3DModel", dict(KANDINSKY5_TINY), _kandinsky5),
 ]
 BY_FAMILY = {row.family: row for row in ROWS}
 FAMILY_OF = {family.name: family for family in DECLARED}
@@ -448,105 +455,6 @@ def test_declared_adapters_are_model_adapters():
 _PIPELINE_TINY = {**_WAN_TINY, "in_channels": 16, "out_channels": 16, "text_dim": 32}
 
 
-def _wan_vae():
-    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                      temperal_downsample=[False, True, True])
-
-
-def _hunyuan_vae():
-    return diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                                               norm_num_groups=4, mid_block_add_attention=False)
-
-
-def _wan_backbone(name, cls, **extra):
-    scheduler = (diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0) if "VACE" in name else
-                 diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
-                                                   prediction_type="flow_prediction"))
-    transformer = getattr(diffusers, cls)(**_PIPELINE_TINY, **extra)
-    return getattr(diffusers, name)(tokenizer=None, text_encoder=None, transformer=transformer, vae=_wan_vae(),
-                                    scheduler=scheduler)
-
-
-def _ltx():
-    ones = (1, 1, 1, 1)
-    vae = diffusers.AutoencoderKLLTXVideo(
-        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-        layers_per_block=(1, *ones), decoder_layers_per_block=(1, *ones), spatio_temporal_scaling=(True, True, False,
-                                                                                                   False),
-        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
-        upsample_residual=(False,) * 4, upsample_factor=ones, patch_size=1)  # 4x time, 4x space
-    transformer = diffusers.LTXVideoTransformer3DModel(
-        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
-        num_layers=2, caption_channels=32)
-    return diffusers.LTXPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                                 tokenizer=None, transformer=transformer)
-
-
-def _hunyuan_video():
-    transformer = diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=2, text_embed_dim=32, pooled_projection_dim=8,
-        rope_axes_dim=(4, 6, 6))
-    return diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer,
-                                          vae=_hunyuan_vae(), text_encoder_2=None, tokenizer_2=None,
-                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0))
-
-
-def _kandinsky5():
-    transformer = diffusers.Kandinsky5Transformer3DModel(**BY_FAMILY["kandinsky-5"].config)
-    return diffusers.Kandinsky5T2VPipeline(transformer=transformer, vae=_hunyuan_vae(), text_encoder=None,
-                                           tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                           scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=10.0))
-
-
-def _mochi():
-    # the Mochi VAE's group norms have 32 groups
-    vae = diffusers.AutoencoderKLMochi(latent_channels=4, encoder_block_out_channels=(32,) * 4,
-                                       decoder_block_out_channels=(32,) * 4, layers_per_block=(1,) * 5,
-                                       add_attention_block=(False,) * 5, latents_mean=(0.0,) * 4,
-                                       latents_std=(1.0,) * 4)
-    transformer = diffusers.MochiTransformer3DModel(
-        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
-        in_channels=4, text_embed_dim=32, time_embed_dim=8, max_sequence_length=8)
-    return diffusers.MochiPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                                   tokenizer=None, transformer=transformer)
-
-
-def _allegro():
-    vae = diffusers.AutoencoderKLAllegro(block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1,
-                                         norm_num_groups=4, sample_size=32)
-    transformer = diffusers.AllegroTransformer3DModel(  # the pipeline's RoPE splits the head in three even parts
-        patch_size=2, num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4, num_layers=2,
-        cross_attention_dim=48, sample_height=4, sample_width=4, caption_channels=32)
-    return diffusers.AllegroPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                                     scheduler=diffusers.EulerAncestralDiscreteScheduler())
-
-
-def _easyanimate():
-    vae = diffusers.AutoencoderKLMagvit(latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1,
-                                        norm_num_groups=4)
-    transformer = diffusers.EasyAnimateTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, num_layers=2,
-        mmdit_layers=2, time_embed_dim=8, text_embed_dim=32, sample_width=4, sample_height=4)
-    return diffusers.EasyAnimatePipeline(vae=vae, text_encoder=None, tokenizer=None, transformer=transformer,
-                                         scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
-
-
-def _motif():
-    transformer = diffusers.MotifVideoTransformer3DModel(  # the latent, its condition and a mask channel
-        in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, patch_size=2, text_embed_dim=32, rope_axes_dim=(4, 6, 6))
-    return diffusers.MotifVideoPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_wan_vae(),
-                                        text_encoder=None, tokenizer=None, transformer=transformer,
-                                        guider=diffusers.ClassifierFreeGuidance(guidance_scale=5.0))
-
-
-def _anyflow():
-    transformer = diffusers.AnyFlowTransformer3DModel(**_PIPELINE_TINY)
-    return diffusers.AnyFlowPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=_wan_vae(),
-                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
-
-
 def _chronoedit():
     import transformers
 
@@ -555,13 +463,20 @@ def _chronoedit():
     transformer = diffusers.ChronoEditTransformer3DModel(  # the latent, the image's latent and a 4-channel mask
         **{**_PIPELINE_TINY, "in_channels": 36}, image_dim=16, added_kv_proj_dim=32)
     return diffusers.ChronoEditPipeline(
-        tokenizer=None, text_encoder=None, image_encoder=image_encoder, transformer=transformer, vae=_wan_vae(),
+        tokenizer=None, text_encoder=None, image_encoder=image_encoder, transformer=transformer, vae=small_wan_vae(),
         image_processor=transformers.CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
         scheduler=diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
                                                     prediction_type="flow_prediction"))
 
 
-def _wan_animate_pipeline():
+def _chronoedit_inputs(g):  # the image to edit; its video of temporal reasoning is the grid lvsa plans
+    from PIL import Image
+
+    return {**random_prompt_embeddings(g), "image": Image.new("RGB", (32, 32), (120, 30, 200)),
+            "enable_temporal_reasoning": True}
+
+
+def _wan_animate():
     import transformers
 
     image_encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
@@ -571,7 +486,7 @@ def _wan_animate_pipeline():
         motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
         inject_face_latents_blocks=1, motion_encoder_batch_size=2)
     return diffusers.WanAnimatePipeline(
-        tokenizer=None, text_encoder=None, image_encoder=image_encoder, transformer=transformer, vae=_wan_vae(),
+        tokenizer=None, text_encoder=None, image_encoder=image_encoder, transformer=transformer, vae=small_wan_vae(),
         image_processor=transformers.CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
         scheduler=diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
                                                     prediction_type="flow_prediction"))
@@ -588,82 +503,19 @@ def _wan_animate_length(frames):
             "face_video": [Image.new("RGB", (16, 16), (200, 160, 120))] * segment}
 
 
-def _ltx2():
-    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
-    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-
-    vae = diffusers.AutoencoderKLLTX2Video(  # 4x time, 4x space
-        latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 3, layers_per_block=(1,) * 5,
-        decoder_layers_per_block=(1,) * 4, spatio_temporal_scaling=(True, True, False, False),
-        decoder_spatio_temporal_scaling=(True, True, False), upsample_residual=(False,) * 3, upsample_factor=(1,) * 3,
-        patch_size=1)
-    heads = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "num_learnable_registers": None}
-    streams = {f"{stream}_connector_{k}": v for stream in ("video", "audio") for k, v in heads.items()}
-    connectors = LTX2TextConnectors(caption_channels=16, text_proj_in_factor=2, video_hidden_dim=16,
-                                    audio_hidden_dim=16, **streams)
-    transformer = diffusers.LTX2VideoTransformer3DModel(  # perturbed_attn: the spatio-temporal guidance pass
-        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
-        audio_in_channels=16, audio_out_channels=16, audio_num_attention_heads=2, audio_attention_head_dim=8,
-        audio_cross_attention_dim=16, num_layers=2, caption_channels=16, perturbed_attn=True)
-    return diffusers.LTX2Pipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-        audio_vae=diffusers.AutoencoderKLLTX2Audio(base_channels=16, ch_mult=(1, 2), num_res_blocks=1,
-                                                   latent_channels=4, mel_bins=16),
-        connectors=connectors, transformer=transformer,
-        vocoder=LTX2Vocoder(in_channels=8, hidden_channels=8, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
-                            resnet_kernel_sizes=[3], resnet_dilations=[[1]], output_sampling_rate=16000))
-
-
-def _embeds(g):
-    return {n: torch.randn(1, 8, 32, generator=g) for n in ("prompt_embeds", "negative_prompt_embeds")}
-
-
-def _masked_embeds(g, valid=8):
-    """Prompt embeddings with attention masks; the prompt's tokens past ``valid`` are padding."""
-    mask = torch.ones(1, 8)
-    mask[0, valid:] = 0
-    return {**_embeds(g), "prompt_attention_mask": mask, "negative_prompt_attention_mask": torch.ones(1, 8)}
-
-
-def _hunyuan_video_inputs(g):  # a padded prompt: its last two tokens are masked; the guidance is embedded
-    mask = torch.ones(1, 8, dtype=torch.bool)
-    mask[0, 6:] = False
-    return {"prompt_embeds": torch.randn(1, 8, 32, generator=g), "prompt_attention_mask": mask,
-            "pooled_prompt_embeds": torch.randn(1, 8, generator=g)}
-
-
-def _kandinsky5_inputs(g):  # Qwen embeddings with their lengths, and a CLIP vector per prompt
-    lengths = torch.tensor([0, 8], dtype=torch.int32)
-    return {"prompt_embeds_qwen": torch.randn(1, 8, 16, generator=g),
-            "negative_prompt_embeds_qwen": torch.randn(1, 8, 16, generator=g),
-            "prompt_embeds_clip": torch.randn(1, 8, generator=g),
-            "negative_prompt_embeds_clip": torch.randn(1, 8, generator=g),
-            "prompt_cu_seqlens": lengths, "negative_prompt_cu_seqlens": lengths}
-
-
-def _chronoedit_inputs(g):  # the image to edit; its video of temporal reasoning is the grid lvsa plans
-    from PIL import Image
-
-    return {**_embeds(g), "image": Image.new("RGB", (32, 32), (120, 30, 200)), "enable_temporal_reasoning": True}
-
-
 @dataclass
 class PipelineCase:
-    """A family's pipeline, small and with random weights (no text encoder: the prompts come as embeddings)."""
+    """A family's pipeline, small and with random weights (no text encoder: the prompts come as embeddings):
+    the example application's (``lvsa_app.models``), or one of the same kind built here for a pipeline that
+    example application does not run (an image to edit or animate)."""
 
-    build: Callable[[], Any]
-    #: generator -> the prompt arguments it is called with
-    inputs: Callable[[torch.Generator], dict[str, Any]]
+    example: ExampleModel
     #: layer calls per self-attention layer and step: 1 where CFG is batched (or the guidance embedded), 2 where
     #: the two halves are separate forwards or the model attends one sample at a time
     calls: int
     #: the key padding mask each call beyond the horizon must hold (a padded prompt's text keys)
     padding: list[list[bool]] | None = None
-    #: the pipeline is given guidance_scale=5 (Motif's guider holds its own; LTX-2 keeps its default guidance)
-    guidance_scale: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
-    #: video frames per latent frame of the small VAE, which lvsa must read off the pipeline
-    vae_temporal: int = 4
     #: plans per step beyond the horizon: one per geometry, and a geometry counts its text tokens
     plans_per_step: int = 1
     #: layer calls per step that the model's processor skips by design (LTX-2's guidance pass in its STG blocks)
@@ -671,31 +523,34 @@ class PipelineCase:
     #: the arguments that make the pipeline generate ``frames`` video frames
     length: Callable[[int], dict[str, Any]] = lambda frames: {"num_frames": frames}
 
+    @property
+    def vae_temporal(self) -> int:
+        """Video frames per latent frame of the small VAE, which lvsa must read off the pipeline."""
+        return getattr(self.example, "tiny_vae_temporal", 4)  # Wan's VAE
+
 
 PIPELINES = {
-    "WanVACEPipeline": PipelineCase(lambda: _wan_backbone("WanVACEPipeline", "WanVACETransformer3DModel",
-                                                          vace_layers=[0], vace_in_channels=96), _embeds, 2),
-    "SkyReelsV2Pipeline": PipelineCase(lambda: _wan_backbone("SkyReelsV2Pipeline", "SkyReelsV2Transformer3DModel"),
-                                       _embeds, 2),
+    "WanVACEPipeline": PipelineCase(example_model("wan-vace"), 2),
+    "SkyReelsV2Pipeline": PipelineCase(example_model("skyreels-v2"), 2),
     "SkyReelsV2DiffusionForcingPipeline": PipelineCase(
-        lambda: _wan_backbone("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2Transformer3DModel"), _embeds, 2,
-        extra={"prompt": None}),
-    "LTXPipeline": PipelineCase(_ltx, _masked_embeds, 1),
-    "HunyuanVideoPipeline": PipelineCase(_hunyuan_video, _hunyuan_video_inputs, 1,
-                                         padding=[[True] * 6 + [False] * 2]),
-    "Kandinsky5T2VPipeline": PipelineCase(_kandinsky5, _kandinsky5_inputs, 2),
+        WanBackboneExample("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2Transformer3DModel", 193, 97), 2),
+    "LTXPipeline": PipelineCase(example_model("ltx-video"), 1),
+    "HunyuanVideoPipeline": PipelineCase(example_model("hunyuan-video"), 1, padding=[[True] * 6 + [False] * 2]),
+    "Kandinsky5T2VPipeline": PipelineCase(example_model("kandinsky-5"), 2),
     # batched CFG, but the model attends each sample with its own prompt's valid tokens (6 and 8: two plans)
-    "MochiPipeline": PipelineCase(_mochi, lambda g: _masked_embeds(g, valid=6), 2, vae_temporal=6,
-                                  plans_per_step=2),
-    "AllegroPipeline": PipelineCase(_allegro, _masked_embeds, 1, extra={"negative_prompt": None}),
-    "EasyAnimatePipeline": PipelineCase(_easyanimate, _masked_embeds, 1),
-    "MotifVideoPipeline": PipelineCase(_motif, _masked_embeds, 2, guidance_scale=False),
-    "AnyFlowPipeline": PipelineCase(_anyflow, _embeds, 1),
-    "ChronoEditPipeline": PipelineCase(_chronoedit, _chronoedit_inputs, 2, extra={"num_temporal_reasoning_steps": 3}),
-    "WanAnimatePipeline": PipelineCase(_wan_animate_pipeline, _embeds, 2, length=_wan_animate_length),
+    "MochiPipeline": PipelineCase(example_model("mochi"), 2, plans_per_step=2),
+    "AllegroPipeline": PipelineCase(example_model("allegro"), 1),
+    "EasyAnimatePipeline": PipelineCase(example_model("easyanimate"), 1),
+    "MotifVideoPipeline": PipelineCase(example_model("motif-video"), 2),
+    "AnyFlowPipeline": PipelineCase(example_model("anyflow"), 1),
+    "ChronoEditPipeline": PipelineCase(DeclaredExample("chronoedit", "ChronoEditPipeline", _chronoedit,
+                                                       _chronoedit_inputs), 2,
+                                       extra={"num_temporal_reasoning_steps": 3}),
+    "WanAnimatePipeline": PipelineCase(DeclaredExample("wan-animate", "WanAnimatePipeline", _wan_animate,
+                                                       random_prompt_embeddings), 2, length=_wan_animate_length),
     # three passes a step: CFG batched, spatio-temporal guidance (its block, the second, skips attention), and
     # the modalities isolated
-    "LTX2Pipeline": PipelineCase(_ltx2, _masked_embeds, 3, skipped=1, guidance_scale=False,
+    "LTX2Pipeline": PipelineCase(example_model("ltx-2"), 3, skipped=1,
                                  extra={"spatio_temporal_guidance_blocks": [1]}),
 }
 
@@ -707,16 +562,18 @@ def saved_pipelines(tmp_path_factory):
     for name, case in PIPELINES.items():
         torch.manual_seed(0)
         folders[name] = tmp_path_factory.mktemp(name)
-        case.build().save_pretrained(folders[name])
+        pipe = case.example.tiny_pipeline()
+        assert type(pipe).__name__ == name
+        pipe.save_pretrained(folders[name])
     return folders
 
 
 def generate(pipe, frames, **extra):
     """The pipeline's latents for ``frames`` video frames in three steps (``extra`` overrides the case's)."""
     case = PIPELINES[type(pipe).__name__]
-    arguments = {**case.inputs(torch.Generator().manual_seed(0)), **case.length(frames), "height": 32, "width": 32,
-                 "num_inference_steps": 3, "generator": torch.Generator().manual_seed(0), "output_type": "latent",
-                 **({"guidance_scale": 5.0} if case.guidance_scale else {}), **case.extra, **extra}
+    arguments = {**case.example.pipeline_inputs(pipe, None, 0), **case.example.call_arguments(pipe, 5.0),
+                 **case.length(frames), "height": 32, "width": 32, "num_inference_steps": 3,
+                 "generator": torch.Generator().manual_seed(0), "output_type": "latent", **case.extra, **extra}
     with torch.inference_mode():
         return pipe(**arguments).frames
 
@@ -884,6 +741,21 @@ def test_the_generic_example_picks_the_family_from_the_folder(tmp_path):
     assert output.is_file() and output.stat().st_size > 0
     assert "model wan-vace" in result.stderr + result.stdout
     assert "0 fell back" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("family", sorted(f.name for f in DECLARED if f.name in EXAMPLES))
+def test_the_generic_example_runs_each_family_with_an_example_sparse(tmp_path, family):
+    """The small model of each declared family with an example, past its horizon: an mp4 written, every layer
+    call sparse."""
+    example = example_model(family)
+    result = _generate("--family", family, "--steps", "2", "--lvsa", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = tmp_path / "outputs" / f"{family}_{example.tiny_frames}f_lvsa.mp4"
+    assert output.is_file() and output.stat().st_size > 0
+    log = result.stderr + result.stdout
+    assert f"(model {family}," in log
+    calls = re.search(r"lvsa: (\d+) layer calls sparse, 0 fell back", log)
+    assert calls and int(calls[1]) > 0, log[-2000:]
 
 
 def test_the_generic_example_refuses_what_it_cannot_run(tmp_path):

@@ -49,14 +49,16 @@ class RunEstimate:
         return self.free_bytes is not None and self.needed_bytes > self.free_bytes
 
 
-def estimate_run(transformer: Any, *, video_tokens: int, sequences: int, density: float | None, frames: int,
-                 height: int, width: int, output_latent: bool, free_bytes: int | None) -> RunEstimate:
+def estimate_run(transformer: Any, adapter: Any, *, video_tokens: int, sequences: int, density: float | None,
+                 frames: int, height: int, width: int, output_latent: bool, free_bytes: int | None) -> RunEstimate:
     """The estimate for ``sequences`` sequences of ``video_tokens`` per step through ``transformer`` (a diffusers
-    model: heads, head size, layers and feed-forward width come from its config), ``density`` being the plan's
-    (``None`` for dense attention)."""
+    model whose video self-attention layers ``adapter`` finds: their count, and the width of their query
+    projection; the feed-forward width from its config), ``density`` being the plan's (``None`` for dense
+    attention)."""
     config = transformer.config
-    heads, head_dim, layers = config.num_attention_heads, config.attention_head_dim, config.num_layers
-    hidden = heads * head_dim
+    attention = adapter.self_attention_layers(transformer)
+    layers = len(attention)
+    hidden = _query_width(next(iter(attention.values())))
     ffn = getattr(config, "ffn_dim", None) or int(hidden * getattr(config, "mlp_ratio", 4.0))
     # QK^T and PV: 2 multiply-adds of S x S x D per head = 4 S^2 H D FLOPs per layer and sequence
     dense = 4.0 * video_tokens**2 * hidden * layers * sequences
@@ -68,6 +70,18 @@ def estimate_run(transformer: Any, *, video_tokens: int, sequences: int, density
     decoded = 0 if output_latent else frames * height * width * 3 * 4
     return RunEstimate(video_tokens, sequences, layers, dense, None if density is None else dense * density,
                        weights, activations, decoded, free_bytes)
+
+
+def _query_width(layer: Any) -> int:
+    """Heads x head size of an attention layer: diffusers' ``inner_dim``, else its query projection's output
+    (``to_query`` in Kandinsky 5's layers; a fused ``to_qkv`` holds three)."""
+    if isinstance(getattr(layer, "inner_dim", None), int):
+        return layer.inner_dim
+    for name, parts in (("to_q", 1), ("to_query", 1), ("to_qkv", 3)):
+        projection = getattr(layer, name, None)
+        if projection is not None:
+            return projection.out_features // parts
+    raise ValueError(f"{type(layer).__name__}: no query projection to size the attention by")
 
 
 def _flops(value: float) -> str:

@@ -38,8 +38,6 @@ from .settings import AppSettings
 
 #: defaults of the small random-weight model: about 2x the training horizon, tiny frames, few steps
 TINY_DEFAULTS = {"height": 64, "width": 64, "steps": 4}
-TINY_FRAMES = {"wan": 161, "hunyuan": 257, "cogvideox": 97, "wan-vace": 161, "skyreels-v2": 193}
-MODEL_FRAMES = {"wan": 81, "hunyuan": 121, "cogvideox": 49, "wan-vace": 81, "skyreels-v2": 97}
 PRINT_PREFIX = "[lvsa example]"
 #: settings the example sets from its own flags (--height/--width), not from generated ones
 APPLICATION_GEOMETRY = ("video_height", "video_width")
@@ -227,7 +225,8 @@ def video_frames(args: argparse.Namespace, adapter_name: str) -> int:
     """The number of video frames the run makes: the flag's, else the model's (small model: ~2x its horizon)."""
     if args.num_frames is not None:
         return args.num_frames
-    return (TINY_FRAMES if args.model is None else MODEL_FRAMES)[adapter_name]
+    example = example_model(adapter_name)
+    return example.tiny_frames if args.model is None else example.model_frames
 
 
 def output_target(args: argparse.Namespace, adapter_name: str, mode: str) -> Path:
@@ -400,7 +399,9 @@ def _generate(adapter: Any, args: argparse.Namespace, settings: AppSettings, cle
         say(f"{PRINT_PREFIX} context parallel over {world} processes: Ulysses {args.ulysses_degree} x ring "
             f"{args.ring_degree} ({registry.get_device(device_type).collective_backend})")
 
-    family: ModelFamily = adapter.model_family(pipe.transformer)
+    from lvsa.adapters import pipeline_family
+
+    family: ModelFamily = pipeline_family(pipe, adapter)  # the loaded pipeline's own factors
     height = args.height if args.height is not None else (TINY_DEFAULTS["height"] if tiny else family.default_height)
     width = args.width if args.width is not None else (TINY_DEFAULTS["width"] if tiny else family.default_width)
     problem = geometry_problem(family, frames, height, width)  # the loaded checkpoint's own factors
@@ -649,17 +650,19 @@ def _print_estimate(adapter: Any, pipe: Any, handle: Any, args: argparse.Namespa
                     height: int, width: int) -> None:
     """Tokens, attention FLOPs and the least memory the run needs, and a warning when that exceeds what the
     device has free (before the first step: a run that cannot fit is not started blind)."""
+    from lvsa.adapters import pipeline_family
     from lvsa.geometry import latent_frames
 
-    spatial = pipe.vae_scale_factor_spatial
-    grid = adapter.grid_of(pipe.transformer, latent_frames(frames, pipe.vae_scale_factor_temporal),
+    family = pipeline_family(pipe, adapter)
+    spatial = family.vae_spatial_factor
+    grid = adapter.grid_of(pipe.transformer, latent_frames(frames, family.vae_temporal_factor),
                            height // spatial, width // spatial)
     density = handle.plan_for_video(frames, height, width).density if handle is not None else None
     try:
         free = device_module.free_bytes()
     except Exception:  # an estimate never stops a run
         free = None
-    estimate = estimate_run(pipe.transformer, video_tokens=grid.latent_frames * grid.patches_per_frame,
+    estimate = estimate_run(pipe.transformer, adapter, video_tokens=grid.latent_frames * grid.patches_per_frame,
                             sequences=2 if args.guidance > 1 else 1, density=density, frames=frames,
                             height=height, width=width, output_latent=args.output_latent, free_bytes=free)
     for line in estimate.lines():

@@ -9,12 +9,12 @@ restores the model exactly."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .. import log, registry
 from ..errors import ConfigError
-from ..geometry import LatentGrid, latent_frames
+from ..geometry import LatentGrid, ModelFamily, latent_frames
 from ..planning import check_declared_geometry, settings_for_model
 from ..registry import Plugin
 from . import compiled
@@ -158,15 +158,13 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     for other in transformers[1:]:
         if not adapter.handles(other):
             raise ConfigError(f"{type(other).__name__} and {type(transformers[0]).__name__} need different adapters")
-    family = adapter.model_family(transformers[0])
+    family = pipeline_family(target, adapter, transformers[0])
     settings = settings_for_model(settings if settings is not None else get_settings(), family)
     shared = _previous_handles(target, transformers, settings, sparse)
     if shared is not None:
         return shared
     check_declared_geometry(settings, _declared_geometry(target, transformers[0], adapter))
-    vae_temporal = _pipeline_factor(target, "temporal")[0] or family.vae_temporal_factor
-    vae_spatial = _pipeline_factor(target, "spatial")[0] or family.vae_spatial_factor
-    runtime = LVSARuntime(settings, family, vae_temporal, adapter.name, vae_spatial)
+    runtime = LVSARuntime(settings, family, family.vae_temporal_factor, adapter.name, family.vae_spatial_factor)
     if hasattr(target, "components"):
         runtime.schedule.add(target)  # the pipeline's schedule gives the exact denoising step
     handle = LVSAHandle(runtime, adapter, transformers, target=_describe(target, transformers))
@@ -240,6 +238,19 @@ def _declared_geometry(target: Any, transformer: Any, adapter: ModelAdapter) -> 
         "vae_spatial_factor": (_pipeline_factor(target, "spatial")[0],
                                f"{pipeline}.{_pipeline_factor(target, 'spatial')[1]}"),
     }
+
+
+def pipeline_family(target: Any, adapter: ModelAdapter | None = None, transformer: Any = None) -> ModelFamily:
+    """The model family of a pipeline (or a transformer) as it will run: its transformer's family, with the VAE
+    factors the pipeline declares where it declares them (a small test VAE may compress less than the
+    family's checkpoints)."""
+    if transformer is None:
+        transformer = _unwrap_compiled(transformers_of(target)[0])
+    adapter = adapter or adapter_for(transformer)
+    family = adapter.model_family(transformer)
+    temporal, spatial = _pipeline_factor(target, "temporal")[0], _pipeline_factor(target, "spatial")[0]
+    return replace(family, vae_temporal_factor=temporal or family.vae_temporal_factor,
+                   vae_spatial_factor=spatial or family.vae_spatial_factor)
 
 
 def _pipeline_factor(target: Any, axis: str) -> tuple[int | None, str]:
@@ -333,4 +344,4 @@ def handle_of(target: Any) -> LVSAHandle | None:
 
 
 __all__ = ["LVSAHandle", "ModelAdapter", "adapter_for", "adapter_named", "adapters", "apply", "handle_of",
-           "remove", "transformers_of"]
+           "pipeline_family", "remove", "transformers_of"]
