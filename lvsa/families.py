@@ -348,6 +348,19 @@ DECLARED: tuple[Family, ...] = (
         # its cross-attention asks diffusers for ring attention too, which diffusers' native (CPU) backend lacks
         ring=False,
     ),
+    Family(
+        name="kandinsky-6",
+        classes=("Kandinsky6Transformer3DModel",),
+        layers=("visual_transformer_blocks.*.video_dec_block.self_attention",),
+        variants=(Variant("Kandinsky 6 TI2VA", 31, _pipeline_default("Kandinsky6TI2VAPipeline", 121)),),
+        pipelines=("Kandinsky6TI2VAPipeline",),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=512, default_width=768,
+        latent_axes=(1, 2, 3),  # its latents are channels last: [B, F, H, W, C]
+        notes="the video stream's self-attention in the fused video/audio blocks; the audio stream, the "
+              "audio-video and text cross-attention stay dense",
+        no_context_parallel="no sharding plan yet for its fused blocks, which carry the audio stream beside "
+                            "the video",
+    ),
 )
 
 #: families that run through an adapter module of their own (a processor written for the model): per class,
@@ -395,8 +408,6 @@ REFUSED: tuple[Refusal, ...] = (
             _NOT_YET + "it packs video, audio and text tokens into one sequence by index (video_indices, "
             "audio_indices, text_indices); the declaration needs an index layout rule, and diffusers has no "
             "MiniMax-H3 pipeline to test it through", final=False),
-    Refusal(("Kandinsky6Transformer3DModel",),
-            _NOT_YET + "audio and video tokens share the model; no declaration and test row yet", final=False),
     Refusal(("WanAnimate2Transformer3DModel",),
             _NOT_YET + "its generation pass attends the video together with the reference pass's cached keys and "
             "values through the model's own flex BlockMask (each frame sees the reference frame of its index); "

@@ -169,6 +169,15 @@ def _kandinsky5(model, frames, batch, g):
             "text_rope_pos": torch.arange(6)}
 
 
+def _kandinsky6(model, frames, batch, g):
+    c = model.config
+    channels = 2 * c.in_visual_dim + 1 if c.visual_cond else c.in_visual_dim  # the latent, its condition, a mask
+    return {"hidden_states": _randn(g, batch, frames, HEIGHT, WIDTH, channels),
+            "encoder_hidden_states": _randn(g, batch, 6, c.in_text_dim),
+            "pooled_projections": _randn(g, batch, c.in_text_dim2),
+            "audio_hidden_states": _randn(g, batch, 10, c.in_audio_dim)}
+
+
 _WAN_TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
              "out_channels": 4, "text_dim": 16, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
              "rope_max_seq_len": 64}
@@ -220,6 +229,10 @@ ROWS = [
          "num_single_layers": 1, "patch_size": 2, "text_embed_dim": 16, "rope_axes_dim": (4, 6, 6)}, _motif,
         text_tokens=6),
     Row("kandinsky-5", "Kandinsky5Transformer3DModel", dict(KANDINSKY5_TINY), _kandinsky5),
+    Row("kandinsky-6", "Kandinsky6Transformer3DModel",  # with its audio stream
+        {"in_visual_dim": 4, "out_visual_dim": 4, "in_text_dim": 16, "in_text_dim2": 8, "time_dim": 16,
+         "model_dim": 32, "ff_dim": 32, "num_text_blocks": 1, "num_visual_blocks": 2, "axes_dims": (4, 6, 6),
+         "in_audio_dim": 4, "out_audio_dim": 4, "axes_dims_a": (16,)}, _kandinsky6),
 ]
 BY_FAMILY = {row.family: row for row in ROWS}
 FAMILY_OF = {family.name: family for family in DECLARED}
