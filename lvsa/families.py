@@ -405,15 +405,18 @@ REFUSED: tuple[Refusal, ...] = (
             "num_latent_frames_per_chunk=9 latent frames) attending compressed history tokens: every call "
             "stays far below a horizon, and the history tokens are not frames of the grid"),
     Refusal(("MiniMaxH3Transformer3DModel",),
-            _NOT_YET + "it packs video, audio and text tokens into one sequence by index (video_indices, "
-            "audio_indices, text_indices); the declaration needs an index layout rule, and diffusers has no "
-            "MiniMax-H3 pipeline to test it through", final=False),
+            _NOT_YET + "the caller packs text, keyframe-conditioning rows, audio and the target video into one "
+            "sequence by index (video_indices, audio_indices, text_indices, position_ids), so which rows form the "
+            "frame grid is the caller's layout; diffusers ships no MiniMax-H3 pipeline that fixes it, and lvsa "
+            "declares no layout it cannot test through one", final=False),
     Refusal(("WanAnimate2Transformer3DModel",),
             _NOT_YET + "its generation pass attends the video together with the reference pass's cached keys and "
             "values through the model's own flex BlockMask (each frame sees the reference frame of its index); "
             "lvsa's frame pattern would have to be merged into that mask", final=False),
     Refusal(("SanaWMLTX2RefinerTransformer3DModel",),
-            _NOT_YET + "it takes a KV cache (kv_cache_mode); no declaration and test row yet", final=False),
+            "chunk-causal autoregressive refiner: it denoises block_size latent frames at a time against a "
+            "sliding-window KV cache (attention sink, recent history, active block), already bounded per block, "
+            "not one attention over the grid"),
 )
 
 
