@@ -97,6 +97,24 @@ class Family:
                 return candidate
         return next(v for v in self.variants if not v.when)
 
+    def model_family(self, variant: Variant | None = None) -> Any:
+        """lvsa's :class:`~lvsa.geometry.ModelFamily` of a variant (the default one when ``None``): what the
+        planner, ``lvsa plan --model`` and the table know of it."""
+        from dataclasses import replace
+
+        from .geometry import ModelFamily
+
+        default = next(v for v in self.variants if not v.when)
+        found = ModelFamily(self.name, default.reference_latent_frames,
+                            default.vae_temporal_factor or self.vae_temporal_factor, self.vae_spatial_factor,
+                            self.patch_size, None if self.other_tokens == "none" else self.other_tokens,
+                            self.default_height, self.default_width)
+        if variant is None or variant is default:
+            return found
+        return replace(found, name=f"{self.name} ({variant.name})",
+                       reference_latent_frames=variant.reference_latent_frames,
+                       vae_temporal_factor=variant.vae_temporal_factor or self.vae_temporal_factor)
+
     def layer_pattern(self) -> re.Pattern[str]:
         parts = ["\\.".join("[^.]+" if piece == "*" else re.escape(piece) for piece in p.split("."))
                  for p in self.layers]
@@ -122,12 +140,6 @@ class Refusal:
 def _config_value(config: Any, key: str) -> Any:
     value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
     return tuple(value) if isinstance(value, list) else value
-
-
-
-def reference_video_frames(family: Family, variant: Variant) -> int:
-    """The video frames of a variant's horizon (``(T - 1) * vae_temporal + 1``), for tables."""
-    return (variant.reference_latent_frames - 1) * (variant.vae_temporal_factor or family.vae_temporal_factor) + 1
 
 
 
@@ -429,14 +441,6 @@ def declared(name: str) -> Family:
 
 def plan_families() -> dict[str, Any]:
     """Every family ``lvsa plan --model`` knows: lvsa.geometry's and each declared family's default variant."""
-    from .geometry import FAMILIES, ModelFamily
+    from .geometry import FAMILIES
 
-    found: dict[str, Any] = dict(FAMILIES)
-    for family in DECLARED:
-        variant = next(v for v in family.variants if not v.when)
-        found[family.name] = ModelFamily(
-            family.name, variant.reference_latent_frames, variant.vae_temporal_factor or family.vae_temporal_factor,
-            family.vae_spatial_factor, family.patch_size,
-            None if family.other_tokens == "none" else family.other_tokens,
-            family.default_height, family.default_width)
-    return found
+    return {**FAMILIES, **{family.name: family.model_family() for family in DECLARED}}

@@ -42,6 +42,11 @@ class ModelFamily:
     #: are token frames, the sequence's own unit; every frame count is converted through this factor.
     temporal_patch: int = 1
 
+    @property
+    def reference_video_frames(self) -> int:
+        """The horizon in video frames: ``(T - 1) x vae_temporal_factor + 1``."""
+        return (self.reference_latent_frames - 1) * self.vae_temporal_factor + 1
+
     def video_frames_per_plan_frame(self, vae_temporal_factor: int | None = None) -> int:
         """Video frames per frame of the plan (a token frame): VAE temporal factor x temporal patch."""
         return (vae_temporal_factor or self.vae_temporal_factor) * self.temporal_patch

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .families import ADAPTER_MODULES, DECLARED, REFUSED, Family, reference_video_frames
+from .families import ADAPTER_MODULES, DECLARED, REFUSED, Family
 from .geometry import FAMILIES
 
 
@@ -40,13 +40,13 @@ def rows() -> list[ModelRow]:
         horizons = []
         for key, label, source in variants:
             f = FAMILIES[key]
-            video = (f.reference_latent_frames - 1) * f.vae_temporal_factor + 1
-            horizons.append(_horizon(label, f.reference_latent_frames, video, source))
+            horizons.append(_horizon(label, f.reference_latent_frames, f.reference_video_frames, source))
         notes = "a processor of lvsa's own (lvsa.adapters); RIFLEx; context parallelism (Ulysses and ring)"
         found.append(ModelRow(cls, "supported", adapter, tuple(horizons), notes))
     for family in DECLARED:
         horizons = tuple(f"{v.name}: refused, {v.refusal}" if v.refusal else
-                         _horizon(v.name, v.reference_latent_frames, reference_video_frames(family, v), v.source)
+                         _horizon(v.name, v.reference_latent_frames, family.model_family(v).reference_video_frames,
+                                  v.source)
                          for v in family.variants)
         notes = "; ".join(x for x in (f"pipelines: {', '.join(family.pipelines)}", family.notes,
                                       _parallelism(family)) if x)

@@ -180,16 +180,15 @@ class DeclaredExample(ExampleModel):
     def __init__(self, family: str, pipeline_class: str, build: Callable[[], Any],
                  embeddings: Callable[[Any], dict[str, Any]], *, tiny_vae_temporal: int = 4,
                  guider: bool = False) -> None:
-        from lvsa.families import declared, reference_video_frames
+        from lvsa.families import declared
 
-        declaration = declared(family)
-        variant = next(v for v in declaration.variants if not v.when)
+        horizon = declared(family).model_family()
         self.pipeline_class = pipeline_class
         self.build, self.embeddings, self.guider = build, embeddings, guider
         #: video frames per latent frame of the small pipeline's VAE
         self.tiny_vae_temporal = tiny_vae_temporal
-        self.tiny_frames = (2 * variant.reference_latent_frames - 1) * tiny_vae_temporal + 1
-        self.model_frames = reference_video_frames(declaration, variant)
+        self.tiny_frames = (2 * horizon.reference_latent_frames - 1) * tiny_vae_temporal + 1
+        self.model_frames = horizon.reference_video_frames
 
     def tiny_pipeline(self) -> Any:
         return self.build()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
-from ..families import Family, Variant, plan_families
+from ..families import Family, Variant
 from ..geometry import LatentGrid, ModelFamily
 from .base import LVSAProcessor, ModelAdapter
 from .compiled import compiling
@@ -276,16 +276,9 @@ class DeclaredAdapter(ModelAdapter):
         return self._model_family(next(v for v in self.declaration.variants if not v.when))
 
     def _model_family(self, variant: Variant) -> ModelFamily:
-        from dataclasses import replace
-
         if variant.refusal:
             raise ConfigError(f"lvsa does not run {self.declaration.classes[0]} as {variant.name}: {variant.refusal}")
-        found = plan_families()[self.declaration.name]
-        if variant.when:
-            found = replace(found, name=f"{found.name} ({variant.name})",
-                            reference_latent_frames=variant.reference_latent_frames,
-                            vae_temporal_factor=variant.vae_temporal_factor or self.declaration.vae_temporal_factor)
-        return found
+        return self.declaration.model_family(variant)
 
     def self_attention_layers(self, transformer: Any) -> dict[str, Any]:
         pattern = self.declaration.layer_pattern()
