@@ -468,41 +468,51 @@ def test_declared_adapters_are_model_adapters():
 _PIPELINE_TINY = {**_WAN_TINY, "in_channels": 16, "out_channels": 16, "text_dim": 32}
 
 
-def _chronoedit():
+def _wan_image_pipeline(name, transformer_class, **extra):
+    """A pipeline of Wan's backbone conditioned on an image: a small CLIP image encoder, and the transformer's
+    input holding the latent, the image's latent and a 4-channel mask (36 channels)."""
     import transformers
 
     image_encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))
-    transformer = diffusers.ChronoEditTransformer3DModel(  # the latent, the image's latent and a 4-channel mask
-        **{**_PIPELINE_TINY, "in_channels": 36}, image_dim=16, added_kv_proj_dim=32)
-    return diffusers.ChronoEditPipeline(
+    transformer = getattr(diffusers, transformer_class)(**{**_PIPELINE_TINY, "in_channels": 36}, image_dim=16,
+                                                        **extra)
+    return getattr(diffusers, name)(
         tokenizer=None, text_encoder=None, image_encoder=image_encoder, transformer=transformer, vae=small_wan_vae(),
         image_processor=transformers.CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
         scheduler=diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
                                                     prediction_type="flow_prediction"))
+
+
+def _chronoedit():
+    return _wan_image_pipeline("ChronoEditPipeline", "ChronoEditTransformer3DModel", added_kv_proj_dim=32)
 
 
 def _chronoedit_inputs(g):  # the image to edit; its video of temporal reasoning is the grid lvsa plans
-    from PIL import Image
+    return {**random_prompt_embeddings(g), "image": _image(), "enable_temporal_reasoning": True}
 
-    return {**random_prompt_embeddings(g), "image": Image.new("RGB", (32, 32), (120, 30, 200)),
-            "enable_temporal_reasoning": True}
+
+def _skyreels_i2v():
+    return _wan_image_pipeline("SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Transformer3DModel",
+                               added_kv_proj_dim=32)
 
 
 def _wan_animate():
-    import transformers
-
-    image_encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))
-    transformer = diffusers.WanAnimateTransformer3DModel(
-        **{**_PIPELINE_TINY, "in_channels": 36}, latent_channels=16, image_dim=16, motion_encoder_size=16,
+    return _wan_image_pipeline(
+        "WanAnimatePipeline", "WanAnimateTransformer3DModel", latent_channels=16, motion_encoder_size=16,
         motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
         inject_face_latents_blocks=1, motion_encoder_batch_size=2)
-    return diffusers.WanAnimatePipeline(
-        tokenizer=None, text_encoder=None, image_encoder=image_encoder, transformer=transformer, vae=small_wan_vae(),
-        image_processor=transformers.CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
-        scheduler=diffusers.UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
-                                                    prediction_type="flow_prediction"))
+
+
+def _kandinsky5_i2v():  # visual_cond: the image's latent and a mask channel beside the latent
+    components = dict(example_model("kandinsky-5").tiny_pipeline().components)
+    components["transformer"] = diffusers.Kandinsky5Transformer3DModel(**{**KANDINSKY5_TINY, "visual_cond": True})
+    return diffusers.Kandinsky5I2VPipeline(**components)
+
+
+def _motif_i2v():
+    components = example_model("motif-video").tiny_pipeline().components
+    return diffusers.MotifVideoImage2VideoPipeline(**components)
 
 
 def _wan_animate_length(frames):
@@ -511,7 +521,7 @@ def _wan_animate_length(frames):
     from PIL import Image
 
     segment = frames - 4
-    return {"segment_frame_length": segment, "image": Image.new("RGB", (32, 32), (120, 30, 200)),
+    return {"segment_frame_length": segment, "image": _image(),
             "pose_video": [Image.new("RGB", (32, 32), (10, 200, 40))] * segment,
             "face_video": [Image.new("RGB", (16, 16), (200, 160, 120))] * segment}
 
@@ -542,9 +552,26 @@ def _cosmos2():
 
 
 def _cosmos2_inputs(g):  # the first frame to continue: Video2World conditions its latent frame per timestep
+    return {**random_prompt_embeddings(g), "image": _image()}
+
+
+def _image():
     from PIL import Image
 
-    return {**random_prompt_embeddings(g), "image": Image.new("RGB", (32, 32), (100, 20, 50))}
+    return Image.new("RGB", (32, 32), (100, 20, 50))
+
+
+def _ltx_i2v():
+    return diffusers.LTXImageToVideoPipeline(**example_model("ltx-video").tiny_pipeline().components)
+
+
+def _hunyuan_video_i2v():
+    """HunyuanVideo I2V with its image's latent frame replacing the first frame's tokens (token_replace)."""
+    components = dict(example_model("hunyuan-video").tiny_pipeline().components)
+    components["transformer"] = diffusers.HunyuanVideoTransformer3DModel(
+        **{**{k: v for k, v in components["transformer"].config.items() if not k.startswith("_")},
+           "image_condition_type": "token_replace"})
+    return diffusers.HunyuanVideoImageToVideoPipeline(**components, image_processor=None)
 
 
 @dataclass
@@ -592,6 +619,24 @@ PIPELINES = {
     "ChronoEditPipeline": PipelineCase(DeclaredExample("chronoedit", "ChronoEditPipeline", _chronoedit,
                                                        _chronoedit_inputs), 2,
                                        extra={"num_temporal_reasoning_steps": 3}),
+    # image to video: the image's latent frame is the grid's first (LTX: a timestep per token, the image's 0)
+    "LTXImageToVideoPipeline": PipelineCase(
+        DeclaredExample("ltx-video", "LTXImageToVideoPipeline", _ltx_i2v,
+                        lambda g: {**example_model("ltx-video").embeddings(g), "image": _image()}), 1),
+    "HunyuanVideoImageToVideoPipeline": PipelineCase(
+        DeclaredExample("hunyuan-video", "HunyuanVideoImageToVideoPipeline", _hunyuan_video_i2v,
+                        lambda g: {**example_model("hunyuan-video").embeddings(g), "image": _image()}), 1,
+        padding=[[True] * 6 + [False] * 2]),
+    "SkyReelsV2ImageToVideoPipeline": PipelineCase(
+        DeclaredExample("skyreels-v2", "SkyReelsV2ImageToVideoPipeline", _skyreels_i2v,
+                        lambda g: {**random_prompt_embeddings(g), "image": _image()}), 2),
+    "Kandinsky5I2VPipeline": PipelineCase(
+        DeclaredExample("kandinsky-5", "Kandinsky5I2VPipeline", _kandinsky5_i2v,
+                        lambda g: {**example_model("kandinsky-5").embeddings(g), "image": _image()}), 2),
+    "MotifVideoImage2VideoPipeline": PipelineCase(  # its prompt is positional: None with embeddings
+        DeclaredExample("motif-video", "MotifVideoImage2VideoPipeline", _motif_i2v,
+                        lambda g: {**example_model("motif-video").embeddings(g), "image": _image(), "prompt": None},
+                        guider=True), 2),
     "Cosmos2VideoToWorldPipeline": PipelineCase(DeclaredExample("cosmos", "Cosmos2VideoToWorldPipeline", _cosmos2,
                                                                 _cosmos2_inputs), 2,
                                                 components=lambda: {"safety_checker": StandInGuardrail()}),
