@@ -78,11 +78,14 @@ class Family:
     #: context-parallel plan or :attr:`cp_plan`
     context_parallel: bool = False
     #: diffusers' sharding plan for a model that ships none, as data: ``{module: {input: ("split", dim,
-    #: expected_dims, split_output)}}`` and ``{module: ("gather", dim, expected_dims)}``; a module name may
-    #: end in ``.-1``, the last module of a list (``blocks.-1``)
+    #: expected_dims, split_output)}}`` (a list of those for an input that is a list of tensors) and
+    #: ``{module: ("gather", dim, expected_dims)}``; a module name may end in ``.-1``, the last module of a
+    #: list (``blocks.-1``), and ``""`` is the transformer's own forward
     cp_plan: Mapping[str, Any] | None = None
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
+    #: config values the model must not have under context parallelism: ``{key: (value, why)}``
+    cp_refused_config: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
     #: ring attention is declared too (a model whose cross-attention diffusers cannot run in a ring on every
     #: backend gets Ulysses only)
     ring: bool = True
@@ -147,9 +150,6 @@ def _pipeline_default(pipeline: str, frames: int) -> str:
     return f"{pipeline} default num_frames={frames}"
 
 
-_JOINT_TEXT_UNSHARDED = ("diffusers ships no sharding plan for it, and its joint text tokens need one that keeps "
-                         "them whole on every rank")
-
 DECLARED: tuple[Family, ...] = (
     Family(
         name="wan-vace",
@@ -205,7 +205,15 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=720, default_width=1280,
         other_tokens="after", mask="key_padding",
         notes="joint attention: the text tokens follow the video; their padding mask is honoured",
-        no_context_parallel=_JOINT_TEXT_UNSHARDED,
+        context_parallel=True,
+        # the video tokens and their rotary rows are split, the text stays whole on every rank (lvsa takes its
+        # heads); the forward builds the joint mask before the split, so it spans the whole video
+        cp_plan={"rope": {0: ("split", 0, 2, True), 1: ("split", 0, 2, True)},
+                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "proj_out": ("gather", 1, 3)},
+        cp_refused_config={"image_condition_type": (
+            "token_replace", "the image-to-video model modulates the first frame's tokens apart, counted from the "
+                             "start of each rank's shard")},
     ),
     Family(
         name="ltx-video",
@@ -244,7 +252,12 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=720,
         other_tokens="before", attention_call="F.scaled_dot_product_attention", latent_axes=(1, 3, 4),
         notes="CogVideoX's joint attention (text first); the identity branch's cross-attention stays dense",
-        no_context_parallel=_JOINT_TEXT_UNSHARDED,
+        context_parallel=True,
+        # CogVideoX's sharding: the video tokens after the joint patch embedding and the rotary tables the
+        # pipeline passes in are split, the text stays whole on every rank
+        cp_plan={"": {"image_rotary_emb": [("split", 0, 2, False), ("split", 0, 2, False)]},
+                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "proj_out": ("gather", 1, 3)},
     ),
     Family(
         name="easyanimate",
@@ -255,7 +268,11 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=512, default_width=512,
         other_tokens="before", attention_call="F.scaled_dot_product_attention",
         notes="joint attention (text first)",
-        no_context_parallel=_JOINT_TEXT_UNSHARDED,
+        context_parallel=True,
+        # the video tokens and their rotary rows are split, the text stays whole on every rank
+        cp_plan={"rope_embedding": {0: ("split", 0, 2, True), 1: ("split", 0, 2, True)},
+                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "proj_out": ("gather", 1, 3)},
     ),
     Family(
         name="mochi",
@@ -293,7 +310,10 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=736, default_width=1280,
         other_tokens="after", mask="key_padding",
         notes="joint attention: the text tokens follow the video; their padding mask is honoured",
-        no_context_parallel=_JOINT_TEXT_UNSHARDED,
+        no_context_parallel="diffusers ships no sharding plan for it, and its decoder blocks (num_decoder_layers) "
+                            "attend a copy of the video taken before the first block, joined with the main "
+                            "stream's video as their context, which a plan would have to shard and keep whole "
+                            "at once",
     ),
     Family(
         name="anyflow",
@@ -417,10 +437,11 @@ REFUSED: tuple[Refusal, ...] = (
             "num_latent_frames_per_chunk=9 latent frames) attending compressed history tokens: every call "
             "stays far below a horizon, and the history tokens are not frames of the grid"),
     Refusal(("MiniMaxH3Transformer3DModel",),
-            _NOT_YET + "the caller packs text, keyframe-conditioning rows, audio and the target video into one "
-            "sequence by index (video_indices, audio_indices, text_indices, position_ids), so which rows form the "
-            "frame grid is the caller's layout; diffusers ships no MiniMax-H3 pipeline that fixes it, and lvsa "
-            "declares no layout it cannot test through one", final=False),
+            _NOT_YET + "its modular pipeline (MiniMaxH3ModularPipeline) packs text, keyframe or reference rows, the "
+            "soundtrack and the target video into one sequence whose frame grid shows only in the values of "
+            "position_ids, never in a shape; its clock rises from 0 to 1 on two schedulers at once; and its VAE "
+            "makes 5n+2 latent frames of 17n+5 frames: lvsa has no grid rule, step rule or frame count for that yet",
+            final=False),
     Refusal(("WanAnimate2Transformer3DModel",),
             _NOT_YET + "its generation pass attends the video together with the reference pass's cached keys and "
             "values through the model's own flex BlockMask (each frame sees the reference frame of its index); "

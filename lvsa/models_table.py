@@ -30,7 +30,10 @@ def _horizon(variant: str, latent: int, video: int, source: str) -> str:
 def _parallelism(family: Family) -> str:
     if not family.context_parallel:
         return f"no context parallelism: {family.no_context_parallel}"
-    return "context parallelism (Ulysses and ring)" if family.ring else "context parallelism (Ulysses)"
+    kinds = "Ulysses and ring" if family.ring else "Ulysses"
+    refused = [f"{name}" for name in family.cp_refused_arguments]
+    refused += [f"{key}={value!r}" for key, (value, _why) in family.cp_refused_config.items()]
+    return f"context parallelism ({kinds}{', not with ' + ' or '.join(refused) if refused else ''})"
 
 
 def rows() -> list[ModelRow]:

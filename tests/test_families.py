@@ -129,7 +129,15 @@ def _text_first(model, frames, batch, g, channels_first=True):
 
 
 def _consisid(model, frames, batch, g):
-    return _text_first(model, frames, batch, g, channels_first=False)
+    """With the rotary tables its pipeline passes (ConsisIDPipeline._prepare_rotary_positional_embeddings)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.consisid.pipeline_consisid import get_resize_crop_region_for_grid
+
+    c = model.config
+    grid = (HEIGHT // c.patch_size, WIDTH // c.patch_size)
+    crops = get_resize_crop_region_for_grid(grid, c.sample_width // c.patch_size, c.sample_height // c.patch_size)
+    rope = get_3d_rotary_pos_embed(c.attention_head_dim, crops, grid, frames)
+    return {**_text_first(model, frames, batch, g, channels_first=False), "image_rotary_emb": rope}
 
 
 def _anyflow(model, frames, batch, g):
@@ -210,7 +218,7 @@ ROWS = [
     Row("consisid", "ConsisIDTransformer3DModel",
         {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4,
          "time_embed_dim": 8, "text_embed_dim": 16, "num_layers": 2, "sample_width": WIDTH, "sample_height": HEIGHT,
-         "max_text_seq_length": 6}, _consisid, text_tokens=6),
+         "max_text_seq_length": 6, "use_rotary_positional_embeddings": True}, _consisid, text_tokens=6),
     Row("easyanimate", "EasyAnimateTransformer3DModel",
         {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4, "patch_size": 2,
          "num_layers": 2, "mmdit_layers": 2, "time_embed_dim": 8, "text_embed_dim": 16, "sample_width": WIDTH,
@@ -793,6 +801,17 @@ def test_diffusion_forcing_under_context_parallelism_is_refused(saved):
     with pytest.raises(ConfigError, match="called with enable_diffusion_forcing under context parallelism"):
         adapter.grid_of_call(model, (), {"hidden_states": torch.zeros(1, 4, 3, 8, 8), "enable_diffusion_forcing": True})
     assert adapter.grid_of_call(model, (), {"hidden_states": torch.zeros(1, 4, 3, 8, 8)}).latent_frames == 3
+
+
+def test_hunyuan_video_token_replace_under_context_parallelism_is_refused(saved):
+    model = load(saved, "hunyuan-video")
+    adapter = lvsa.adapters.adapter_for(model)
+    adapter.check_context_parallel(model, 2)  # text-to-video and latent_concat image-to-video run
+    model.register_to_config(image_condition_type="token_replace")  # HunyuanVideo I2V's config
+    with pytest.raises(ConfigError, match=r"^HunyuanVideoTransformer3DModel with image_condition_type='token_replace': "
+                                          r"lvsa's context parallelism does not run it: the image-to-video model "
+                                          r"modulates the first frame's tokens apart"):
+        adapter.check_context_parallel(model, 2)
 
 
 @pytest.mark.parametrize("family", sorted(f.name for f in DECLARED if not f.context_parallel))

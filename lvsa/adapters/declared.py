@@ -155,8 +155,10 @@ class DispatchProcessor(LVSAProcessor):
         video, text = (second, first) if before else (first, second)
         padding = None
         if attn_mask is not None:
+            # the text's columns sit at the mask's same end whether it spans this rank's video shard or (under
+            # context parallelism, built before the sequence is split) the whole video
             keys = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[-1])
-            keys = keys[:, :other] if before else keys[:, video_tokens:]
+            keys = keys[:, :other] if before else keys[:, -other:]
             padding = keys if keys.dtype == torch.bool else keys == 0
         video_out, text_out = self.attend(video, text, plan, padding)
         return torch.cat([text_out, video_out] if before else [video_out, text_out], dim=1)
@@ -190,7 +192,10 @@ class DispatchProcessor(LVSAProcessor):
             return ("unexpected_inputs", f"softmax scale {scale} is not 1/sqrt(head_dim)")
         if attn_mask is not None:
             shape = tuple(attn_mask.shape)
-            key_mask = len(shape) in (2, 4) and shape[-1] == query.shape[1] and all(s == 1 for s in shape[1:-1])
+            grid = self.runtime.rope_grid
+            whole = other + grid.latent_frames * grid.patches_per_frame if grid is not None else query.shape[1]
+            key_mask = (len(shape) in (2, 4) and shape[-1] in (query.shape[1], whole)
+                        and all(s == 1 for s in shape[1:-1]))
             if family.mask != "key_padding" or not key_mask:
                 return ("attention_mask", f"{family.name} passed an attention mask of shape {shape}, which lvsa "
                         "does not apply" + ("" if family.mask == "key_padding" else
@@ -338,13 +343,20 @@ class DeclaredAdapter(ModelAdapter):
             parent = module[:-3]
             return f"{parent}.{len(transformer.get_submodule(parent)) - 1}"
 
-        return {resolved(module): spec(value) if isinstance(value, tuple) else {k: spec(v) for k, v in value.items()}
+        def specs(value: Any) -> Any:  # a list: one spec per element of a list input
+            return [spec(v) for v in value] if isinstance(value, list) else spec(value)
+
+        return {resolved(module): spec(value) if isinstance(value, tuple) else {k: specs(v) for k, v in value.items()}
                 for module, value in declared.items()}
 
     def check_context_parallel(self, transformer: Any, degree: int) -> None:
         if not self.declaration.context_parallel:
             raise ConfigError(f"{type(transformer).__name__}: lvsa's context parallelism is not declared for "
                               f"{self.name}: {self.declaration.no_context_parallel}; run it in one process")
+        for key, (value, why) in self.declaration.cp_refused_config.items():
+            if getattr(transformer.config, key, None) == value:
+                raise ConfigError(f"{type(transformer).__name__} with {key}={value!r}: lvsa's context parallelism "
+                                  f"does not run it: {why}; run it in one process")
         super().check_context_parallel(transformer, degree)
 
     def check_ring(self, transformer: Any, degree: int) -> None:
