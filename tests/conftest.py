@@ -76,7 +76,10 @@ test_devices.__test__ = False  # a helper, not a test
 
 
 def pytest_generate_tests(metafunc):
-    """Parametrize ``parity_target`` = (device, driver, dtype) over everything present (or required)."""
+    """Parametrize ``parity_target`` = (device, driver, dtype) over everything present (or required), and
+    ``accelerator`` over the devices other than the CPU."""
+    if "accelerator" in metafunc.fixturenames:
+        metafunc.parametrize("accelerator", [name for name in test_devices() if name != "cpu"])
     if "parity_target" not in metafunc.fixturenames:
         return
     import torch

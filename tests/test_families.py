@@ -272,18 +272,26 @@ def horizon(model):
     return adapter_for(model).family(model).reference_latent_frames
 
 
-def run(model, frames, timesteps=(900.0,), batch=1, dtype=torch.float32, seed=1):
+def _placed(value, dtype, device):
+    """An input on ``device``, its floating-point tensors in ``dtype`` (lists of tensors too)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_placed(item, dtype, device) for item in value)
+    return value
+
+
+def run(model, frames, timesteps=(900.0,), batch=1, dtype=torch.float32, seed=1, device="cpu"):
     """The model's outputs over ``timesteps`` (one forward each, as a denoising loop calls it)."""
     inner = getattr(model, "_orig_mod", model)  # a torch.compile'd model's own module
     row = BY_FAMILY[adapter_for(inner).name]
     kwargs = row.inputs(inner, frames, batch, torch.Generator().manual_seed(seed))
-    kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-              for k, v in kwargs.items()}
+    kwargs = {k: _placed(v, dtype, device) for k, v in kwargs.items()}
     outputs = []
     with torch.no_grad():
         for t in timesteps:
             shape = (batch, frames) if row.timestep_per_frame else (batch,)
-            out = model(**kwargs, timestep=torch.full(shape, t, dtype=dtype), return_dict=False)[0]
+            out = model(**kwargs, timestep=torch.full(shape, t, dtype=dtype, device=device), return_dict=False)[0]
             outputs.append(out)
     return outputs
 
@@ -332,6 +340,26 @@ def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, la
             assert padding is not None and padding.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
     # Mochi drops the padded prompt's two last tokens itself: its second sample has 4 text tokens
     assert text_tokens == ([6, 4] * (len(calls) // 2) if row.per_sample else [row.text_tokens] * len(calls))
+
+
+@pytest.mark.parametrize("family", sorted(BY_FAMILY))
+def test_on_an_accelerator_every_call_is_the_masked_reference(saved, family, accelerator, layer_calls):
+    """Each family's model on a GPU (or NPU: ``accelerator``, required by LVSA_TEST_DEVICES=cuda) in bfloat16
+    beyond its horizon, through the device's default driver: every layer call equals the float64 reference
+    within bfloat16's tolerance, none falls back."""
+    device = accelerator
+    model = load(saved, family, torch.bfloat16).to(device)
+    frames = 2 * horizon(model) + 1
+    handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
+    try:
+        outputs = run(model, frames, batch=2, dtype=torch.bfloat16, device=device)
+    finally:
+        handle.remove()
+    assert len(layer_calls) == calls_per_forward(model, 2) and handle.stats.fallback_calls == 0
+    assert outputs[0].device.type == device and torch.isfinite(outputs[0]).all()
+    for _step, _origin, plan, video, text, padding, out in layer_calls:
+        assert plan.kfi > 1 and not plan.is_dense and video[0].device.type == device
+        assert_reference(plan, video, text, padding, out, tolerance=3e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -693,7 +721,7 @@ def load_pipeline(saved_pipelines, name):
     return pipe
 
 
-def assert_reference(plan, video, text, padding, out):
+def assert_reference(plan, video, text, padding, out, tolerance=2e-5):
     """A layer call's output equals the float64 reference under its plan's mask (its text placed as declared)."""
     video_out, text_out = out
     if text is None:
@@ -703,7 +731,8 @@ def assert_reference(plan, video, text, padding, out):
         after = plan.text_position == "after"
         q, k, v = (torch.cat([a, b] if after else [b, a], dim=1) for a, b in zip(video, text, strict=True))
         got = torch.cat([video_out, text_out] if after else [text_out, video_out], dim=1)
-    torch.testing.assert_close(got.double(), reference_attention(q, k, v, plan, padding), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got.double(), reference_attention(q, k, v, plan, padding), rtol=tolerance,
+                               atol=tolerance)
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
