@@ -345,8 +345,9 @@ def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, la
 @pytest.mark.parametrize("family", sorted(BY_FAMILY))
 def test_on_an_accelerator_every_call_is_the_masked_reference(saved, family, accelerator, layer_calls):
     """Each family's model on a GPU (or NPU: ``accelerator``, required by LVSA_TEST_DEVICES=cuda) in bfloat16
-    beyond its horizon, through the device's default driver: every layer call equals the float64 reference
-    within bfloat16's tolerance, none falls back."""
+    beyond its horizon, through the driver lvsa picks there: every layer call equals the float64 reference
+    within bfloat16's tolerance, none falls back. (The small models' 16-channel heads are below FlashInfer's
+    and FA4's head sizes: lvsa picks PyTorch's SDPA on CUDA; the parity matrix runs those drivers.)"""
     device = accelerator
     model = load(saved, family, torch.bfloat16).to(device)
     frames = 2 * horizon(model) + 1
