@@ -46,7 +46,9 @@ class Family:
     construction: lvsa honours its text part). ``grid`` is ``latent`` (the ``hidden_states`` input is
     ``[B, C, F, H, W]``, patched by the config's ``patch_size``/``patch_size_t``) or ``forward_sizes`` (the
     input is already a token sequence, and the forward's ``num_frames``, ``height`` and ``width`` give the
-    latent grid)."""
+    latent grid) or ``packed_rows`` (one packed sequence of several modalities, described per row by the
+    forward's ``position_ids`` (rotary ``(t, h, w)``) and ``video_indices``: the video rows that end the
+    sequence are the grid, a frame per run of equal ``t``; everything before them counts as other tokens)."""
 
     name: str
     classes: tuple[str, ...]
@@ -61,7 +63,13 @@ class Family:
     patch_size: int = 2
     other_tokens: Literal["none", "before", "after"] = "none"
     mask: Literal["none", "key_padding"] = "none"
-    grid: Literal["latent", "forward_sizes"] = "latent"
+    grid: Literal["latent", "forward_sizes", "packed_rows"] = "latent"
+    #: how the forward's timestep tells the denoising step: ``timestep`` (the forward's timestep, which falls
+    #: over the loop) or ``packed_rows`` (a table of timesteps indexed per row by ``timestep_indices``: the
+    #: last row's, which rises from 0 to 1 over the loop)
+    step_clock: Literal["timestep", "packed_rows"] = "timestep"
+    #: a VAE that encodes fixed chunks: (video frames, latent frames) per chunk (:attr:`ModelFamily.vae_chunk`)
+    vae_chunk: tuple[int, int] | None = None
     #: the call the model's processor attends with, where lvsa takes over: diffusers' ``dispatch_attention_fn``,
     #: or torch's ``F.scaled_dot_product_attention`` for processors that call it themselves
     attention_call: Literal["dispatch_attention_fn", "F.scaled_dot_product_attention"] = "dispatch_attention_fn"
@@ -111,7 +119,7 @@ class Family:
         found = ModelFamily(self.name, default.reference_latent_frames,
                             default.vae_temporal_factor or self.vae_temporal_factor, self.vae_spatial_factor,
                             self.patch_size, None if self.other_tokens == "none" else self.other_tokens,
-                            self.default_height, self.default_width)
+                            self.default_height, self.default_width, vae_chunk=self.vae_chunk)
         if variant is None or variant is default:
             return found
         return replace(found, name=f"{self.name} ({variant.name})",
@@ -393,6 +401,23 @@ DECLARED: tuple[Family, ...] = (
         no_context_parallel="no sharding plan yet for its fused blocks, which carry the audio stream beside "
                             "the video",
     ),
+    Family(
+        name="minimax-h3",
+        classes=("MiniMaxH3Transformer3DModel",),
+        layers=("transformer_blocks.*.attn",),
+        # its pipeline generates 5 to 15 s at 24 fps (its VAE takes 17n + 5 frames): the longest is the horizon
+        variants=(Variant("MiniMax-H3", 102, "MiniMaxH3ModularPipeline max_duration=15 s at 24 fps: 345 frames"),),
+        pipelines=("MiniMaxH3ModularPipeline",),
+        vae_temporal_factor=4, vae_spatial_factor=16, default_height=768, default_width=1344, vae_chunk=(17, 5),
+        other_tokens="before", grid="packed_rows", step_clock="packed_rows",
+        notes="one packed sequence [text | keyframe or reference rows | soundtrack | video]: the target video's "
+              "rows are the grid, every other row attends and is attended like text; its pipeline stops at 15 s, "
+              "so lvsa engages for longer layouts (a pipeline whose max_duration is raised, or a caller's own); "
+              "window and keyframe spacing in video frames are converted at 4 frames per latent frame (its VAE "
+              "makes 5 latent frames of every 17 frames)",
+        no_context_parallel="diffusers' plan splits the packed sequence at the first block, text, conditioning "
+                            "and audio rows with the video, where lvsa's shards must hold video only",
+    ),
 )
 
 #: families that run through an adapter module of their own (a processor written for the model): per class,
@@ -436,12 +461,6 @@ REFUSED: tuple[Refusal, ...] = (
             "generates a long video as fixed chunks (FramePack: latent_window_size=9, Helios: "
             "num_latent_frames_per_chunk=9 latent frames) attending compressed history tokens: every call "
             "stays far below a horizon, and the history tokens are not frames of the grid"),
-    Refusal(("MiniMaxH3Transformer3DModel",),
-            _NOT_YET + "its modular pipeline (MiniMaxH3ModularPipeline) packs text, keyframe or reference rows, the "
-            "soundtrack and the target video into one sequence whose frame grid shows only in the values of "
-            "position_ids, never in a shape; its clock rises from 0 to 1 on two schedulers at once; and its VAE "
-            "makes 5n+2 latent frames of 17n+5 frames: lvsa has no grid rule, step rule or frame count for that yet",
-            final=False),
     Refusal(("WanAnimate2Transformer3DModel",),
             _NOT_YET + "its generation pass attends the video together with the reference pass's cached keys and "
             "values through the model's own flex BlockMask (each frame sees the reference frame of its index); "

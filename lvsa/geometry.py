@@ -41,11 +41,22 @@ class ModelFamily:
     #: latent frames per token frame: the transformer's temporal patch (CogVideoX 1.5: 2). The plan's frames
     #: are token frames, the sequence's own unit; every frame count is converted through this factor.
     temporal_patch: int = 1
+    #: a VAE that encodes fixed chunks, as (video frames, latent frames) per chunk (MiniMax-H3: 17 frames make
+    #: 5 latent frames, and a video has 17n + 5 frames): frame counts follow :func:`latent_frames`' chunk rule,
+    #: and ``vae_temporal_factor`` is the chunk's own rate (knobs given in video frames are converted at it)
+    vae_chunk: tuple[int, int] | None = None
 
     @property
     def reference_video_frames(self) -> int:
-        """The horizon in video frames: ``(T - 1) x vae_temporal_factor + 1``."""
+        """The horizon in video frames: ``(T - 1) x vae_temporal_factor + 1``, or by the VAE's chunks."""
+        if self.vae_chunk is not None:
+            frames, latents = self.vae_chunk
+            return (self.reference_latent_frames - 2) // latents * frames + latents
         return (self.reference_latent_frames - 1) * self.vae_temporal_factor + 1
+
+    def latent_frames(self, num_frames: int, vae_temporal_factor: int | None = None) -> int:
+        """The latent frames of a ``num_frames`` video (:func:`latent_frames` with the family's VAE)."""
+        return latent_frames(num_frames, vae_temporal_factor or self.vae_temporal_factor, self.vae_chunk)
 
     def video_frames_per_plan_frame(self, vae_temporal_factor: int | None = None) -> int:
         """Video frames per frame of the plan (a token frame): VAE temporal factor x temporal patch."""
@@ -70,10 +81,16 @@ def family(name: str) -> ModelFamily:
         raise GeometryError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
-def latent_frames(num_frames: int, vae_temporal_factor: int) -> int:
-    """``T = (F - 1) // vae_temporal + 1`` (the causal VAEs keep the first frame on its own)."""
+def latent_frames(num_frames: int, vae_temporal_factor: int, vae_chunk: tuple[int, int] | None = None) -> int:
+    """``T = (F - 1) // vae_temporal + 1`` (the causal VAEs keep the first frame on its own). A chunked VAE
+    (``vae_chunk`` = (C frames, L latent frames) per chunk) encodes ``C n + L`` frames (a count in between is
+    rounded up to it, as its pipeline does) into ``L n + 2`` latent frames."""
     if num_frames < 1:
         raise GeometryError(f"num_frames={num_frames}: must be >= 1")
+    if vae_chunk is not None:
+        frames, latents = vae_chunk
+        chunks = max(0, -(-(num_frames - latents) // frames))
+        return chunks * latents + 2
     return (num_frames - 1) // vae_temporal_factor + 1
 
 
@@ -157,4 +174,5 @@ def resolve_video_geometry(
 
     vt = pick("vae_temporal_factor", model.vae_temporal_factor if model else None)
     ppf = planned_patches_per_frame(settings, model, height, width)
-    return VideoGeometry(latent_frames(num_frames, vt), ppf, vt, model.temporal_patch if model else 1)
+    return VideoGeometry(latent_frames(num_frames, vt, model.vae_chunk if model else None), ppf, vt,
+                         model.temporal_patch if model else 1)

@@ -62,6 +62,9 @@ class Row:
     timestep_per_frame: bool = False
     #: the model attends one sample at a time (Mochi: each prompt's valid text only): a call per sample
     per_sample: bool = False
+    #: the model's timestep table for the suite's timestep (1000 to 0), where it takes one (MiniMax-H3: its
+    #: own clock, 0 to 1, and the keyframe's held timestep)
+    timestep_table: Callable[[float], list[float]] | None = None
 
 
 def _randn(g, *shape):
@@ -186,6 +189,23 @@ def _kandinsky6(model, frames, batch, g):
             "audio_hidden_states": _randn(g, batch, 10, c.in_audio_dim)}
 
 
+def _minimax_h3(model, frames, batch, g):
+    """The packed sequence its modular pipeline builds (MiniMaxH3PrepareLayoutStep): [text | a first-frame
+    keyframe's rows | stereo soundtrack | video]; the conditioning rows read the table's second timestep."""
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3PrepareLayoutStep
+
+    c = model.config
+    positions, tags, video, audio, text, conditions, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+        torch.ones(6, dtype=torch.long), frames, HEIGHT, WIDTH, 5, tuple(c.patch_size), 2, 2, 0, ("first",))
+    rows = torch.zeros(positions.shape[0], dtype=torch.long)
+    rows[video[:conditions]] = 1
+    return {"hidden_states": _randn(g, batch, video.numel(), c.in_channels * 4),
+            "audio_hidden_states": _randn(g, batch, audio.numel(), c.audio_in_channels),
+            "encoder_hidden_states": _randn(g, batch, 6, c.text_dim), "timestep_indices": rows,
+            "token_tags": tags, "position_ids": positions, "video_indices": video, "audio_indices": audio,
+            "text_indices": text}
+
+
 _WAN_TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
              "out_channels": 4, "text_dim": 16, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
              "rope_max_seq_len": 64}
@@ -242,6 +262,13 @@ ROWS = [
          "model_dim": 32, "ff_dim": 32, "num_text_blocks": 1, "num_visual_blocks": 2, "axes_dims": (4, 6, 6),
          "in_audio_dim": 4, "out_audio_dim": 4, "axes_dims_a": (16,)}, _kandinsky6),
 ]
+ROWS.append(
+    Row("minimax-h3", "MiniMaxH3Transformer3DModel",
+        {"num_attention_heads": 2, "attention_head_dim": 16, "hidden_size": 32, "num_layers": 2,
+         "num_refiner_layers": 1, "ffn_dim": 32, "in_channels": 4, "audio_in_channels": 4, "text_dim": 16,
+         "freq_dim": 16, "time_embed_hidden_dim": 32, "time_embed_dim": 16, "rope_freq_dim": 2},
+        _minimax_h3, text_tokens=6 + 16 + 10,  # text, a keyframe, the soundtrack
+        timestep_table=lambda t: [1 - t / 1000, 0.999]))
 BY_FAMILY = {row.family: row for row in ROWS}
 FAMILY_OF = {family.name: family for family in DECLARED}
 
@@ -273,9 +300,11 @@ def horizon(model):
 
 
 def _placed(value, dtype, device):
-    """An input on ``device``, its floating-point tensors in ``dtype`` (lists of tensors too)."""
+    """An input on ``device``, its floating-point tensors in ``dtype`` (lists of tensors too); float64 ones
+    (a packed layout's coordinates, as its pipeline passes them) stay float64."""
     if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        cast = value.is_floating_point() and value.dtype != torch.float64
+        return value.to(device=device, dtype=dtype if cast else value.dtype)
     if isinstance(value, (list, tuple)):
         return type(value)(_placed(item, dtype, device) for item in value)
     return value
@@ -291,7 +320,11 @@ def run(model, frames, timesteps=(900.0,), batch=1, dtype=torch.float32, seed=1,
     with torch.no_grad():
         for t in timesteps:
             shape = (batch, frames) if row.timestep_per_frame else (batch,)
-            out = model(**kwargs, timestep=torch.full(shape, t, dtype=dtype, device=device), return_dict=False)[0]
+            if row.timestep_table is None:
+                timestep = torch.full(shape, t, dtype=dtype, device=device)
+            else:
+                timestep = torch.tensor(row.timestep_table(t), dtype=dtype, device=device)
+            out = model(**kwargs, timestep=timestep, return_dict=False)[0]
             outputs.append(out)
     return outputs
 
@@ -377,7 +410,9 @@ def test_steps_are_counted_and_the_keyframes_rotate(saved, family, dtype):
     assert handle.stats.steps == 3 and handle.stats.fallback_calls == 0
     assert handle.stats.calls_by_step == {0: [0, layers], 1: [0, layers], 2: [0, layers]}
     assert handle.stats.plan_builds == 3  # one plan per step: the keyframes rotate
-    assert all(out.dtype == dtype and torch.isfinite(out).all() for out in outputs)
+    # a model whose output head stays float32 (MiniMax-H3's mixed-precision checkpoint) answers in float32
+    expected = torch.float32 if "proj_out" in (type(model)._keep_in_fp32_modules or ()) else dtype
+    assert all(out.dtype == expected and torch.isfinite(out).all() for out in outputs)
 
 
 @pytest.mark.parametrize("family", sorted(BY_FAMILY))
@@ -429,6 +464,15 @@ def test_each_horizon_is_the_default_its_source_names(family):
             defaults = inspect.signature(getattr(diffusers, family.classes[0]).__init__).parameters
             assert defaults[config[1]].default == int(config[2])
             frames = int(config[2]) if config[3] == "video" else (int(config[2]) - 1) * factor + 1
+        elif modular := re.fullmatch(r"(\w+) max_duration=(\d+) s at (\d+) fps: (\d+) frames", variant.source):
+            pipeline = getattr(diffusers, modular[1])  # constants behind the modular pipeline's properties
+            seconds, fps = pipeline.max_duration.fget(None), pipeline.fps.fget(None)
+            assert (seconds, fps) == (int(modular[2]), int(modular[3]))
+            chunk, latents = family.vae_chunk  # the longest video its VAE encodes within that duration
+            assert int(modular[4]) == (seconds * fps - latents) // chunk * chunk + latents
+            assert family.model_family().latent_frames(int(modular[4])) == variant.reference_latent_frames
+            assert family.model_family().reference_video_frames == int(modular[4])
+            continue
         else:
             release = re.fullmatch(r"the .* release's (\d+) frames .*", variant.source)
             assert release, variant.source
@@ -436,6 +480,11 @@ def test_each_horizon_is_the_default_its_source_names(family):
         assert (frames - 1) // factor + 1 == variant.reference_latent_frames
     for name in family.pipelines:
         pipeline = getattr(diffusers, name)
+        if issubclass(pipeline, diffusers.ModularPipeline):  # its blocks name the transformer they load
+            blocks = getattr(diffusers.modular_pipelines, pipeline.default_blocks_name)()
+            hints = {getattr(c.type_hint, "__name__", None) for c in blocks.expected_components}
+            assert set(family.classes) <= hints, (name, hints)
+            continue
         parameters = inspect.signature(pipeline.__init__).parameters
         if "transformer" not in parameters:  # diffusers' placeholder for a pipeline whose extra is not installed
             assert hasattr(pipeline, "_backends"), name
@@ -466,6 +515,40 @@ def test_a_refused_variant_is_refused_with_its_reason(saved):
         lvsa.apply(model)
     assert not any(type(m.processor).__module__.startswith("lvsa") for m in model.modules() if hasattr(m, "processor"))
     assert "Kandinsky 5.0 Video with NABLA attention: refused, the checkpoint runs" in text_table()
+
+
+def test_a_chunked_vae_counts_latent_frames_as_its_pipeline_does():
+    """MiniMax-H3's VAE encodes 17n + 5 frames into 5n + 2 latent frames; its pipeline rounds other counts up."""
+    from diffusers.modular_pipelines.minimax_h3.modular_pipeline import align_num_frames, video_latent_num_frames
+
+    family = FAMILY_OF["minimax-h3"].model_family()
+    for frames in range(5, 700):
+        aligned = align_num_frames(frames, 17, 5)
+        assert family.latent_frames(frames) == video_latent_num_frames(aligned, 17, 5), frames
+    assert family.reference_video_frames == 345 and family.latent_frames(345) == 102
+
+
+def test_a_packed_sequence_whose_video_rows_are_no_grid_is_refused(saved):
+    """MiniMax-H3's grid is read off its layout's values: a layout whose trailing video rows are not frames of
+    one (h, w) layout with rising time is an error naming the problem, never a guessed grid."""
+    model = load(saved, "minimax-h3")
+    kwargs = _minimax_h3(model, 5, 1, torch.Generator().manual_seed(0))
+    adapter = adapter_for(model)
+    assert adapter.grid_of_call(model, (), kwargs) == lvsa.geometry.LatentGrid(5, 16)
+    for problem, change in [
+        ("not one value per frame, rising", lambda p: p[-16:, 0].fill_(p[-17, 0])),  # two frames at one time
+        ("do not share one (h, w) layout", lambda p: p[-1, 1].add_(1.0)),
+        ("80 last video rows are not whole frames of 12 rows", lambda p: p[-68:-64, 0].add_(0.5)),
+    ]:
+        positions = kwargs["position_ids"].clone()
+        change(positions)
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            adapter.grid_of_call(model, (), {**kwargs, "position_ids": positions})
+    video = kwargs["video_indices"][:-3]  # the last rows are no video rows
+    with pytest.raises(ConfigError, match="no video row ends the sequence"):
+        adapter.grid_of_call(model, (), {**kwargs, "video_indices": video})
+    with pytest.raises(ConfigError, match="called without position_ids and video_indices"):
+        adapter.grid_of_call(model, (), {k: v for k, v in kwargs.items() if k != "position_ids"})
 
 
 def test_a_processor_that_does_not_reach_dispatch_is_refused(saved):

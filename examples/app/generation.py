@@ -209,7 +209,12 @@ def check_arguments(args: argparse.Namespace, adapter: Any, settings: AppSetting
 def geometry_problem(family: ModelFamily, frames: int | None, height: int | None, width: int | None) -> str | None:
     """The model's frame rule (``k * temporal factor + 1``) and resolution multiple, checked, never rounded."""
     vt = family.vae_temporal_factor
-    if frames is not None and (frames - 1) % vt:
+    if frames is not None and family.vae_chunk is not None:
+        chunk, latents = family.vae_chunk
+        if frames % chunk != latents % chunk:
+            low = max(latents, frames - (frames - latents) % chunk)
+            return f"--num-frames {frames}: {family.name} takes {chunk}k+{latents} frames; use {low} or {low + chunk}"
+    elif frames is not None and (frames - 1) % vt:
         low = (frames - 1) // vt * vt + 1
         return (f"--num-frames {frames}: {family.name} takes {vt}k+1 frames; use {low} or {low + vt}")
     step = family.vae_spatial_factor * family.patch_size
@@ -651,11 +656,10 @@ def _print_estimate(adapter: Any, pipe: Any, handle: Any, args: argparse.Namespa
     """Tokens, attention FLOPs and the least memory the run needs, and a warning when that exceeds what the
     device has free (before the first step: a run that cannot fit is not started blind)."""
     from lvsa.adapters import pipeline_family
-    from lvsa.geometry import latent_frames
 
     family = pipeline_family(pipe, adapter)
     spatial = family.vae_spatial_factor
-    grid = adapter.grid_of(pipe.transformer, latent_frames(frames, family.vae_temporal_factor),
+    grid = adapter.grid_of(pipe.transformer, family.latent_frames(frames),
                            height // spatial, width // spatial)
     density = handle.plan_for_video(frames, height, width).density if handle is not None else None
     try:

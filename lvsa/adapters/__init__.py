@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import log, registry
 from ..errors import ConfigError
-from ..geometry import LatentGrid, ModelFamily, latent_frames
+from ..geometry import LatentGrid, ModelFamily
 from ..planning import check_declared_geometry, settings_for_model
 from ..registry import Plugin
 from . import compiled
@@ -60,7 +60,8 @@ class LVSAHandle:
         :class:`~lvsa.errors.GeometryError` where the settings' geometry contradicts that grid."""
         runtime = self.runtime
         spatial = runtime.vae_spatial_factor
-        grid = self.adapter.grid_of(self.transformers[0], latent_frames(num_frames, runtime.vae_temporal_factor),
+        grid = self.adapter.grid_of(self.transformers[0],
+                                    runtime.family.latent_frames(num_frames, runtime.vae_temporal_factor),
                                     height // spatial, width // spatial)
         return runtime.plan_for(grid, step)
 
@@ -179,7 +180,7 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     def hook(index: int) -> Any:
         def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
             grid = adapter.grid_of_call(module, args, kwargs)  # shapes only: plain ints while dynamo traces
-            timestep = adapter.forward_argument(module, "timestep", args, kwargs)
+            timestep = adapter.step_timestep(module, args, kwargs)
             if not compiled.compiling():
                 start_forward(module, grid, timestep)
                 return

@@ -184,6 +184,11 @@ class ModelAdapter(ABC):
         """The grid of a forward call (its ``hidden_states`` by default)."""
         return self.latent_grid(transformer, self.forward_argument(transformer, "hidden_states", args, kwargs))
 
+    def step_timestep(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """What tells the denoising step of a forward call (:mod:`lvsa.steps`): its ``timestep``, which falls
+        over the loop."""
+        return self.forward_argument(transformer, "timestep", args, kwargs)
+
     @abstractmethod
     def make_processor(self, original: Any, runtime: LVSARuntime, layer: str) -> Any:
         """A processor that runs one self-attention layer through lvsa (``original`` serves fallbacks)."""

@@ -263,6 +263,41 @@ def _bind(function: Callable[..., Any], call: str, processor: DispatchProcessor,
     return rebound, names
 
 
+# -- the grid of a packed sequence -------------------------------------------------------------------
+@torch.compiler.disable
+def packed_grid(model: str, positions: torch.Tensor, video_indices: torch.Tensor) -> LatentGrid:
+    """The frame grid of a packed sequence (:attr:`Family.grid` ``packed_rows``): the video rows that end the
+    sequence, a frame per run of equal rotary time ``t``, each frame on the first one's ``(h, w)`` positions.
+    Read off the rows' values (a layout's shapes do not tell its frames), checked, never guessed. Outside any
+    compiled graph: the grid is plain ints for the plan."""
+    length = positions.shape[0]
+    video = video_indices.detach().to("cpu", torch.int64)
+    # the run of video rows that ends the sequence (conditioning video rows sit earlier, apart from it)
+    aligned = video == torch.arange(length - video.numel(), length)
+    apart = (~aligned).nonzero()
+    rows = video.numel() - (int(apart[-1]) + 1 if apart.numel() else 0)
+    problem = None
+    if rows == 0:
+        problem = "no video row ends the sequence"
+    else:
+        grid = positions.detach()[length - rows:].to("cpu", torch.float64)
+        time = grid[:, 0]
+        changes = (time[1:] != time[:-1]).nonzero()
+        per_frame = int(changes[0]) + 1 if changes.numel() else rows
+        if rows % per_frame:
+            problem = f"its {rows} last video rows are not whole frames of {per_frame} rows"
+        else:
+            frames = grid.view(rows // per_frame, per_frame, 3)
+            if not (frames[:, :, 0] == frames[:, :1, 0]).all() or not (frames[1:, 0, 0] > frames[:-1, 0, 0]).all():
+                problem = "their rotary time is not one value per frame, rising from frame to frame"
+            elif not (frames[:, :, 1:] == frames[:1, :, 1:]).all():
+                problem = "their frames do not share one (h, w) layout"
+    if problem is not None:
+        raise ConfigError(f"{model}: the packed sequence's video rows do not form a frame grid ({problem}); "
+                          "lvsa plans the video rows that end the sequence, a frame per value of position_ids' t")
+    return LatentGrid(rows // per_frame, per_frame)
+
+
 # -- the adapter --------------------------------------------------------------------------------------
 class DeclaredAdapter(ModelAdapter):
     """The adapter of a declared :class:`Family`."""
@@ -317,11 +352,29 @@ class DeclaredAdapter(ModelAdapter):
                                       f"parallelism, which lvsa does not run: {why}; run it in one process")
         if self.declaration.grid == "latent":
             return super().grid_of_call(transformer, args, kwargs)
+        if self.declaration.grid == "packed_rows":
+            positions, video = (self.forward_argument(transformer, n, args, kwargs)
+                                for n in ("position_ids", "video_indices"))
+            if positions is None or video is None:
+                raise ConfigError(f"{type(transformer).__name__} was called without position_ids and "
+                                  "video_indices, which give lvsa the frame grid of its packed sequence")
+            return packed_grid(type(transformer).__name__, positions, video)
         sizes = [self.forward_argument(transformer, n, args, kwargs) for n in ("num_frames", "height", "width")]
         if any(s is None for s in sizes):
             raise ConfigError(f"{type(transformer).__name__} was called without num_frames, height and width, "
                               "which give lvsa the latent grid of its token sequence")
         return self.grid_of(transformer, *(int(s) for s in sizes))
+
+    def step_timestep(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        timestep = self.forward_argument(transformer, "timestep", args, kwargs)
+        if self.declaration.step_clock == "timestep" or timestep is None:
+            return timestep
+        rows = self.forward_argument(transformer, "timestep_indices", args, kwargs)
+        if rows is None:
+            raise ConfigError(f"{type(transformer).__name__} was called without timestep_indices, which give "
+                              "lvsa the timestep of its video rows")
+        # the last row's timestep, rising from 0 to 1 over the loop: counted as a falling one
+        return 1 - timestep.index_select(0, rows[-1:])
 
     def cp_plan(self, transformer: Any) -> dict[str, Any] | None:
         declared = self.declaration.cp_plan
