@@ -863,6 +863,63 @@ def test_a_grid_that_changes_within_a_run_is_planned_anew(saved_pipelines, layer
         assert_reference(plan, video, text, padding, out)
 
 
+# MiniMax-H3 runs through diffusers' modular pipeline only; its core denoising blocks take the prompt's
+# embedding and (fl2va) the encoded keyframes, so they run here without its Qwen3-VL conditioner and VAEs
+_MINIMAX_PIPELINE_TINY = {"num_attention_heads": 2, "attention_head_dim": 16, "hidden_size": 32, "num_layers": 2,
+                          "num_refiner_layers": 1, "ffn_dim": 32, "in_channels": 24, "audio_in_channels": 32,
+                          "text_dim": 16, "freq_dim": 16, "time_embed_hidden_dim": 32, "time_embed_dim": 16,
+                          "rope_freq_dim": 2}  # the pipeline's latent channels without a VAE: 24 video, 32 audio
+
+
+def _minimax_pipeline(blocks, folder):
+    from diffusers import MiniMaxH3Scheduler, MiniMaxH3Transformer3DModel
+
+    torch.manual_seed(0)
+    MiniMaxH3Transformer3DModel(**_MINIMAX_PIPELINE_TINY).save_pretrained(folder)
+    pipe = blocks().init_pipeline()
+    pipe.update_components(transformer=MiniMaxH3Transformer3DModel.from_pretrained(folder).eval(),
+                           scheduler=MiniMaxH3Scheduler(shift=12.0), audio_scheduler=MiniMaxH3Scheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _minimax_generate(pipe, **extra):
+    """345 frames (14.4 s, 102 latent frames, its horizon) at 64 x 64 in three steps."""
+    with torch.inference_mode():
+        return pipe(prompt_embeds=torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(0)),
+                    text_token_tags=torch.ones(6, dtype=torch.long), height=64, width=64, num_frames=345,
+                    num_inference_steps=3, generator=torch.Generator().manual_seed(1), output="latents", **extra)
+
+
+@pytest.mark.parametrize("workflow", ["t2va", "fl2va"])
+def test_minimax_h3_modular_pipeline_equals_the_model_at_the_horizon_and_rotates_beyond_it(tmp_path, workflow,
+                                                                                          layer_calls):
+    """The modular pipeline's own layout, timestep table (video, soundtrack and keyframe rows each on their own
+    schedule) and loop. Its pipeline stops at 15 s, the horizon, so the run beyond it asks for a shorter one."""
+    from diffusers.modular_pipelines.minimax_h3 import modular_blocks_minimax_h3 as blocks
+
+    if workflow == "t2va":
+        pipe, extra, other = _minimax_pipeline(blocks.MiniMaxH3CoreDenoiseStep, tmp_path), {}, 6 + 2 * 575
+    else:  # a first-frame keyframe, its encoded latent given (random: no VAE here)
+        pipe = _minimax_pipeline(blocks.MiniMaxH3FL2VACoreDenoiseStep, tmp_path)
+        extra = {"keyframe_anchors": ("first",), "condition_latents": [torch.randn(1, 24, 1, 4, 4)]}
+        other = 6 + 4 + 2 * 575  # text, the keyframe's rows, the soundtrack's
+    dense = _minimax_generate(pipe, **extra)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
+    assert torch.equal(_minimax_generate(pipe, **extra), dense)
+    assert handle.stats.sparse_calls == handle.stats.steps * 2 and handle.stats.fallback_calls == 0
+    layer_calls.clear()
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error", reference_latent_frames=51))
+    _minimax_generate(pipe, **extra)
+    steps = handle.stats.steps
+    assert steps >= 2 and handle.stats.calls_by_step == {s: [0, 2] for s in range(steps)}
+    assert handle.stats.plan_builds == steps  # the rising clock counts steps: the keyframes rotate
+    assert [call[0] for call in layer_calls] == [s for s in range(steps) for _ in range(2)]
+    for _step, _origin, plan, video, text, padding, out in layer_calls:
+        assert plan.kfi > 1 and plan.latent_frames == 102 and plan.text_tokens == other
+        assert_reference(plan, video, text, padding, out)
+
+
 def test_diffusion_forcing_with_causal_blocks_is_refused_loudly(saved_pipelines, caplog):
     pipe = load_pipeline(saved_pipelines, "SkyReelsV2DiffusionForcingPipeline")
     lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from ..settings import LVSASettings
 
 _HANDLE_ATTRIBUTE = "_lvsa_handle"
-_TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2")
+#: where pipelines hold their transformers (Wan 2.2: two; MiniMax-H3's reference workflow: transformer_ref)
+_TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2", "transformer_ref")
 
 
 @dataclass
@@ -135,11 +136,15 @@ def adapter_named(name: str) -> ModelAdapter:
     return found
 
 
+def _transformer_names(target: Any) -> list[str]:
+    """The attributes of a pipeline that hold a transformer (``transformer``, ``transformer_2``, ...)."""
+    return [name for name in _TRANSFORMER_ATTRIBUTES if getattr(target, name, None) is not None]
+
+
 def transformers_of(target: Any) -> list[Any]:
     """The transformers of a pipeline (``transformer`` and ``transformer_2`` when present), or ``[target]``."""
-    if hasattr(target, "components"):  # a DiffusionPipeline
-        found = [getattr(target, name, None) for name in _TRANSFORMER_ATTRIBUTES]
-        found = [t for t in found if t is not None]
+    if hasattr(target, "components"):  # a DiffusionPipeline or a ModularPipeline
+        found = [getattr(target, name) for name in _transformer_names(target)]
         if not found:
             raise ConfigError(f"{type(target).__name__} has no transformer to install lvsa on")
         return found
@@ -193,9 +198,10 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
         return before_forward
 
     layer_names: list[list[str]] = []  # per transformer, in the adapter's order (what dense layer indices count)
+    names = _transformer_names(target) if len(transformers) > 1 else [""]
     try:
         for index, transformer in enumerate(transformers):
-            prefix = _TRANSFORMER_ATTRIBUTES[index] + "." if len(transformers) > 1 else ""
+            prefix = names[index] + "." if names[index] else ""
             runtime.compiled.forward_callbacks.append(functools.partial(start_forward, transformer))
             handle._hooks.append(transformer.register_forward_pre_hook(hook(index), with_kwargs=True))
             if settings.riflex:
@@ -276,8 +282,7 @@ def _set_processor(module: Any, processor: Any) -> None:
 
 def _describe(target: Any, transformers: list[Any]) -> str:
     if hasattr(target, "components"):
-        names = [name for name in _TRANSFORMER_ATTRIBUTES if getattr(target, name, None) is not None]
-        return f"{', '.join(names)} of {type(target).__name__}"
+        return f"{', '.join(_transformer_names(target))} of {type(target).__name__}"
     return type(transformers[0]).__name__
 
 
