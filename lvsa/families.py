@@ -92,8 +92,9 @@ class Family:
     cp_plan: Mapping[str, Any] | None = None
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
-    #: config values the model must not have under context parallelism: ``{key: (value, why)}``
-    cp_refused_config: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    #: config values the model must have under context parallelism: ``{key: (accepted values, why others
+    #: are refused)}``
+    cp_accepted_config: Mapping[str, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
     #: ring attention is declared too (a model whose cross-attention diffusers cannot run in a ring on every
     #: backend gets Ulysses only)
     ring: bool = True
@@ -219,9 +220,9 @@ DECLARED: tuple[Family, ...] = (
         cp_plan={"rope": {0: ("split", 0, 2, True), 1: ("split", 0, 2, True)},
                  "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
                  "proj_out": ("gather", 1, 3)},
-        cp_refused_config={"image_condition_type": (
-            "token_replace", "the image-to-video model modulates the first frame's tokens apart, counted from the "
-                             "start of each rank's shard")},
+        cp_accepted_config={"image_condition_type": (
+            (None, "latent_concat"), "the token_replace image-to-video model modulates the first frame's tokens "
+                                     "apart, counted from the start of each rank's shard")},
     ),
     Family(
         name="ltx-video",
@@ -318,10 +319,15 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=736, default_width=1280,
         other_tokens="after", mask="key_padding",
         notes="joint attention: the text tokens follow the video; their padding mask is honoured",
-        no_context_parallel="diffusers ships no sharding plan for it, and its decoder blocks (num_decoder_layers) "
-                            "attend a copy of the video taken before the first block, joined with the main "
-                            "stream's video as their context, which a plan would have to shard and keep whole "
-                            "at once",
+        context_parallel=True,
+        # HunyuanVideo's sharding: the video tokens and their rotary rows split, the text (and an image's
+        # tokens) whole on every rank; the joint mask is built before the split
+        cp_plan={"rope": {0: ("split", 0, 2, True), 1: ("split", 0, 2, True)},
+                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "proj_out": ("gather", 1, 3)},
+        cp_accepted_config={"num_decoder_layers": (
+            (0,), "its decoder blocks attend a copy of the video taken before the first block, with the main "
+                  "stream's video as their context, which a plan would have to shard and keep whole at once")},
     ),
     Family(
         name="anyflow",

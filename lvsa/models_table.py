@@ -31,9 +31,10 @@ def _parallelism(family: Family) -> str:
     if not family.context_parallel:
         return f"no context parallelism: {family.no_context_parallel}"
     kinds = "Ulysses and ring" if family.ring else "Ulysses"
-    refused = [f"{name}" for name in family.cp_refused_arguments]
-    refused += [f"{key}={value!r}" for key, (value, _why) in family.cp_refused_config.items()]
-    return f"context parallelism ({kinds}{', not with ' + ' or '.join(refused) if refused else ''})"
+    limits = [f"not with {name}" for name in family.cp_refused_arguments]
+    limits += [f"{key}={' or '.join(repr(v) for v in values)}"
+               for key, (values, _why) in family.cp_accepted_config.items()]
+    return f"context parallelism ({kinds}{''.join(', ' + limit for limit in limits)})"
 
 
 def rows() -> list[ModelRow]:

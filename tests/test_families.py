@@ -979,8 +979,18 @@ def test_hunyuan_video_token_replace_under_context_parallelism_is_refused(saved)
     adapter.check_context_parallel(model, 2)  # text-to-video and latent_concat image-to-video run
     model.register_to_config(image_condition_type="token_replace")  # HunyuanVideo I2V's config
     with pytest.raises(ConfigError, match=r"^HunyuanVideoTransformer3DModel with image_condition_type='token_replace': "
-                                          r"lvsa's context parallelism does not run it: the image-to-video model "
-                                          r"modulates the first frame's tokens apart"):
+                                          r"lvsa's context parallelism does not run it: the token_replace "
+                                          r"image-to-video model modulates the first frame's tokens apart"):
+        adapter.check_context_parallel(model, 2)
+
+
+def test_motif_video_decoder_layers_under_context_parallelism_are_refused(saved):
+    model = load(saved, "motif-video")
+    adapter = lvsa.adapters.adapter_for(model)
+    adapter.check_context_parallel(model, 2)
+    model.register_to_config(num_decoder_layers=1)
+    with pytest.raises(ConfigError, match=r"^MotifVideoTransformer3DModel with num_decoder_layers=1: lvsa's context "
+                                          r"parallelism does not run it: its decoder blocks attend a copy"):
         adapter.check_context_parallel(model, 2)
 
 

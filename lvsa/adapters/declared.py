@@ -406,8 +406,9 @@ class DeclaredAdapter(ModelAdapter):
         if not self.declaration.context_parallel:
             raise ConfigError(f"{type(transformer).__name__}: lvsa's context parallelism is not declared for "
                               f"{self.name}: {self.declaration.no_context_parallel}; run it in one process")
-        for key, (value, why) in self.declaration.cp_refused_config.items():
-            if getattr(transformer.config, key, None) == value:
+        for key, (accepted, why) in self.declaration.cp_accepted_config.items():
+            value = getattr(transformer.config, key, None)
+            if value not in accepted:
                 raise ConfigError(f"{type(transformer).__name__} with {key}={value!r}: lvsa's context parallelism "
                                   f"does not run it: {why}; run it in one process")
         super().check_context_parallel(transformer, degree)
