@@ -375,25 +375,52 @@ def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, la
     assert text_tokens == ([6, 4] * (len(calls) // 2) if row.per_sample else [row.text_tokens] * len(calls))
 
 
+# each row's model with 64-channel heads, the smallest the GPU kernels (FlashInfer, FA4) take
+_HEADS_64 = {"attention_head_dim": 64}
+_WIDE_HEADS = {
+    **{family: _HEADS_64 for family in ("wan-vace", "skyreels-v2", "chronoedit", "anyflow", "wan-animate", "cosmos",
+                                        "consisid", "easyanimate", "mochi", "minimax-h3")},
+    "hunyuan-video": {**_HEADS_64, "rope_axes_dim": (16, 24, 24)},
+    "motif-video": {**_HEADS_64, "rope_axes_dim": (16, 24, 24)},
+    "ltx-video": {**_HEADS_64, "cross_attention_dim": 128},
+    "ltx-2": {**_HEADS_64, "cross_attention_dim": 128},
+    "allegro": {**_HEADS_64, "cross_attention_dim": 128},
+    "kandinsky-5": {"model_dim": 128, "ff_dim": 128, "axes_dims": (16, 24, 24)},
+    "kandinsky-6": {"model_dim": 128, "ff_dim": 128, "axes_dims": (16, 24, 24)},
+}
+
+
 @pytest.mark.parametrize("family", sorted(BY_FAMILY))
-def test_on_an_accelerator_every_call_is_the_masked_reference(saved, family, accelerator, layer_calls):
-    """Each family's model on a GPU (or NPU: ``accelerator``, required by LVSA_TEST_DEVICES=cuda) in bfloat16
-    beyond its horizon, through the driver lvsa picks there: every layer call equals the float64 reference
-    within bfloat16's tolerance, none falls back. (The small models' 16-channel heads are below FlashInfer's
-    and FA4's head sizes: lvsa picks PyTorch's SDPA on CUDA; the parity matrix runs those drivers.)"""
-    device = accelerator
-    model = load(saved, family, torch.bfloat16).to(device)
+def test_on_an_accelerator_every_call_is_the_masked_reference(family, accelerator, layer_calls, tmp_path):
+    """Each family's model with 64-channel heads on a GPU (or NPU: ``accelerator``, required by
+    LVSA_TEST_DEVICES=cuda) in bfloat16 beyond its horizon, through every driver usable there: every layer call
+    equals the float64 reference within bfloat16's tolerance, none falls back."""
+    from lvsa.driver_status import available_drivers
+
+    device, row = accelerator, BY_FAMILY[family]
+    torch.manual_seed(0)
+    cls = getattr(diffusers, row.cls)
+    cls(**{**row.config, **_WIDE_HEADS[family]}).save_pretrained(tmp_path)
+    model = cls.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).to(device).eval()  # fp32 modules kept
     frames = 2 * horizon(model) + 1
-    handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
-    try:
-        outputs = run(model, frames, batch=2, dtype=torch.bfloat16, device=device)
-    finally:
-        handle.remove()
-    assert len(layer_calls) == calls_per_forward(model, 2) and handle.stats.fallback_calls == 0
-    assert outputs[0].device.type == device and torch.isfinite(outputs[0]).all()
-    for _step, _origin, plan, video, text, padding, out in layer_calls:
-        assert plan.kfi > 1 and not plan.is_dense and video[0].device.type == device
-        assert_reference(plan, video, text, padding, out, tolerance=3e-2)
+    drivers = [d.name for d in available_drivers(device) if d.available and d.name != "reference"]
+    assert drivers
+    for driver in drivers:
+        layer_calls.clear()
+        handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error", backend=driver))
+        try:
+            outputs = run(model, frames, batch=2, dtype=torch.bfloat16, device=device)
+        finally:
+            handle.remove()
+        assert len(layer_calls) == calls_per_forward(model, 2) and handle.stats.fallback_calls == 0, driver
+        assert outputs[0].device.type == device and torch.isfinite(outputs[0]).all(), driver
+        for _step, _origin, plan, video, text, padding, out in layer_calls:
+            assert plan.kfi > 1 and not plan.is_dense and video[0].shape[-1] == 64 and video[0].device.type == device
+            assert_reference(plan, video, text, padding, out, tolerance=3e-2)
+
+
+def test_every_family_has_wide_heads_for_the_accelerator_test():
+    assert sorted(_WIDE_HEADS) == sorted(BY_FAMILY)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
