@@ -159,6 +159,12 @@ def _pipeline_default(pipeline: str, frames: int) -> str:
     return f"{pipeline} default num_frames={frames}"
 
 
+#: sharding of a joint-attention model whose text joins inside each layer: the video tokens split where the
+#: blocks start and gathered after the output projection, the text whole on every rank (lvsa takes its heads)
+_VIDEO_TOKENS_SPLIT = {"transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)}, "proj_out": ("gather", 1, 3)}
+#: a rotary module's (cos, sin) tables, one row per video token, split with them
+_ROPE_ROWS_SPLIT = {0: ("split", 0, 2, True), 1: ("split", 0, 2, True)}
+
 DECLARED: tuple[Family, ...] = (
     Family(
         name="wan-vace",
@@ -215,11 +221,8 @@ DECLARED: tuple[Family, ...] = (
         other_tokens="after", mask="key_padding",
         notes="joint attention: the text tokens follow the video; their padding mask is honoured",
         context_parallel=True,
-        # the video tokens and their rotary rows are split, the text stays whole on every rank (lvsa takes its
-        # heads); the forward builds the joint mask before the split, so it spans the whole video
-        cp_plan={"rope": {0: ("split", 0, 2, True), 1: ("split", 0, 2, True)},
-                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
-                 "proj_out": ("gather", 1, 3)},
+        # the forward builds the joint mask before the split: it spans the whole video
+        cp_plan={"rope": _ROPE_ROWS_SPLIT, **_VIDEO_TOKENS_SPLIT},
         cp_accepted_config={"image_condition_type": (
             (None, "latent_concat"), "the token_replace image-to-video model modulates the first frame's tokens "
                                      "apart, counted from the start of each rank's shard")},
@@ -262,11 +265,8 @@ DECLARED: tuple[Family, ...] = (
         other_tokens="before", attention_call="F.scaled_dot_product_attention", latent_axes=(1, 3, 4),
         notes="CogVideoX's joint attention (text first); the identity branch's cross-attention stays dense",
         context_parallel=True,
-        # CogVideoX's sharding: the video tokens after the joint patch embedding and the rotary tables the
-        # pipeline passes in are split, the text stays whole on every rank
-        cp_plan={"": {"image_rotary_emb": [("split", 0, 2, False), ("split", 0, 2, False)]},
-                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
-                 "proj_out": ("gather", 1, 3)},
+        # CogVideoX's sharding: the rotary tables arrive from the pipeline, split at the forward
+        cp_plan={"": {"image_rotary_emb": [("split", 0, 2, False), ("split", 0, 2, False)]}, **_VIDEO_TOKENS_SPLIT},
     ),
     Family(
         name="easyanimate",
@@ -278,10 +278,7 @@ DECLARED: tuple[Family, ...] = (
         other_tokens="before", attention_call="F.scaled_dot_product_attention",
         notes="joint attention (text first)",
         context_parallel=True,
-        # the video tokens and their rotary rows are split, the text stays whole on every rank
-        cp_plan={"rope_embedding": {0: ("split", 0, 2, True), 1: ("split", 0, 2, True)},
-                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
-                 "proj_out": ("gather", 1, 3)},
+        cp_plan={"rope_embedding": _ROPE_ROWS_SPLIT, **_VIDEO_TOKENS_SPLIT},
     ),
     Family(
         name="mochi",
@@ -320,11 +317,8 @@ DECLARED: tuple[Family, ...] = (
         other_tokens="after", mask="key_padding",
         notes="joint attention: the text tokens follow the video; their padding mask is honoured",
         context_parallel=True,
-        # HunyuanVideo's sharding: the video tokens and their rotary rows split, the text (and an image's
-        # tokens) whole on every rank; the joint mask is built before the split
-        cp_plan={"rope": {0: ("split", 0, 2, True), 1: ("split", 0, 2, True)},
-                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
-                 "proj_out": ("gather", 1, 3)},
+        # HunyuanVideo's sharding (an image's tokens join the text, whole on every rank)
+        cp_plan={"rope": _ROPE_ROWS_SPLIT, **_VIDEO_TOKENS_SPLIT},
         cp_accepted_config={"num_decoder_layers": (
             (0,), "its decoder blocks attend a copy of the video taken before the first block, with the main "
                   "stream's video as their context, which a plan would have to shard and keep whole at once")},
