@@ -9,8 +9,8 @@
 #   call 4 (same machine):                        bash benchmarks/gpu.sh "$OUT" pipeline compiled
 #   latency scaling (docs/figures): call 1, then  bash benchmarks/gpu.sh "$OUT" scaling
 #   (Wan 2.1's attention at 81/161/321/481 frames, s=1 and 0.5, dense cuDNN and dense FA4 against every driver)
-#   declared families on the GPU: call 2 with `families` (each family's small model in bfloat16 beyond its
-#   horizon, every layer call against the float64 reference, through the default CUDA driver)
+#   declared families on the GPU: call 2 with `families` (each family's small model with 64-channel heads in
+#   bfloat16 beyond its horizon, every layer call against the float64 reference, through every CUDA driver)
 # (one part can take most of a 10-minute call: smoke, parity and compiled together did not fit in one)
 # Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
 set -u
