@@ -1091,3 +1091,9 @@ def test_the_generic_example_refuses_what_it_cannot_run(tmp_path):
     assert result.returncode == 2 and "no example pipelines for the family 'cosmos'" in result.stderr
     result = _generate("--model", str(tmp_path / "missing"), cwd=tmp_path)
     assert result.returncode == 2 and "cannot read" in result.stderr
+    modular = tmp_path / "minimax"
+    modular.mkdir()
+    (modular / "modular_model_index.json").write_text('{"_class_name": "MiniMaxH3ModularPipeline"}')
+    result = _generate("--model", str(modular), "--lvsa", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "a modular pipeline (modular_model_index.json), which generate.py does not load" in result.stderr

@@ -156,6 +156,11 @@ def family_of_argv(argv: list[str]) -> tuple[str | None, list[str]]:
         return None, rest
     if family is None:
         index = Path(folder).expanduser() / "model_index.json"
+        if not index.exists() and (index.parent / "modular_model_index.json").exists():
+            print(f"generate.py: error: --model {folder}: a modular pipeline (modular_model_index.json), which "
+                  "generate.py does not load; call lvsa.apply(pipe) on the ModularPipeline in your own code",
+                  file=sys.stderr)
+            return None, rest
         try:
             transformer = json.loads(index.read_text()).get("transformer")
         except (OSError, ValueError, AttributeError) as error:
