@@ -44,7 +44,8 @@ class Family:
     ``before`` or ``after`` the video. ``mask`` says what the model passes as ``attn_mask`` to those layers:
     ``none``, or ``key_padding`` (a mask over the keys of the joined sequence whose video part is valid by
     construction: lvsa honours its text part). ``grid`` is ``latent`` (the ``hidden_states`` input is
-    ``[B, C, F, H, W]``, patched by the config's ``patch_size``/``patch_size_t``) or ``forward_sizes`` (the
+    ``[B, C, F, H, W]``, patched by the config's ``patch_size``/``patch_size_t``; ``latent_list``: a list of
+    per-sample ``[C, F, H, W]`` latents of one size) or ``forward_sizes`` (the
     input is already a token sequence, and the forward's ``num_frames``, ``height`` and ``width`` give the
     latent grid) or ``packed_rows`` (one packed sequence of several modalities, described per row by the
     forward's ``position_ids`` (rotary ``(t, h, w)``) and ``video_indices``: the video rows that end the
@@ -63,7 +64,7 @@ class Family:
     patch_size: int = 2
     other_tokens: Literal["none", "before", "after"] = "none"
     mask: Literal["none", "key_padding"] = "none"
-    grid: Literal["latent", "forward_sizes", "packed_rows"] = "latent"
+    grid: Literal["latent", "latent_list", "forward_sizes", "packed_rows"] = "latent"
     #: how the forward's timestep tells the denoising step: ``timestep`` (the forward's timestep, which falls
     #: over the loop) or ``packed_rows`` (a table of timesteps indexed per row by ``timestep_indices``: the
     #: last row's, which rises from 0 to 1 over the loop)
@@ -100,6 +101,11 @@ class Family:
     ring: bool = True
     #: why context parallelism is not declared (every family without it says why)
     no_context_parallel: str = ""
+    #: keys a layer attends besides its video: ``none``, or ``packed_by_frame`` (WanAnimate2's in-context
+    #: reference: a generation pass packs the video and a reference pass's cached keys and values into one
+    #: buffer, and the model's flex ``BlockMask`` lets frame ``f`` see reference frame ``f - 1``; lvsa plans the
+    #: video, attends each frame's reference beside it, and leaves a call whose plan is dense to the model)
+    reference_keys: Literal["none", "packed_by_frame"] = "none"
     #: what a user should know (shown in the table)
     notes: str = ""
 
@@ -292,8 +298,12 @@ DECLARED: tuple[Family, ...] = (
         notes="joint attention (text after the video); the model cuts each prompt's padding off per sample, so "
               "every call holds only valid text; under torch.compile its attention layers run outside the graph, "
               "where the model breaks it anyway",
-        no_context_parallel="diffusers ships no sharding plan for it, and it attends each sample with its own "
-                            "text tokens",
+        context_parallel=True,
+        # the video tokens and their rotary rows ([tokens, heads, dim / 2]) split where the blocks start; the text
+        # whole on every rank, each sample's valid tokens as the model cuts them
+        cp_plan={"rope": {0: ("split", 0, 3, True), 1: ("split", 0, 3, True)},
+                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "proj_out": ("gather", 1, 3)},
     ),
     Family(
         name="allegro",
@@ -363,6 +373,25 @@ DECLARED: tuple[Family, ...] = (
               "adapter's attention stays dense",
         no_context_parallel="no sharding plan yet for its face-adapter blocks, which add per-frame motion "
                             "features to the sequence",
+    ),
+    Family(
+        name="wan-animate-2",
+        classes=("WanAnimate2Transformer3DModel",),
+        layers=("blocks.*.self_attn",),
+        # the generation grid holds the reference image's latent frame, then the segment's 21
+        variants=(Variant("Wan-Animate 2", 22, "WanAnimate2ModularPipeline default segment_frame_length=81 "
+                                               "(+1 reference frame)"),),
+        pipelines=("WanAnimate2ModularPipeline",),
+        vae_temporal_factor=4, vae_spatial_factor=8, default_height=800, default_width=640,
+        grid="latent_list", reference_keys="packed_by_frame", eager_under_compile=True,
+        notes="both passes are planned: the reference pass's self-attention over the driving video's segment, "
+              "and the generation pass's over its video, where each frame also attends its driving frame's cached "
+              "keys as the model's BlockMask says; a generation call whose plan is dense runs the model's own flex "
+              "attention; the pipeline cuts long videos into segments of segment_frame_length, so lvsa engages "
+              "when segments pass the horizon; under torch.compile its self-attention runs outside the graph "
+              "(in the graph within the horizon, where lvsa leaves the model as it is)",
+        no_context_parallel="diffusers ships no sharding plan for it, and its generation pass packs the video "
+                            "and the cached reference rows into one buffer for one BlockMask",
     ),
     Family(
         name="kandinsky-5",
@@ -436,8 +465,6 @@ ADAPTER_MODULES: dict[str, tuple[str, tuple[tuple[str, str, str], ...]]] = {
     )),
 }
 
-_NOT_YET = "full attention over the video, not declared yet: "
-
 REFUSED: tuple[Refusal, ...] = (
     Refusal(("LatteTransformer3DModel",),
             "factorised attention: alternating spatial (per frame) and temporal (per position) layers, no "
@@ -461,10 +488,6 @@ REFUSED: tuple[Refusal, ...] = (
             "generates a long video as fixed chunks (FramePack: latent_window_size=9, Helios: "
             "num_latent_frames_per_chunk=9 latent frames) attending compressed history tokens: every call "
             "stays far below a horizon, and the history tokens are not frames of the grid"),
-    Refusal(("WanAnimate2Transformer3DModel",),
-            _NOT_YET + "its generation pass attends the video together with the reference pass's cached keys and "
-            "values through the model's own flex BlockMask (each frame sees the reference frame of its index); "
-            "lvsa's frame pattern would have to be merged into that mask", final=False),
     Refusal(("SanaWMLTX2RefinerTransformer3DModel",),
             "chunk-causal autoregressive refiner: it denoises block_size latent frames at a time against a "
             "sliding-window KV cache (attention sink, recent history, active block), already bounded per block, "

@@ -133,6 +133,18 @@ def pytest_report_header(config):
     return f"lvsa parity devices: {', '.join(test_devices())}; drivers: {', '.join(registry.drivers())}"
 
 
+class _Calls(list):
+    """The recorded calls, and beside them each call's frame-paired reference keys (``None`` for most)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.references: list = []
+
+    def clear(self) -> None:
+        super().clear()
+        self.references.clear()
+
+
 @pytest.fixture
 def layer_calls(monkeypatch):
     """Every layer call the diffusers host's processors hand to the executor, as it is run: ``(denoising
@@ -140,12 +152,13 @@ def layer_calls(monkeypatch):
     from lvsa.adapters import base
     from lvsa.attention.executor import PLAN_IN_CALL
 
-    calls = []
+    calls = _Calls()
     real = base.execute
 
-    def recording(context, origin, video, text=None, key_padding_mask=None, plan=PLAN_IN_CALL):
-        out = real(context, origin, video, text, key_padding_mask, plan)
+    def recording(context, origin, video, text=None, key_padding_mask=None, plan=PLAN_IN_CALL, references=None):
+        out = real(context, origin, video, text, key_padding_mask, plan, references)
         calls.append((context.denoising_step, origin, plan, video, text, key_padding_mask, out))
+        calls.references.append(references)
         return out
 
     monkeypatch.setattr(base, "execute", recording)

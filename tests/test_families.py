@@ -22,13 +22,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import diffusers
 import pytest
 import torch
 
 import lvsa
+from lvsa import registry
 from lvsa.adapters import adapter_for
 from lvsa.adapters.declared import DeclaredAdapter
 from lvsa.backends.reference import reference_attention
@@ -65,6 +66,11 @@ class Row:
     #: the model's timestep table for the suite's timestep (1000 to 0), where it takes one (MiniMax-H3: its
     #: own clock, 0 to 1, and the keyframe's held timestep)
     timestep_table: Callable[[float], list[float]] | None = None
+    #: the model's call at one step, where its forward is not one call of the inputs (WanAnimate2: a reference
+    #: pass, then the generation pass over its cached keys); returns the step's output
+    call: Callable[[Any, dict[str, Any], torch.Tensor], torch.Tensor] | None = None
+    #: a reference pass runs before each generation pass, over the segment: one frame fewer than the grid
+    reference_pass: bool = False
 
 
 def _randn(g, *shape):
@@ -206,6 +212,43 @@ def _minimax_h3(model, frames, batch, g):
             "text_indices": text}
 
 
+def _wan_animate_2(model, frames, batch, g):
+    """A segment as its modular pipeline passes it: the noise and its conditioning (the reference image's latent
+    frame, then the segment's), and the driving video's segment with its own conditioning, one frame fewer."""
+    c = model.config
+    channels, condition = c.out_dim, c.in_dim - c.out_dim
+
+    def latents(count, frame_count):
+        return [_randn(g, count, frame_count, HEIGHT, WIDTH) for _ in range(batch)]
+
+    return {"hidden_states": latents(channels, frames), "condition_latents": latents(condition, frames),
+            "driving_latents": latents(channels, frames - 1), "driving_condition": latents(condition, frames - 1),
+            "encoder_hidden_states": [_randn(g, 6, c.text_dim) for _ in range(batch)]}
+
+
+def _wan_animate_2_step(model, inputs, timestep):
+    """One step as WanAnimate2RefExtractStep and WanAnimate2SegmentDenoiseInner call the transformer: the
+    reference pass fills the cache, the generation pass attends it (origin_len and origin_area as the pipeline
+    passes them: the segment's video frames, its size in pixels)."""
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    inner = getattr(model, "_orig_mod", model)
+    _, frames, height, width = inputs["hidden_states"][0].shape
+    segment = frames - 1
+    # a row per sample: the model's rotary embedding runs over the samples its grid lists
+    grid = torch.tensor([[segment, height // 2, width // 2]] * len(inputs["hidden_states"]))
+    cache = WanAnimate2KVCache(len(inner.blocks))
+    text = inputs["encoder_hidden_states"]
+    model(inputs["driving_latents"], timestep=timestep, encoder_hidden_states=text,
+          condition_latents=inputs["driving_condition"], kv_cache=cache, kv_cache_mode="extract",
+          seq_len=segment * height * width // 4, offset_grid_sizes=grid)
+    out = model(inputs["hidden_states"], timestep=timestep, encoder_hidden_states=text,
+                condition_latents=inputs["condition_latents"], kv_cache=cache, kv_cache_mode="cached",
+                seq_len=frames * height * width // 4, reference_grid_sizes=grid, origin_len=4 * (segment - 1) + 1,
+                origin_area=[8 * height, 8 * width], return_dict=False)[0]
+    return torch.stack(out)
+
+
 _WAN_TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
              "out_channels": 4, "text_dim": 16, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
              "rope_max_seq_len": 64}
@@ -269,6 +312,11 @@ ROWS.append(
          "freq_dim": 16, "time_embed_hidden_dim": 32, "time_embed_dim": 16, "rope_freq_dim": 2},
         _minimax_h3, text_tokens=6 + 16 + 10,  # text, a keyframe, the soundtrack
         timestep_table=lambda t: [1 - t / 1000, 0.999]))
+ROWS.append(
+    Row("wan-animate-2", "WanAnimate2Transformer3DModel",
+        {"patch_size": (1, 2, 2), "text_len": 8, "in_dim": 8, "dim": 32, "ffn_dim": 32, "freq_dim": 16,
+         "text_dim": 16, "out_dim": 4, "num_heads": 2, "num_layers": 2, "use_img_emb": False},
+        _wan_animate_2, call=_wan_animate_2_step, reference_pass=True))
 BY_FAMILY = {row.family: row for row in ROWS}
 FAMILY_OF = {family.name: family for family in DECLARED}
 
@@ -291,8 +339,10 @@ def load(saved, family, dtype=torch.float32):
 
 
 def calls_per_forward(model, batch):
+    """The layer calls of one step (both passes where a reference pass runs)."""
     layers = len(adapter_for(model).self_attention_layers(model))
-    return layers * (batch if BY_FAMILY[adapter_for(model).name].per_sample else 1)
+    row = BY_FAMILY[adapter_for(model).name]
+    return layers * (batch if row.per_sample else 1) * (2 if row.reference_pass else 1)
 
 
 def horizon(model):
@@ -324,7 +374,10 @@ def run(model, frames, timesteps=(900.0,), batch=1, dtype=torch.float32, seed=1,
                 timestep = torch.full(shape, t, dtype=dtype, device=device)
             else:
                 timestep = torch.tensor(row.timestep_table(t), dtype=dtype, device=device)
-            out = model(**kwargs, timestep=timestep, return_dict=False)[0]
+            if row.call is not None:
+                out = row.call(model, kwargs, timestep)
+            else:
+                out = model(**kwargs, timestep=timestep, return_dict=False)[0]
             outputs.append(out)
     return outputs
 
@@ -365,10 +418,14 @@ def test_beyond_the_horizon_every_call_is_the_masked_reference(saved, family, la
     assert len(calls) == calls_per_forward(model, 2) and handle.stats.fallback_calls == 0
     row = BY_FAMILY[family]
     text_tokens = []
-    for _step, _origin, plan, video, text, padding, out in calls:
-        assert plan.kfi > 1 and not plan.is_dense and plan.latent_frames == frames
+    for (_step, _origin, plan, video, text, padding, out), references in zip(calls, calls.references, strict=True):
+        assert plan.kfi > 1 and not plan.is_dense
+        # a reference pass plans the segment; its generation pass attends each frame's reference keys
+        assert plan.latent_frames == (frames - 1 if row.reference_pass and references is None else frames)
         text_tokens.append(plan.text_tokens)
-        assert_reference(plan, video, text, padding, out)
+        assert_reference(plan, video, text, padding, out, references=references)
+    if row.reference_pass:
+        assert [r is not None for r in calls.references] == [False, False, True, True]
         if family in ("hunyuan-video", "motif-video"):  # the padded prompt's two last text keys are masked
             assert padding is not None and padding.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
     # Mochi drops the padded prompt's two last tokens itself: its second sample has 4 text tokens
@@ -380,6 +437,7 @@ _HEADS_64 = {"attention_head_dim": 64}
 _WIDE_HEADS = {
     **{family: _HEADS_64 for family in ("wan-vace", "skyreels-v2", "chronoedit", "anyflow", "wan-animate", "cosmos",
                                         "consisid", "easyanimate", "mochi", "minimax-h3")},
+    "wan-animate-2": {"dim": 128},
     "hunyuan-video": {**_HEADS_64, "rope_axes_dim": (16, 24, 24)},
     "motif-video": {**_HEADS_64, "rope_axes_dim": (16, 24, 24)},
     "ltx-video": {**_HEADS_64, "cross_attention_dim": 128},
@@ -404,6 +462,8 @@ def test_on_an_accelerator_every_call_is_the_masked_reference(family, accelerato
     model = cls.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).to(device).eval()  # fp32 modules kept
     frames = 2 * horizon(model) + 1
     drivers = [d.name for d in available_drivers(device) if d.available and d.name != "reference"]
+    if row.reference_pass:  # the generation pass merges two partial attentions: drivers with log-sum-exp
+        drivers = [d for d in drivers if type(registry.drivers()[d]).attend_with_lse is not lvsa.Driver.attend_with_lse]
     assert drivers
     for driver in drivers:
         layer_calls.clear()
@@ -414,9 +474,10 @@ def test_on_an_accelerator_every_call_is_the_masked_reference(family, accelerato
             handle.remove()
         assert len(layer_calls) == calls_per_forward(model, 2) and handle.stats.fallback_calls == 0, driver
         assert outputs[0].device.type == device and torch.isfinite(outputs[0]).all(), driver
-        for _step, _origin, plan, video, text, padding, out in layer_calls:
+        for (_step, _origin, plan, video, text, padding, out), references in zip(layer_calls, layer_calls.references,
+                                                                                  strict=True):
             assert plan.kfi > 1 and not plan.is_dense and video[0].shape[-1] == 64 and video[0].device.type == device
-            assert_reference(plan, video, text, padding, out, tolerance=3e-2)
+            assert_reference(plan, video, text, padding, out, tolerance=3e-2, references=references)
 
 
 def test_every_family_has_wide_heads_for_the_accelerator_test():
@@ -436,9 +497,12 @@ def test_steps_are_counted_and_the_keyframes_rotate(saved, family, dtype):
     layers = calls_per_forward(model, 1)
     assert handle.stats.steps == 3 and handle.stats.fallback_calls == 0
     assert handle.stats.calls_by_step == {0: [0, layers], 1: [0, layers], 2: [0, layers]}
-    assert handle.stats.plan_builds == 3  # one plan per step: the keyframes rotate
-    # a model whose output head stays float32 (MiniMax-H3's mixed-precision checkpoint) answers in float32
-    expected = torch.float32 if "proj_out" in (type(model)._keep_in_fp32_modules or ()) else dtype
+    # one plan per step and grid (the reference pass's segment has its own): the keyframes rotate
+    assert handle.stats.plan_builds == 3 * (2 if BY_FAMILY[family].reference_pass else 1)
+    # a model whose output head stays float32 (MiniMax-H3's mixed-precision checkpoint) answers in float32, and
+    # so does WanAnimate2's forward, whatever its dtype
+    float32 = "proj_out" in (type(model)._keep_in_fp32_modules or ()) or family == "wan-animate-2"
+    expected = torch.float32 if float32 else dtype
     assert all(out.dtype == expected and torch.isfinite(out).all() for out in outputs)
 
 
@@ -482,8 +546,12 @@ def test_each_horizon_is_the_default_its_source_names(family):
         config = re.fullmatch(r"the config's default (\w+)=(\d+) \((video|latent) frames\)", variant.source)
         if pipeline:
             frames = int(pipeline[3])
-            signature = inspect.signature(getattr(diffusers, pipeline[1]).__call__)
-            assert signature.parameters[pipeline[2]].default == frames
+            found = getattr(diffusers, pipeline[1])
+            if issubclass(found, diffusers.ModularPipeline):  # an input of its blocks
+                blocks = getattr(diffusers.modular_pipelines, found.default_blocks_name)()
+                assert {i.name: i.default for i in blocks.inputs}[pipeline[2]] == frames
+            else:
+                assert inspect.signature(found.__call__).parameters[pipeline[2]].default == frames
             if pipeline[4]:  # one more grid frame than the segment's latent frames
                 assert (frames - 1) // factor + 2 == variant.reference_latent_frames
                 continue
@@ -832,9 +900,15 @@ def load_pipeline(saved_pipelines, name):
     return pipe
 
 
-def assert_reference(plan, video, text, padding, out, tolerance=2e-5):
-    """A layer call's output equals the float64 reference under its plan's mask (its text placed as declared)."""
+def assert_reference(plan, video, text, padding, out, tolerance=2e-5, references=None):
+    """A layer call's output equals the float64 reference under its plan's mask (its text placed as declared;
+    frame-paired reference keys as the model's mask pairs them)."""
     video_out, text_out = out
+    if references is not None:
+        assert text is None
+        torch.testing.assert_close(video_out.double(), with_frame_references(plan, video, references),
+                                   rtol=tolerance, atol=tolerance)
+        return
     if text is None:
         q, k, v = video
         got = video_out
@@ -844,6 +918,26 @@ def assert_reference(plan, video, text, padding, out, tolerance=2e-5):
         got = torch.cat([video_out, text_out] if after else [text_out, video_out], dim=1)
     torch.testing.assert_close(got.double(), reference_attention(q, k, v, plan, padding), rtol=tolerance,
                                atol=tolerance)
+
+
+def with_frame_references(plan, video, references):
+    """Float64 attention of the video over [video | reference] keys: the plan's frame mask over the video, and
+    query frame ``first + i`` against reference frame ``i`` only (the model's BlockMask, written out)."""
+    from lvsa.backends.reference import frame_mask
+
+    q, k, v = (x.double() for x in video)
+    P, T, R = plan.patches_per_frame, plan.latent_frames, references.frames
+    frames = torch.zeros(T, T + R, dtype=torch.bool)
+    frames[:, :T] = frame_mask(plan)
+    for i in range(R):
+        frames[references.first + i, T + i] = True
+    tokens = references.key.shape[1] // R
+    mask = torch.cat([frames[:, :T].repeat_interleave(P, 1), frames[:, T:].repeat_interleave(tokens, 1)], dim=1)
+    mask = mask.repeat_interleave(P, 0)
+    keys, values = torch.cat([k, references.key.double()], 1), torch.cat([v, references.value.double()], 1)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * q.shape[-1] ** -0.5
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, values)
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -1097,3 +1191,139 @@ def test_the_generic_example_refuses_what_it_cannot_run(tmp_path):
     result = _generate("--model", str(modular), "--lvsa", cwd=tmp_path)
     assert result.returncode == 2
     assert "a modular pipeline (modular_model_index.json), which generate.py does not load" in result.stderr
+
+
+def test_wan_animate_2_attends_what_its_block_mask_allows_within_the_plan(saved, layer_calls, monkeypatch):
+    """Independent of how lvsa unpacks the generation pass: each packed call's output equals flex attention over
+    the model's own packed tensors under the model's own BlockMask rule, narrowed to the plan's frame pairs of
+    the video (its reference pairs kept)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from lvsa.adapters.declared import DispatchProcessor
+    from lvsa.backends.reference import frame_mask
+
+    packed = []
+    real = DispatchProcessor._with_references
+
+    def recording(self, query, key, value, block_mask, *args):
+        out = real(self, query, key, value, block_mask, *args)
+        packed.append((query, key, value, block_mask, out))
+        return out
+
+    monkeypatch.setattr(DispatchProcessor, "_with_references", recording)
+    model = load(saved, "wan-animate-2")
+    frames = 2 * horizon(model) + 1
+    handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
+    try:
+        run(model, frames, timesteps=(999.0, 667.0))
+    finally:
+        handle.remove()
+    plans = [plan for (_s, _o, plan, *_rest), refs in zip(layer_calls, layer_calls.references, strict=True)
+             if refs is not None]
+    assert len(packed) == len(plans) == 4 and len({p.offset for p in plans}) == 2  # two steps, rotated
+    for (query, key, value, block_mask, out), plan in zip(packed, plans, strict=True):
+        P, video_rows = plan.patches_per_frame, query.shape[1]
+        allowed = frame_mask(plan)
+        model_rule = block_mask.mask_mod
+
+        def within_plan(b, h, q, kv, allowed=allowed, model_rule=model_rule, P=P, video_rows=video_rows):
+            video_pair = allowed[(q // P).clamp(max=allowed.shape[0] - 1), (kv // P).clamp(max=allowed.shape[0] - 1)]
+            return model_rule(b, h, q, kv) & ((kv >= video_rows) | video_pair)
+
+        mask = create_block_mask(within_plan, None, None, query.shape[1], key.shape[1], device="cpu")
+        expected = flex_attention(*(x.double().transpose(1, 2) for x in (query, key, value)), block_mask=mask)
+        tokens = plan.latent_frames * P
+        torch.testing.assert_close(out[:, :tokens].double(), expected.transpose(1, 2)[:, :tokens], rtol=2e-5,
+                                   atol=2e-5)
+
+
+def test_wan_animate_2_layouts_it_would_not_attend_as_the_model_does_are_refused(saved):
+    """A segment smaller than the layout the BlockMask is built for (the model would attend the zero rows between
+    them) and latents of different sizes in one forward stop with one line each."""
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    model = load(saved, "wan-animate-2")
+    frames = 2 * horizon(model) + 1
+    inputs = BY_FAMILY["wan-animate-2"].inputs(model, frames, 1, torch.Generator().manual_seed(1))
+    grid = torch.tensor([[frames - 1, HEIGHT // 2, WIDTH // 2]])
+    handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
+    try:
+        with torch.no_grad():
+            cache = WanAnimate2KVCache(len(model.blocks))
+            common = {"timestep": torch.tensor([900.0]), "encoder_hidden_states": inputs["encoder_hidden_states"],
+                      "kv_cache": cache}
+            model(inputs["driving_latents"], condition_latents=inputs["driving_condition"], kv_cache_mode="extract",
+                  seq_len=(frames - 1) * HEIGHT * WIDTH // 4, offset_grid_sizes=grid, **common)
+            with pytest.raises(ConfigError, match=r"blocks\.0\.self_attn: lvsa runs the packed reference layout "
+                                                  r"that WanAnimate2's pipeline builds, not a segment of 4x4 tokens"):
+                model(inputs["hidden_states"], condition_latents=inputs["condition_latents"], kv_cache_mode="cached",
+                      seq_len=frames * HEIGHT * WIDTH // 4, reference_grid_sizes=grid, origin_len=4 * (frames - 2) + 1,
+                      origin_area=[16 * HEIGHT, 16 * WIDTH], **common)
+            mixed = [inputs["driving_latents"][0], inputs["driving_latents"][0][:, :-1]]
+            with pytest.raises(ConfigError, match="not a list of \\[C, F, H, W\\] latents of one size"):
+                model(mixed, condition_latents=[inputs["driving_condition"][0]] * 2, kv_cache_mode="extract",
+                      seq_len=(frames - 1) * HEIGHT * WIDTH // 4, offset_grid_sizes=grid, **common)
+    finally:
+        handle.remove()
+
+
+def _wan_animate_2_segments(folder):
+    """WanAnimate2DenoiseStep's segment loop without its VAE steps: each segment draws its noise, resets the
+    scheduler, runs the reference pass and denoises with sequential CFG (the guider's unconditional branch
+    skips the model's tenth block: the tiny model has two)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimate2Transformer3DModel
+    from diffusers.modular_pipelines.wan_animate_2 import denoise as steps
+
+    class Segments(steps.WanAnimate2SegmentLoopWrapper):
+        block_classes: ClassVar[list] = [steps.WanAnimate2SegmentPrepareStep,
+                                         steps.WanAnimate2SegmentSchedulerResetStep, steps.WanAnimate2RefExtractStep,
+                                         steps.WanAnimate2SegmentDenoiseInner]
+        block_names: ClassVar[list] = ["prepare", "scheduler_reset", "reference", "denoise"]
+
+    torch.manual_seed(0)
+    config = {**BY_FAMILY["wan-animate-2"].config, "in_dim": 20, "out_dim": 16}  # its pipeline's 16 latent channels
+    WanAnimate2Transformer3DModel(**config).save_pretrained(folder)
+    pipe = Segments().init_pipeline()
+    pipe.update_components(transformer=WanAnimate2Transformer3DModel.from_pretrained(folder).eval(),
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _wan_animate_2_generate(pipe, segment_frames=81):
+    """Two segments of ``segment_frames`` frames at 64 x 64 in three steps, the VAE's latents given (random)."""
+    g = torch.Generator().manual_seed(0)
+    frames = (segment_frames - 1) // 4 + 1
+    with torch.inference_mode():
+        return pipe(num_segments=2, segment_frame_length=segment_frames, height=64, width=64, num_inference_steps=3,
+                    reference_latents=torch.randn(4, frames + 1, 8, 8, generator=g),
+                    driving_video_latents=torch.randn(1, 16, frames, 8, 8, generator=g),
+                    driving_video_condition=torch.randn(4, frames, 8, 8, generator=g),
+                    prompt_ref_embeds=torch.randn(1, 6, 16, generator=g),
+                    prompt_embeds=torch.randn(1, 6, 16, generator=g),
+                    negative_prompt_embeds=torch.randn(1, 6, 16, generator=g),
+                    condition_clip_context=torch.zeros(1, 1, 1280), max_seq_len=(frames + 1) * 16,
+                    max_seq_len_ref=frames * 16, grid_sizes_ref=torch.tensor([[frames, 4, 4]]),
+                    generator=torch.Generator().manual_seed(1), output="latents")
+
+
+def test_wan_animate_2_segments_equal_the_model_at_the_horizon_and_rotate_beyond_it(tmp_path, layer_calls):
+    pipe = _wan_animate_2_segments(tmp_path)
+    dense = _wan_animate_2_generate(pipe)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
+    assert torch.equal(_wan_animate_2_generate(pipe), dense)
+    # per segment: the reference pass, then three steps of a conditional and an unconditional call, two layers each
+    assert handle.stats.sparse_calls == 2 * (1 + 3 * 2) * 2 and handle.stats.fallback_calls == 0
+    layer_calls.clear()
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error", reference_latent_frames=11))
+    _wan_animate_2_generate(pipe)
+    # each segment restarts the step count: its reference pass and first step at the first timestep
+    assert [call[0] for call in layer_calls] == [0] * 2 * 3 + [1] * 4 + [2] * 4 + [0] * 2 * 3 + [1] * 4 + [2] * 4
+    assert handle.stats.fallback_calls == 0
+    generation = [(call, refs) for call, refs in zip(layer_calls, layer_calls.references, strict=True) if refs]
+    assert len(generation) == 2 * 3 * 2 * 2
+    assert len({call[2].offset for call, _ in generation}) == 3  # the keyframes rotate over the three steps
+    for (_step, _origin, plan, video, text, padding, out), references in zip(layer_calls, layer_calls.references,
+                                                                             strict=True):
+        assert plan.kfi > 1 and plan.latent_frames == (22 if references is not None else 21)
+        assert_reference(plan, video, text, padding, out, references=references)

@@ -56,8 +56,9 @@ def run_rank0(plan, video, text, shards, settings):
 
 def test_a_driver_without_log_sum_exp_is_refused_with_the_reason(no_lse_driver):
     plan, video, text, shards = ring_inputs()
-    with pytest.raises(DriverUnavailable, match=r"backend 'nolse' cannot run the ring steps of this call on cpu: "
-                                                r"nolse returns no log-sum-exp"):
+    with pytest.raises(DriverUnavailable, match=r"backend 'nolse' cannot run this call with log-sum-exp \(ring "
+                                                r"steps, frame-paired reference keys\) on cpu: nolse returns no "
+                                                r"log-sum-exp"):
         run_rank0(plan, video, text, shards, lvsa.LVSASettings(backend="nolse"))
     # it still runs plain self-attention: the refusal is about ring steps only
     problem = lvsa.AttentionProblem.for_ring(*video, plan, 2)
@@ -69,7 +70,7 @@ def test_auto_passes_over_it_and_says_so(no_lse_driver, caplog):
     with caplog.at_level(logging.INFO, logger="lvsa"):
         result = run_rank0(plan, video, text, shards, lvsa.LVSASettings(backend="auto"))
     assert result.driver == "sdpa"
-    assert "backend=auto chose sdpa for the ring steps of this call" in caplog.text
+    assert "backend=auto chose sdpa for this call with log-sum-exp (ring steps" in caplog.text
     assert "nolse: nolse returns no log-sum-exp" in caplog.text
 
 

@@ -24,6 +24,7 @@ from .compiled import DEFERRED, DeferredPlan, compiling
 if TYPE_CHECKING:
     import torch
 
+    from ..attention import FrameReferences
     from ..plan import SparsePlan
     from ..riflex import TemporalRope
     from .runtime import LVSARuntime
@@ -79,15 +80,19 @@ class LVSAProcessor:
         context.unsupported(self.layer, reason, context.video_tokens(video_tokens) + text_tokens, detail)
 
     def attend(self, video: QKV, text: QKV | None, plan: SparsePlan | DeferredPlan,
-               key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The video (and text) outputs ``[B, S, H, D]`` of this layer under ``plan``."""
+               key_padding_mask: torch.Tensor | None = None,
+               references: FrameReferences | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The video (and text) outputs ``[B, S, H, D]`` of this layer under ``plan`` (with frame-paired
+        ``references``: eagerly only)."""
         if isinstance(plan, DeferredPlan):
+            if references is not None:
+                raise GeometryError(f"{self.layer}: frame-paired reference keys do not run inside a compiled graph")
             text_q, text_k, text_v = text if text is not None else (None, None, None)
             calls = self.runtime.compiled
             video_out, text_out = compiled.attention(calls.ticket, self.layer_key, *video, text_q, text_k, text_v,
                                                      key_padding_mask, calls.key)
             return video_out, (text_out if text is not None else None)
-        return execute(self.runtime.context, self.layer, video, text, key_padding_mask, plan)
+        return execute(self.runtime.context, self.layer, video, text, key_padding_mask, plan, references)
 
 
 def riflex_tables(runtime: LVSARuntime, cos: torch.Tensor, sin: torch.Tensor, rope: TemporalRope) -> tuple[Any, Any]:

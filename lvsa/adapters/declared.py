@@ -21,13 +21,16 @@ import itertools
 import sys
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..attention import FrameReferences
 from ..errors import ConfigError
 from ..families import Family, Variant
 from ..geometry import LatentGrid, ModelFamily
+from ..plan import choose_keyframe_interval
 from .base import LVSAProcessor, ModelAdapter
 from .compiled import compiling
 
@@ -78,12 +81,17 @@ class DispatchProcessor(LVSAProcessor):
     def run(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
         if compiling():
             if self.family.eager_under_compile:
+                if self.family.reference_keys != "none" and self._dense_at_every_step():
+                    # within the horizon lvsa leaves the model as it is: its own attention stays in the graph
+                    return self.original(attn, *args, **kwargs)
                 return _outside_the_graph(self, attn, *args, **kwargs)
             return self._call(self.original, attn, *args, **kwargs)
         return self._run_eager(attn, *args, **kwargs)
 
     def _run_eager(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
         before = self._dispatched
+        if self.family.reference_keys != "none":
+            self._arguments = self._bound(attn, args, kwargs)
         out = self._call(self.original, attn, *args, **kwargs)
         if self._dispatched == before and not self._skipped_by_design(attn, args, kwargs):
             # the processor attended some other way (a helper, another kernel): lvsa did not run
@@ -93,12 +101,22 @@ class DispatchProcessor(LVSAProcessor):
                 "lvsa.remove() runs the model as it is", error=ConfigError, once=self.layer)
         return out
 
+    def _dense_at_every_step(self) -> bool:
+        """Whether every step's plan of this forward's grid covers every frame (the grid is within the horizon)."""
+        grid = self.runtime.rope_grid
+        return grid is not None and choose_keyframe_interval(grid.latent_frames, self.runtime.knobs) == 1
+
     def _skipped_by_design(self, attn: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
         """Whether the call asked the model's processor to skip attention (:attr:`Family.skip_arguments`)."""
         if not self.family.skip_arguments:
             return False
-        bound = inspect.signature(type(self.original).__call__).bind_partial(self.original, attn, *args, **kwargs)
-        return any(bool(bound.arguments.get(name)) for name in self.family.skip_arguments)
+        arguments = self._bound(attn, args, kwargs)
+        return any(bool(arguments.get(name)) for name in self.family.skip_arguments)
+
+    def _bound(self, attn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The model processor's arguments of this call, by name."""
+        return inspect.signature(type(self.original).__call__).bind_partial(self.original, attn, *args,
+                                                                            **kwargs).arguments
 
     def release(self) -> None:
         """Forget the layer's namespaces (on ``remove``)."""
@@ -111,7 +129,10 @@ class DispatchProcessor(LVSAProcessor):
                  *, backend: Any = None, parallel_config: Any = None) -> torch.Tensor:
         """The layer's attention ``[B, S, H, D]`` (diffusers' ``dispatch_attention_fn`` contract); a call lvsa
         cannot run goes to diffusers' own, with the same arguments."""
-        out = self._lvsa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if self.family.reference_keys == "packed_by_frame" and _is_block_mask(attn_mask):
+            out = self._with_references(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        else:
+            out = self._lvsa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is None:
             out = _diffusers_dispatch()(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                         attention_kwargs, backend=backend, parallel_config=parallel_config)
@@ -163,6 +184,32 @@ class DispatchProcessor(LVSAProcessor):
         video_out, text_out = self.attend(video, text, plan, padding)
         return torch.cat([text_out, video_out] if before else [video_out, text_out], dim=1)
 
+    def _with_references(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
+                         dropout_p: float, is_causal: bool, scale: float | None,
+                         enable_gqa: bool) -> torch.Tensor | None:
+        """A generation pass's packed ``[video | cached reference]`` call (:attr:`Family.reference_keys`
+        ``packed_by_frame``): lvsa's output in the packed layout, or ``None`` for the model's own attention
+        (a plan that is dense, or a call the policy let fall back)."""
+        self._dispatched += 1
+        arguments = getattr(self, "_arguments", {})
+        layout = packed_references(self.layer, arguments, query, key, block_mask)
+        video_tokens = layout.frames * layout.tokens
+        problem = self._problem(query[:, :video_tokens], key[:, :video_tokens], None, dropout_p, is_causal, scale,
+                                enable_gqa, 0)
+        if problem is not None:
+            self.unsupported(problem[0], video_tokens, problem[1])
+            return None
+        plan = self.plan(video_tokens)
+        if plan is None or plan.is_dense:
+            return None
+        start = layout.reference_start
+        reference_rows = slice(start, start + layout.reference_frames * layout.tokens)
+        references = FrameReferences(key[:, reference_rows], value[:, reference_rows], layout.reference_frames,
+                                     first=1)
+        video = (query[:, :video_tokens], key[:, :video_tokens], value[:, :video_tokens])
+        out, _ = self.attend(video, None, plan, references=references)
+        return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, query.shape[1] - video_tokens))
+
     def _video_tokens(self, seq_len: int) -> int:
         """The video tokens of this layer's sequence: from the forward's grid, which the pre-hook sets before
         any layer runs (while dynamo traces too, where the context of the forward is built only at run time)."""
@@ -201,6 +248,56 @@ class DispatchProcessor(LVSAProcessor):
                         "does not apply" + ("" if family.mask == "key_padding" else
                                             " (the family declares none)"))
         return None
+
+
+@dataclass(frozen=True)
+class PackedReferences:
+    """Where a packed ``[video | cached reference]`` call holds what (WanAnimate2's generation pass): ``frames``
+    video frames of ``tokens`` tokens from row 0, then from ``reference_start`` ``reference_frames`` frames
+    of cached reference keys of the same size; frame ``f`` attends reference frame ``f - 1``."""
+
+    frames: int
+    tokens: int
+    reference_start: int
+    reference_frames: int
+
+
+def packed_references(layer: str, arguments: dict[str, Any], query: torch.Tensor, key: torch.Tensor,
+                      block_mask: Any) -> PackedReferences:
+    """The layout of a generation pass's packed call, read off its processor's arguments and checked against the
+    tensors and the model's BlockMask: a layout lvsa would not attend exactly as the mask does is refused."""
+    names = ("grid_sizes", "reference_grid_sizes", "origin_latent_frames", "origin_latent_hw")
+    missing = [name for name in names if arguments.get(name) is None]
+    if missing:
+        raise ConfigError(f"{layer}: its packed reference call came without {', '.join(missing)}, which give lvsa "
+                          "the layout of the video and the cached reference rows")
+    grid = [tuple(row) for row in arguments["grid_sizes"].tolist()]
+    reference = [tuple(row) for row in arguments["reference_grid_sizes"].tolist()]
+    origin_frames, origin_tokens = int(arguments["origin_latent_frames"]), int(arguments["origin_latent_hw"])
+    (frames, height, width), (ref_frames, ref_height, ref_width) = grid[0], reference[0]
+    video_rows = -(-(origin_frames + 1) * origin_tokens // 128) * 128  # both parts padded to 128 rows
+    reference_rows = -(-origin_frames * origin_tokens // 128) * 128
+    problem = None
+    if len(set(grid)) != 1 or len(set(reference)) != 1:
+        problem = f"its samples have different grids ({grid}, references {reference})"
+    elif height * width != origin_tokens or ref_height * ref_width != origin_tokens:
+        problem = (f"a segment of {height}x{width} tokens per frame (references {ref_height}x{ref_width}) in a "
+                   f"layout of {origin_tokens}: the model would attend the zero rows between them")
+    elif frames != origin_frames + 1 or ref_frames != origin_frames:
+        problem = (f"{frames} video frames and {ref_frames} reference frames in a layout of {origin_frames} + 1: "
+                   "the model would attend zero rows")
+    elif query.shape[1] != video_rows or key.shape[1] != video_rows + reference_rows:
+        problem = f"{query.shape[1]} query and {key.shape[1]} key rows for {video_rows} and {reference_rows}"
+    elif tuple(block_mask.shape[-2:]) != (video_rows, video_rows + reference_rows):
+        problem = f"a BlockMask of shape {tuple(block_mask.shape)} for {video_rows} and {reference_rows} rows"
+    if problem is not None:
+        raise ConfigError(f"{layer}: lvsa runs the packed reference layout that WanAnimate2's pipeline builds, not "
+                          f"{problem}; run segments of the pipeline's own size")
+    return PackedReferences(frames, origin_tokens, video_rows, ref_frames)
+
+
+def _is_block_mask(mask: Any) -> bool:
+    return mask is not None and not isinstance(mask, torch.Tensor) and type(mask).__name__ == "BlockMask"
 
 
 def _run_outside_the_graph(processor: DispatchProcessor, attn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -352,6 +449,14 @@ class DeclaredAdapter(ModelAdapter):
                                       f"parallelism, which lvsa does not run: {why}; run it in one process")
         if self.declaration.grid == "latent":
             return super().grid_of_call(transformer, args, kwargs)
+        if self.declaration.grid == "latent_list":
+            latents = self.forward_argument(transformer, "hidden_states", args, kwargs)
+            sizes = {tuple(latent.shape[1:]) for latent in latents} if isinstance(latents, (list, tuple)) else set()
+            if len(sizes) != 1 or len(next(iter(sizes))) != 3:
+                raise ConfigError(f"{type(transformer).__name__} was called with hidden_states that are not a list "
+                                  f"of [C, F, H, W] latents of one size ({sorted(sizes) or type(latents).__name__}): "
+                                  "lvsa plans one grid per forward")
+            return self.grid_of(transformer, *next(iter(sizes)))
         if self.declaration.grid == "packed_rows":
             positions, video = (self.forward_argument(transformer, n, args, kwargs)
                                 for n in ("position_ids", "video_indices"))

@@ -11,7 +11,8 @@ from .context import AttentionContext, ExecutionStats, FallbackPolicy, PlanCache
 from .drivers import DriverChoice, DriverRequest, prepared_states, select_driver, sparse_attention
 from .executor import PLAN_IN_CALL, execute
 from .layout import ContextParallel, RingGroup, check_degrees
+from .references import FrameReferences
 
 __all__ = ["PLAN_IN_CALL", "AttentionContext", "ContextParallel", "DriverChoice", "DriverRequest",
-           "ExecutionStats", "FallbackPolicy", "PlanCache", "RingGroup", "check_degrees", "execute",
+           "ExecutionStats", "FallbackPolicy", "FrameReferences", "PlanCache", "RingGroup", "check_degrees", "execute",
            "prepared_states", "select_driver", "sparse_attention"]

@@ -79,7 +79,7 @@ def select_driver(problem: AttentionProblem, requested: str, fallback: str, lse:
 
 
 def _select(problem: AttentionProblem, requested: str, fallback: str, lse: bool) -> Driver:
-    what = "the ring steps of this call" if lse else "this call"
+    what = "this call with log-sum-exp (ring steps, frame-paired reference keys)" if lse else "this call"
     if requested == "auto":
         driver, skipped = _auto_choice(problem, lse=lse)
         if driver is None:

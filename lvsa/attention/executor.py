@@ -4,7 +4,9 @@ It takes the host's :class:`~.context.AttentionContext` and the layer's video (a
 values ``[B, S, H, D]``, and does, in order: the Ulysses exchange in (the video's sequence shards become the
 whole sequence for this rank's heads, the text is cut to the same heads), the plan (unless the host planned
 already), ring attention or one call of the joined sequence through the chosen driver (dense attention over
-the same tensors for a call the policy let fall back), and the Ulysses exchange out."""
+the same tensors for a call the policy let fall back), and the Ulysses exchange out. A video that also
+attends frame-paired reference keys (:class:`~.references.FrameReferences`) runs in one process, without
+text."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ..errors import GeometryError
 from ..kernels.attention_ops import dense_attention, key_mask_with_text
 from ..ulysses import QKV, to_heads, to_sequence
 from .drivers import run_plan
+from .references import FrameReferences, attend_with_references
 from .ring import ring_attention
 
 if TYPE_CHECKING:
@@ -39,15 +42,21 @@ def execute(
     text: QKV | None = None,
     key_padding_mask: torch.Tensor | None = None,
     plan: SparsePlan | _PlanInCall | None = PLAN_IN_CALL,
+    references: FrameReferences | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The video (and text) outputs ``[B, S, H, D]`` of one layer call named ``origin``. ``plan`` is the
     host's plan of this call (:meth:`AttentionContext.plan`), ``None`` for dense attention after a fallback,
-    or :data:`PLAN_IN_CALL` to plan here, falling back to dense attention as the policy allows."""
+    or :data:`PLAN_IN_CALL` to plan here, falling back to dense attention as the policy allows.
+    ``references``: keys each video frame attends besides the video (no text, one process)."""
     if isinstance(plan, _PlanInCall):
         text_tokens = 0 if text is None else text[0].shape[1]
         seq_len = context.video_tokens(video[0].shape[1]) + text_tokens
         plan = context.plan(origin, seq_len, text_tokens)
     parallel = context.parallel
+    if references is not None:
+        if text is not None or parallel is not None:
+            raise GeometryError(f"{origin}: frame-paired reference keys run in one process without text tokens")
+        return attend_with_references(video, plan, references, context.driver), None
     ulysses = parallel.ulysses if parallel else None
     if ulysses is not None:
         ulysses.check_heads(video[0].shape[2], context.model)
