@@ -93,6 +93,12 @@ class Family:
     cp_plan: Mapping[str, Any] | None = None
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
+    #: forward arguments that must hold one value per sample (at most one dimension) under context parallelism,
+    #: with why (a per-token timestep embedding that :attr:`cp_plan` does not split)
+    cp_per_sample_arguments: Mapping[str, str] = field(default_factory=dict)
+    #: attention layers whose keys are whole on every rank under :attr:`cp_plan` (cross-attention to a text
+    #: that is not split): they run without diffusers' context parallelism, each rank for its own queries
+    cp_local_layers: tuple[str, ...] = ()
     #: config values the model must have under context parallelism: ``{key: (accepted values, why others
     #: are refused)}``
     cp_accepted_config: Mapping[str, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
@@ -133,9 +139,10 @@ class Family:
                        reference_latent_frames=variant.reference_latent_frames,
                        vae_temporal_factor=variant.vae_temporal_factor or self.vae_temporal_factor)
 
-    def layer_pattern(self) -> re.Pattern[str]:
+    def layer_pattern(self, layers: tuple[str, ...] | None = None) -> re.Pattern[str]:
+        """A pattern of :attr:`layers` (or of ``layers``: names with ``*`` for one name component)."""
         parts = ["\\.".join("[^.]+" if piece == "*" else re.escape(piece) for piece in p.split("."))
-                 for p in self.layers]
+                 for p in (self.layers if layers is None else layers)]
         return re.compile("|".join(f"(?:{part})" for part in parts))
 
 
@@ -205,8 +212,9 @@ DECLARED: tuple[Family, ...] = (
                  "proj_out": ("gather", 1, 3)},
         cp_refused_arguments={"enable_diffusion_forcing": "diffusion forcing's per-frame timestep embedding is "
                                                           "not sharded with the sequence"},
-        # its cross-attention asks diffusers for ring attention too, which diffusers' native (CPU) backend lacks
-        ring=False,
+        # the text is whole on every rank: its cross-attention runs locally (diffusers would ask its backend for
+        # ring attention, which its native backend lacks)
+        cp_local_layers=("blocks.*.attn2",),
     ),
     Family(
         name="chronoedit",
@@ -241,8 +249,16 @@ DECLARED: tuple[Family, ...] = (
         pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
         vae_temporal_factor=8, vae_spatial_factor=32, default_height=512, default_width=704, patch_size=1,
         grid="forward_sizes",
-        no_context_parallel="diffusers' own plan fails in its masked cross-attention on diffusers' native "
-                            "backend, where lvsa tests context parallelism, so it is not verified",
+        context_parallel=True,
+        # diffusers' own plan splits the text too, and then its masked cross-attention needs context parallelism
+        # (which diffusers' native backend lacks); here only the video and its rotary rows are split, and the
+        # cross-attention attends the whole text on every rank
+        cp_plan={"rope": {0: ("split", 1, 3, True), 1: ("split", 1, 3, True)},
+                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "proj_out": ("gather", 1, 3)},
+        cp_local_layers=("transformer_blocks.*.attn2",),
+        cp_per_sample_arguments={"timestep": "the image-to-video and condition pipelines' per-token timestep "
+                                             "is embedded for every token before the blocks, unsplit"},
     ),
     Family(
         name="cosmos",
@@ -356,8 +372,20 @@ DECLARED: tuple[Family, ...] = (
         notes="the video stream's self-attention; the audio stream and the audio-video cross-attention stay "
               "dense; a video self-attention mask (keyframe conditioning) is refused; the spatio-temporal guidance "
               "pass skips attention in its blocks, as the model does",
-        no_context_parallel="diffusers' own plan does not run on diffusers' native backend, where lvsa tests "
-                            "context parallelism, so it is not verified",
+        context_parallel=True,
+        # the video tokens and their rotary rows (self- and cross-modal attention's) split; the text and the audio
+        # whole on every rank: the layers whose keys are whole run locally, and the audio's attention to the
+        # video runs with diffusers' Ulysses (its ring would need diffusers' ring attention, which its native
+        # backend lacks)
+        cp_plan={"rope": {0: ("split", 1, 3, True), 1: ("split", 1, 3, True)},
+                 "cross_attn_rope": {0: ("split", 1, 3, True), 1: ("split", 1, 3, True)},
+                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "proj_out": ("gather", 1, 3)},
+        cp_local_layers=("transformer_blocks.*.attn2", "transformer_blocks.*.audio_attn1",
+                         "transformer_blocks.*.audio_attn2", "transformer_blocks.*.audio_to_video_attn"),
+        cp_per_sample_arguments={"timestep": "the image-to-video and condition pipelines' per-token timestep "
+                                             "is embedded for every token before the blocks, unsplit"},
+        ring=False,
     ),
     Family(
         name="wan-animate",
@@ -414,8 +442,8 @@ DECLARED: tuple[Family, ...] = (
         cp_plan={"visual_transformer_blocks.0": {"visual_embed": ("split", 1, 3, False)},
                  "visual_transformer_blocks.*": {"rope": ("split", 1, 6, False)},
                  "visual_transformer_blocks.-1": ("gather", 1, 3)},
-        # its cross-attention asks diffusers for ring attention too, which diffusers' native (CPU) backend lacks
-        ring=False,
+        # the text and its own blocks are whole on every rank: they and the video's cross-attention run locally
+        cp_local_layers=("text_transformer_blocks.*.self_attention", "visual_transformer_blocks.*.cross_attention"),
     ),
     Family(
         name="kandinsky-6",

@@ -32,6 +32,7 @@ def _parallelism(family: Family) -> str:
         return f"no context parallelism: {family.no_context_parallel}"
     kinds = "Ulysses and ring" if family.ring else "Ulysses"
     limits = [f"not with {name}" for name in family.cp_refused_arguments]
+    limits += [f"one {name} per sample" for name in family.cp_per_sample_arguments]
     limits += [f"{key}={' or '.join(repr(v) for v in values)}"
                for key, (values, _why) in family.cp_accepted_config.items()]
     return f"context parallelism ({kinds}{''.join(', ' + limit for limit in limits)})"

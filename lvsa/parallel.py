@@ -94,6 +94,7 @@ def enable_context_parallel(target: Any, ulysses_degree: int = 1, *, ring_degree
             transformer.enable_parallelism(config=config, cp_plan=plan)
         else:
             _enable_on_cpu(transformer, config, plan if plan is not None else transformer._cp_plan)
+        adapter.finish_context_parallel(transformer)
 
 
 def ulysses_group_of(transformer: Any) -> UlyssesGroup | None:

@@ -21,7 +21,8 @@ def main(folder: str, cls: str, inputs: str, out: str, ulysses: int, ring: int) 
         handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
         kwargs = torch.load(inputs)
         with torch.no_grad():
-            outputs = [model(**kwargs, timestep=torch.full((2,), t), return_dict=False)[0] for t in (999.0, 500.0)]
+            # every output of the forward (LTX-2's audio beside its video)
+            outputs = [model(**kwargs, timestep=torch.full((2,), t), return_dict=False) for t in (999.0, 500.0)]
         if rank == 0:
             torch.save({"outputs": outputs, "sparse_calls": handle.stats.sparse_calls,
                         "ulysses": handle.stats.ulysses_degree, "ring": handle.stats.ring_degree}, out)

@@ -1072,7 +1072,7 @@ def test_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_p
     kwargs = row.inputs(model, frames, 2, torch.Generator().manual_seed(1))
     handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
     with torch.no_grad():
-        one = [model(**kwargs, timestep=torch.full((2,), t), return_dict=False)[0] for t in (999.0, 500.0)]
+        one = [model(**kwargs, timestep=torch.full((2,), t), return_dict=False) for t in (999.0, 500.0)]
     handle.remove()
     torch.save(kwargs, tmp_path / "inputs.pt")
     result = torchrun(ulysses * ring, str(CP_WORKER), str(saved[family]), row.cls, str(tmp_path / "inputs.pt"),
@@ -1082,7 +1082,9 @@ def test_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_p
     assert (got["ulysses"], got["ring"]) == (ulysses, ring)
     assert got["sparse_calls"] == 2 * calls_per_forward(model, 2)
     for parallel, single in zip(got["outputs"], one, strict=True):
-        torch.testing.assert_close(parallel, single, rtol=1e-4, atol=1e-4)
+        assert len(parallel) == len(single)
+        for got_output, expected in zip(parallel, single, strict=True):
+            torch.testing.assert_close(got_output, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_diffusion_forcing_under_context_parallelism_is_refused(saved):
@@ -1092,6 +1094,19 @@ def test_diffusion_forcing_under_context_parallelism_is_refused(saved):
     with pytest.raises(ConfigError, match="called with enable_diffusion_forcing under context parallelism"):
         adapter.grid_of_call(model, (), {"hidden_states": torch.zeros(1, 4, 3, 8, 8), "enable_diffusion_forcing": True})
     assert adapter.grid_of_call(model, (), {"hidden_states": torch.zeros(1, 4, 3, 8, 8)}).latent_frames == 3
+
+
+def test_ltx_video_per_token_timesteps_under_context_parallelism_are_refused(saved):
+    """LTXImageToVideoPipeline's timestep, one per token (the image's 0), is refused under lvsa's plan, which
+    splits the video but not the per-token modulation; one per sample (LTXPipeline) runs."""
+    model = load(saved, "ltx-video")
+    adapter = lvsa.adapters.adapter_for(model)
+    model._parallel_config = object()  # what enable_parallelism leaves on the model
+    inputs = _ltx(model, 3, 1, torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=r"called with a timestep of shape \(1, 192\) under context parallelism, "
+                                          r"where lvsa runs one per sample: the image-to-video"):
+        adapter.grid_of_call(model, (), {**inputs, "timestep": torch.ones(1, 3 * HEIGHT * WIDTH)})
+    assert adapter.grid_of_call(model, (), {**inputs, "timestep": torch.ones(1)}).latent_frames == 3
 
 
 def test_hunyuan_video_token_replace_under_context_parallelism_is_refused(saved):

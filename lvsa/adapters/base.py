@@ -231,6 +231,11 @@ class ModelAdapter(ABC):
         if self.cp_plan(transformer) is None and getattr(transformer, "_cp_plan", None) is None:
             raise ConfigError(f"{type(transformer).__name__} has no context-parallel plan")
 
+    def finish_context_parallel(self, transformer: Any) -> None:
+        """After diffusers' ``enable_parallelism``: what the adapter's sharding plan needs of the model beyond
+        diffusers' hooks (nothing by default)."""
+        return None
+
     def check_ring(self, transformer: Any, degree: int) -> None:
         """Refuse ring attention over ``degree`` ranks where the family does not run it (every family with an
         adapter module does)."""

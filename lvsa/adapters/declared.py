@@ -441,12 +441,18 @@ class DeclaredAdapter(ModelAdapter):
         return args[index] if index is not None and index < len(args) else None
 
     def grid_of_call(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> LatentGrid:
-        refused = self.declaration.cp_refused_arguments
-        if refused and getattr(transformer, "_parallel_config", None) is not None:
-            for name, why in refused.items():
+        declaration = self.declaration
+        if getattr(transformer, "_parallel_config", None) is not None:
+            for name, why in declaration.cp_refused_arguments.items():
                 if self.forward_argument(transformer, name, args, kwargs):
                     raise ConfigError(f"{type(transformer).__name__} was called with {name} under context "
                                       f"parallelism, which lvsa does not run: {why}; run it in one process")
+            for name, why in declaration.cp_per_sample_arguments.items():
+                value = self.forward_argument(transformer, name, args, kwargs)
+                if isinstance(value, torch.Tensor) and value.dim() > 1:
+                    raise ConfigError(f"{type(transformer).__name__} was called with a {name} of shape "
+                                      f"{tuple(value.shape)} under context parallelism, where lvsa runs one per "
+                                      f"sample: {why}; run it in one process")
         if self.declaration.grid == "latent":
             return super().grid_of_call(transformer, args, kwargs)
         if self.declaration.grid == "latent_list":
@@ -517,6 +523,18 @@ class DeclaredAdapter(ModelAdapter):
                 raise ConfigError(f"{type(transformer).__name__} with {key}={value!r}: lvsa's context parallelism "
                                   f"does not run it: {why}; run it in one process")
         super().check_context_parallel(transformer, degree)
+
+    def finish_context_parallel(self, transformer: Any) -> None:
+        if not self.declaration.cp_local_layers:
+            return
+        pattern = self.declaration.layer_pattern(self.declaration.cp_local_layers)
+        local = [module for name, module in transformer.named_modules()
+                 if pattern.fullmatch(name) and hasattr(module, "processor")]
+        if not local:
+            raise ConfigError(f"{type(transformer).__name__}: no module matches the layers declared to run without "
+                              f"context parallelism ({', '.join(self.declaration.cp_local_layers)})")
+        for module in local:
+            module.processor._parallel_config = None
 
     def check_ring(self, transformer: Any, degree: int) -> None:
         if degree > 1 and not self.declaration.ring:
