@@ -936,7 +936,7 @@ def with_frame_references(plan, video, references):
     mask = mask.repeat_interleave(P, 0)
     keys, values = torch.cat([k, references.key.double()], 1), torch.cat([v, references.value.double()], 1)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * q.shape[-1] ** -0.5
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    weights = scores.masked_fill(~mask.to(scores.device), float("-inf")).softmax(-1)
     return torch.einsum("bhqk,bkhd->bqhd", weights, values)
 
 
