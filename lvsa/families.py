@@ -274,8 +274,19 @@ DECLARED: tuple[Family, ...] = (
                    "Cosmos2_5_PredictBasePipeline"),
         vae_temporal_factor=8, vae_spatial_factor=8, default_height=704, default_width=1280,
         notes="the variant is read off extra_pos_embed_type (learnable: 1.0)",
-        no_context_parallel="Video2World's per-frame timesteps are expanded per token inside the forward, where a "
-                            "sharding plan cannot split them",
+        context_parallel=True,
+        # the video tokens and their rotary rows split where the blocks start; what the forward gives every block
+        # per token (Video2World's per-frame timestep embeddings, Cosmos 1.0's learnable position embedding) split
+        # by each block (a per-sample embedding has two dimensions and passes whole); the last block's output is
+        # gathered before the output norm, which reads the embeddings whole
+        cp_plan={"rope": {0: ("split", 0, 2, True), 1: ("split", 0, 2, True)},
+                 "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "transformer_blocks.*": {"embedded_timestep": ("split", 1, 3, False),
+                                          "temb": ("split", 1, 3, False),
+                                          "extra_pos_emb": ("split", 1, 3, False)},
+                 "transformer_blocks.-1": ("gather", 1, 3)},
+        cp_local_layers=("transformer_blocks.*.attn2",),
+        cp_refused_arguments={"block_controlnet_hidden_states": "ControlNet residuals arrive per token, unsplit"},
     ),
     Family(
         name="consisid",

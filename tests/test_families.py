@@ -1066,17 +1066,35 @@ def test_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_p
         with pytest.raises(ConfigError, match="ring attention is not declared for"):
             lvsa.adapters.adapter_for(model).check_ring(model, ring)
         return
+    assert_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_path, torchrun)
+
+
+@pytest.mark.parametrize(("ulysses", "ring"), CP_LAYOUTS, ids=[f"ulysses{u}-ring{r}" for u, r in CP_LAYOUTS])
+def test_cosmos_video_to_world_timesteps_per_frame_under_context_parallelism(saved, ulysses, ring, tmp_path,
+                                                                             torchrun):
+    """Video2World's timestep per latent frame, embedded per token before the blocks, split by each block."""
+    assert_context_parallel_equals_one_process(saved, "cosmos", ulysses, ring, tmp_path, torchrun, per_frame=True)
+
+
+def assert_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_path, torchrun, per_frame=False):
+    """Two steps of a family's model under lvsa with context parallelism (torchrun, CPU) equal one process."""
+    sys.path.insert(0, str(CP_WORKER.parent))
+    try:
+        from families_cp_worker import timestep_of
+    finally:
+        sys.path.pop(0)
     model = load(saved, family)
     frames = 2 * horizon(model) + 2  # beyond the horizon, and tokens that split over two ranks
     row = BY_FAMILY[family]
     kwargs = row.inputs(model, frames, 2, torch.Generator().manual_seed(1))
     handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
     with torch.no_grad():
-        one = [model(**kwargs, timestep=torch.full((2,), t), return_dict=False) for t in (999.0, 500.0)]
+        one = [model(**kwargs, timestep=timestep_of(kwargs, t, per_frame), return_dict=False) for t in (999.0, 500.0)]
     handle.remove()
     torch.save(kwargs, tmp_path / "inputs.pt")
     result = torchrun(ulysses * ring, str(CP_WORKER), str(saved[family]), row.cls, str(tmp_path / "inputs.pt"),
-                      str(tmp_path / "out.pt"), str(ulysses), str(ring), cwd=tmp_path)
+                      str(tmp_path / "out.pt"), str(ulysses), str(ring), *(["per_frame"] if per_frame else []),
+                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.load(tmp_path / "out.pt", weights_only=False)
     assert (got["ulysses"], got["ring"]) == (ulysses, ring)
