@@ -96,6 +96,9 @@ class Family:
     #: forward arguments that must hold one value per sample (at most one dimension) under context parallelism,
     #: with why (a per-token timestep embedding that :attr:`cp_plan` does not split)
     cp_per_sample_arguments: Mapping[str, str] = field(default_factory=dict)
+    #: every shard must hold whole latent frames (per-frame inputs, such as Wan Animate's motion features, are
+    #: split with the frames)
+    cp_whole_frames: bool = False
     #: attention layers whose keys are whole on every rank under :attr:`cp_plan` (cross-attention to a text
     #: that is not split): they run without diffusers' context parallelism, each rank for its own queries
     cp_local_layers: tuple[str, ...] = ()
@@ -410,8 +413,15 @@ DECLARED: tuple[Family, ...] = (
         notes="the reference image is the grid's first frame (a global anchor); the pipeline cuts long videos "
               "into segments of segment_frame_length, so lvsa engages when segments pass the horizon; the face "
               "adapter's attention stays dense",
-        no_context_parallel="no sharding plan yet for its face-adapter blocks, which add per-frame motion "
-                            "features to the sequence",
+        context_parallel=True,
+        # Wan's sharding; each face adapter attends a frame's tokens to that frame's motion features, so the
+        # motion features split with the frames (the shards hold whole frames), and it runs locally, as does
+        # the cross-attention to the text and image
+        cp_plan={"rope": {0: ("split", 1, 4, True), 1: ("split", 1, 4, True)},
+                 "blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "face_adapter.*": {"encoder_hidden_states": ("split", 1, 4, False)},
+                 "proj_out": ("gather", 1, 3)},
+        cp_local_layers=("blocks.*.attn2", "face_adapter.*"), cp_whole_frames=True,
     ),
     Family(
         name="wan-animate-2",

@@ -1076,6 +1076,19 @@ def test_cosmos_video_to_world_timesteps_per_frame_under_context_parallelism(sav
     assert_context_parallel_equals_one_process(saved, "cosmos", ulysses, ring, tmp_path, torchrun, per_frame=True)
 
 
+def test_wan_animate_shards_of_part_frames_are_refused(saved, tmp_path, torchrun):
+    """Its motion features split with the frames: 43 frames of 16 tokens split into two equal token shards, but
+    not into whole frames, and that is one line, not diffusers' assertion."""
+    model = load(saved, "wan-animate")
+    row = BY_FAMILY["wan-animate"]
+    torch.save(row.inputs(model, 43, 2, torch.Generator().manual_seed(1)), tmp_path / "inputs.pt")
+    result = torchrun(2, str(CP_WORKER), str(saved["wan-animate"]), row.cls, str(tmp_path / "inputs.pt"),
+                      str(tmp_path / "out.pt"), "2", "1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert ("ConfigError: WanAnimateTransformer3DModel splits its per-frame inputs with the frames under context "
+            "parallelism: its 43 latent frames do not split into 2 shards of whole frames") in result.stderr
+
+
 def assert_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_path, torchrun, per_frame=False):
     """Two steps of a family's model under lvsa with context parallelism (torchrun, CPU) equal one process."""
     sys.path.insert(0, str(CP_WORKER.parent))

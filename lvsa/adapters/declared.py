@@ -33,6 +33,7 @@ from ..geometry import LatentGrid, ModelFamily
 from ..plan import choose_keyframe_interval
 from .base import LVSAProcessor, ModelAdapter
 from .compiled import compiling
+from .layout import context_parallel_of
 
 if TYPE_CHECKING:
     from ..riflex import TemporalRope
@@ -453,6 +454,17 @@ class DeclaredAdapter(ModelAdapter):
                     raise ConfigError(f"{type(transformer).__name__} was called with a {name} of shape "
                                       f"{tuple(value.shape)} under context parallelism, where lvsa runs one per "
                                       f"sample: {why}; run it in one process")
+        grid = self._grid_of_call(transformer, args, kwargs)
+        parallel = context_parallel_of(transformer) if declaration.cp_whole_frames else None
+        if parallel is not None:
+            degree = parallel.degree
+            if grid.latent_frames % degree:
+                raise ConfigError(f"{type(transformer).__name__} splits its per-frame inputs with the frames under "
+                                  f"context parallelism: its {grid.latent_frames} latent frames do not split into "
+                                  f"{degree} shards of whole frames; change the frame count or the degrees")
+        return grid
+
+    def _grid_of_call(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> LatentGrid:
         if self.declaration.grid == "latent":
             return super().grid_of_call(transformer, args, kwargs)
         if self.declaration.grid == "latent_list":
