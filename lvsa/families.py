@@ -89,7 +89,8 @@ class Family:
     #: diffusers' sharding plan for a model that ships none, as data: ``{module: {input: ("split", dim,
     #: expected_dims, split_output)}}`` (a list of those for an input that is a list of tensors) and
     #: ``{module: ("gather", dim, expected_dims)}``; a module name may end in ``.-1``, the last module of a
-    #: list (``blocks.-1``), and ``""`` is the transformer's own forward
+    #: list (``blocks.-1``), and ``""`` is the transformer's own forward; ``{module: ("split_values", dim,
+    #: expected_dims)}`` splits every table of a module's dict output, which diffusers' hooks cannot (lvsa's hook)
     cp_plan: Mapping[str, Any] | None = None
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
@@ -372,8 +373,15 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=480, default_width=832,
         latent_axes=(1, 3, 4),  # its latents are [B, F, C, H, W]
         notes="the bidirectional AnyFlow, a timestep per frame (the frame-autoregressive AnyFlowFAR is refused)",
-        no_context_parallel="its rotary embedding is a dict of query and key tables, which diffusers' sharding "
-                            "specs cannot split",
+        context_parallel=True,
+        # the video tokens split where the blocks start; its rotary tables come as a dict (diffusers' hooks split
+        # tensors and lists: lvsa splits the dict's tables); each block splits its own copy of the per-token
+        # timestep embedding; the last block's output is gathered before the output norm, which reads it whole
+        cp_plan={"rope": ("split_values", 2, 4),
+                 "blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "blocks.*": {"temb": ("split", 1, 4, False)},
+                 "blocks.-1": ("gather", 1, 3)},
+        cp_local_layers=("blocks.*.attn2",),
     ),
     Family(
         name="ltx-2",
@@ -476,8 +484,9 @@ DECLARED: tuple[Family, ...] = (
         latent_axes=(1, 2, 3),  # its latents are channels last: [B, F, H, W, C]
         notes="the video stream's self-attention in the fused video/audio blocks; the audio stream, the "
               "audio-video and text cross-attention stay dense",
-        no_context_parallel="no sharding plan yet for its fused blocks, which carry the audio stream beside "
-                            "the video",
+        no_context_parallel="its fused blocks return the video and the audio together, and diffusers' sharding "
+                            "hooks can gather the video only by gathering the audio too, which every rank holds "
+                            "whole (and the video is reshaped to its grid before the output layer)",
     ),
     Family(
         name="minimax-h3",

@@ -1081,7 +1081,8 @@ def test_wan_animate_shards_of_part_frames_are_refused(saved, tmp_path, torchrun
     not into whole frames, and that is one line, not diffusers' assertion."""
     model = load(saved, "wan-animate")
     row = BY_FAMILY["wan-animate"]
-    torch.save(row.inputs(model, 43, 2, torch.Generator().manual_seed(1)), tmp_path / "inputs.pt")
+    inputs = {**row.inputs(model, 43, 2, torch.Generator().manual_seed(1)), "timesteps": [torch.full((2,), 999.0)]}
+    torch.save(inputs, tmp_path / "inputs.pt")
     result = torchrun(2, str(CP_WORKER), str(saved["wan-animate"]), row.cls, str(tmp_path / "inputs.pt"),
                       str(tmp_path / "out.pt"), "2", "1", cwd=tmp_path)
     assert result.returncode != 0
@@ -1091,23 +1092,22 @@ def test_wan_animate_shards_of_part_frames_are_refused(saved, tmp_path, torchrun
 
 def assert_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_path, torchrun, per_frame=False):
     """Two steps of a family's model under lvsa with context parallelism (torchrun, CPU) equal one process."""
-    sys.path.insert(0, str(CP_WORKER.parent))
-    try:
-        from families_cp_worker import timestep_of
-    finally:
-        sys.path.pop(0)
     model = load(saved, family)
     frames = 2 * horizon(model) + 2  # beyond the horizon, and tokens that split over two ranks
     row = BY_FAMILY[family]
     kwargs = row.inputs(model, frames, 2, torch.Generator().manual_seed(1))
+    if per_frame:  # Cosmos Video2World's [B, 1, F, 1, 1], each frame at its own noise level
+        ramp = torch.linspace(0.5, 1, frames).view(1, 1, frames, 1, 1)
+        timesteps = [torch.full((2, 1, frames, 1, 1), t) * ramp for t in (999.0, 500.0)]
+    else:
+        timesteps = [torch.full((2, frames) if row.timestep_per_frame else (2,), t) for t in (999.0, 500.0)]
     handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
     with torch.no_grad():
-        one = [model(**kwargs, timestep=timestep_of(kwargs, t, per_frame), return_dict=False) for t in (999.0, 500.0)]
+        one = [model(**kwargs, timestep=timestep, return_dict=False) for timestep in timesteps]
     handle.remove()
-    torch.save(kwargs, tmp_path / "inputs.pt")
+    torch.save({**kwargs, "timesteps": timesteps}, tmp_path / "inputs.pt")
     result = torchrun(ulysses * ring, str(CP_WORKER), str(saved[family]), row.cls, str(tmp_path / "inputs.pt"),
-                      str(tmp_path / "out.pt"), str(ulysses), str(ring), *(["per_frame"] if per_frame else []),
-                      cwd=tmp_path)
+                      str(tmp_path / "out.pt"), str(ulysses), str(ring), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.load(tmp_path / "out.pt", weights_only=False)
     assert (got["ulysses"], got["ring"]) == (ulysses, ring)

@@ -297,6 +297,32 @@ def packed_references(layer: str, arguments: dict[str, Any], query: torch.Tensor
     return PackedReferences(frames, origin_tokens, video_rows, ref_frames)
 
 
+def _lvsa_split(value: Any) -> bool:
+    return isinstance(value, tuple) and value[0] == "split_values"
+
+
+class _DictSplit:
+    """A forward hook keeping this rank's shard of every table of a module's dict output (a ``split_values``
+    entry of :attr:`Family.cp_plan`), cut as diffusers cuts its own inputs: equal chunks, in the order of its
+    flattened ``("ring", "ulysses")`` mesh."""
+
+    def __init__(self, module: str, dim: int, dims: int, parallel: Any) -> None:
+        self.module, self.dim, self.dims, self.parallel = module, dim, dims, parallel
+
+    def __call__(self, _module: Any, _args: Any, output: Any) -> Any:
+        if not isinstance(output, dict):
+            raise ConfigError(f"{self.module} returned {type(output).__name__}, not the dict of tables lvsa splits "
+                              "under context parallelism")
+        degree, index = self.parallel.degree, self.parallel.shard_index
+        split = {}
+        for key, table in output.items():
+            if table.dim() != self.dims or table.shape[self.dim] % degree:
+                raise ConfigError(f"{self.module}[{key!r}] of shape {tuple(table.shape)} does not split into {degree} "
+                                  f"equal shards along dimension {self.dim}")
+            split[key] = table.chunk(degree, self.dim)[index]
+        return split
+
+
 def _is_block_mask(mask: Any) -> bool:
     return mask is not None and not isinstance(mask, torch.Tensor) and type(mask).__name__ == "BlockMask"
 
@@ -523,7 +549,7 @@ class DeclaredAdapter(ModelAdapter):
             return [spec(v) for v in value] if isinstance(value, list) else spec(value)
 
         return {resolved(module): spec(value) if isinstance(value, tuple) else {k: specs(v) for k, v in value.items()}
-                for module, value in declared.items()}
+                for module, value in declared.items() if not _lvsa_split(value)}
 
     def check_context_parallel(self, transformer: Any, degree: int) -> None:
         if not self.declaration.context_parallel:
@@ -537,6 +563,11 @@ class DeclaredAdapter(ModelAdapter):
         super().check_context_parallel(transformer, degree)
 
     def finish_context_parallel(self, transformer: Any) -> None:
+        parallel = context_parallel_of(transformer)
+        for module, value in (self.declaration.cp_plan or {}).items():
+            if _lvsa_split(value):
+                _, dim, dims = value
+                transformer.get_submodule(module).register_forward_hook(_DictSplit(module, dim, dims, parallel))
         if not self.declaration.cp_local_layers:
             return
         pattern = self.declaration.layer_pattern(self.declaration.cp_local_layers)
