@@ -90,7 +90,9 @@ class Family:
     #: expected_dims, split_output)}}`` (a list of those for an input that is a list of tensors) and
     #: ``{module: ("gather", dim, expected_dims)}``; a module name may end in ``.-1``, the last module of a
     #: list (``blocks.-1``), and ``""`` is the transformer's own forward; ``{module: ("split_values", dim,
-    #: expected_dims)}`` splits every table of a module's dict output, which diffusers' hooks cannot (lvsa's hook)
+    #: expected_dims)}`` splits every table of a module's dict output, and ``{module: {input: ("split_within",
+    #: index, dim, expected_dims)}}`` every tensor at ``input[index]`` of a nested tuple, which diffusers' hooks
+    #: cannot (lvsa's hooks)
     cp_plan: Mapping[str, Any] | None = None
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
@@ -345,8 +347,14 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=720, default_width=1280,
         attention_call="F.scaled_dot_product_attention",
         notes="a video attention_mask (padded frames) is refused",
-        no_context_parallel="its rotary embedding arrives as nested tuples of per-axis tables and positions, "
-                            "which diffusers' sharding specs cannot split",
+        context_parallel=True,
+        # the video tokens split where the blocks start; its rotary embedding arrives as nested tuples (per-axis
+        # tables, per-token positions), which diffusers' hooks cannot split: lvsa splits the positions for each
+        # block and keeps the tables whole; the text's cross-attention runs locally
+        cp_plan={"transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
+                 "transformer_blocks.*": {"image_rotary_emb": ("split_within", 1, 1, 2)},
+                 "proj_out": ("gather", 1, 3)},
+        cp_local_layers=("transformer_blocks.*.attn2",),
     ),
     Family(
         name="motif-video",

@@ -298,13 +298,45 @@ def packed_references(layer: str, arguments: dict[str, Any], query: torch.Tensor
 
 
 def _lvsa_split(value: Any) -> bool:
-    return isinstance(value, tuple) and value[0] == "split_values"
+    """Whether a :attr:`Family.cp_plan` entry is one lvsa applies itself (``split_values``, ``split_within``)."""
+    return isinstance(value, tuple) and value[0] in ("split_values", "split_within")
+
+
+def _shard(table: torch.Tensor, dim: int, dims: int, parallel: Any, what: str) -> torch.Tensor:
+    """This rank's shard of ``table``, cut as diffusers cuts its own inputs: equal chunks, in the order of its
+    flattened ``("ring", "ulysses")`` mesh."""
+    degree = parallel.degree
+    if table.dim() != dims or table.shape[dim] % degree:
+        raise ConfigError(f"{what} of shape {tuple(table.shape)} does not split into {degree} equal shards along "
+                          f"dimension {dim}")
+    return table.chunk(degree, dim)[parallel.shard_index]
+
+
+class _WithinSplit:
+    """A forward pre-hook keeping this rank's shard of each tensor at ``argument[index]`` (a ``split_within``
+    entry of :attr:`Family.cp_plan`: a nested tuple such as Allegro's ``((tables), (positions))``, whose
+    per-token positions split while the tables stay whole)."""
+
+    def __init__(self, module: str, argument: str, index: int, dim: int, dims: int, parallel: Any) -> None:
+        self.module, self.argument, self.index, self.dim, self.dims = module, argument, index, dim, dims
+        self.parallel = parallel
+
+    def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        value = kwargs.get(self.argument)
+        if value is None:
+            return None
+        what = f"{self.module}: {self.argument}[{self.index}]"
+        if not isinstance(value, (tuple, list)) or not isinstance(value[self.index], (tuple, list)):
+            raise ConfigError(f"{what} is not the nested tuple lvsa splits under context parallelism")
+        parts = list(value)
+        parts[self.index] = type(value[self.index])(_shard(t, self.dim, self.dims, self.parallel, what)
+                                                    for t in value[self.index])
+        return args, {**kwargs, self.argument: type(value)(parts)}
 
 
 class _DictSplit:
     """A forward hook keeping this rank's shard of every table of a module's dict output (a ``split_values``
-    entry of :attr:`Family.cp_plan`), cut as diffusers cuts its own inputs: equal chunks, in the order of its
-    flattened ``("ring", "ulysses")`` mesh."""
+    entry of :attr:`Family.cp_plan`)."""
 
     def __init__(self, module: str, dim: int, dims: int, parallel: Any) -> None:
         self.module, self.dim, self.dims, self.parallel = module, dim, dims, parallel
@@ -313,14 +345,8 @@ class _DictSplit:
         if not isinstance(output, dict):
             raise ConfigError(f"{self.module} returned {type(output).__name__}, not the dict of tables lvsa splits "
                               "under context parallelism")
-        degree, index = self.parallel.degree, self.parallel.shard_index
-        split = {}
-        for key, table in output.items():
-            if table.dim() != self.dims or table.shape[self.dim] % degree:
-                raise ConfigError(f"{self.module}[{key!r}] of shape {tuple(table.shape)} does not split into {degree} "
-                                  f"equal shards along dimension {self.dim}")
-            split[key] = table.chunk(degree, self.dim)[index]
-        return split
+        return {key: _shard(table, self.dim, self.dims, self.parallel, f"{self.module}[{key!r}]")
+                for key, table in output.items()}
 
 
 def _is_block_mask(mask: Any) -> bool:
@@ -548,8 +574,15 @@ class DeclaredAdapter(ModelAdapter):
         def specs(value: Any) -> Any:  # a list: one spec per element of a list input
             return [spec(v) for v in value] if isinstance(value, list) else spec(value)
 
-        return {resolved(module): spec(value) if isinstance(value, tuple) else {k: specs(v) for k, v in value.items()}
-                for module, value in declared.items() if not _lvsa_split(value)}
+        plan = {}
+        for module, value in declared.items():
+            if _lvsa_split(value):
+                continue
+            if isinstance(value, tuple):
+                plan[resolved(module)] = spec(value)
+            elif entries := {k: specs(v) for k, v in value.items() if not _lvsa_split(v)}:
+                plan[resolved(module)] = entries
+        return plan
 
     def check_context_parallel(self, transformer: Any, degree: int) -> None:
         if not self.declaration.context_parallel:
@@ -568,6 +601,14 @@ class DeclaredAdapter(ModelAdapter):
             if _lvsa_split(value):
                 _, dim, dims = value
                 transformer.get_submodule(module).register_forward_hook(_DictSplit(module, dim, dims, parallel))
+            elif isinstance(value, dict):
+                for argument, entry in value.items():
+                    if _lvsa_split(entry):
+                        _, index, dim, dims = entry
+                        pattern = self.declaration.layer_pattern((module,))
+                        for name, found in [(n, m) for n, m in transformer.named_modules() if pattern.fullmatch(n)]:
+                            found.register_forward_pre_hook(
+                                _WithinSplit(name, argument, index, dim, dims, parallel), with_kwargs=True)
         if not self.declaration.cp_local_layers:
             return
         pattern = self.declaration.layer_pattern(self.declaration.cp_local_layers)
