@@ -1385,3 +1385,23 @@ def test_wan_animate_2_segments_equal_the_model_at_the_horizon_and_rotate_beyond
                                                                              strict=True):
         assert plan.kfi > 1 and plan.latent_frames == (22 if references is not None else 21)
         assert_reference(plan, video, text, padding, out, references=references)
+
+
+def test_lvsa_splits_a_nested_rotary_tuple_passed_by_keyword_or_by_position():
+    """The split a ``split_within`` entry declares (Allegro's per-token positions) takes this rank's shard whether
+    the block gets the tuple by keyword or by position, and keeps the tables whole."""
+    from types import SimpleNamespace
+
+    from lvsa.adapters.declared import _WithinSplit
+
+    def forward(hidden_states, image_rotary_emb=None):
+        return hidden_states
+
+    tables, positions = (torch.ones(4, 2),), (torch.arange(8)[None], torch.arange(8, 16)[None])
+    hook = _WithinSplit("block", forward, "image_rotary_emb", 1, 1, 2, SimpleNamespace(degree=2, shard_index=1))
+    _, by_keyword = hook(None, (torch.zeros(1),), {"image_rotary_emb": (tables, positions)})
+    by_position, _ = hook(None, (torch.zeros(1), (tables, positions)), {})
+    for split in (by_keyword["image_rotary_emb"], by_position[1]):
+        assert split[0] is tables and [p.tolist() for p in split[1]] == [[[4, 5, 6, 7]], [[12, 13, 14, 15]]]
+    with pytest.raises(ConfigError, match=r"block: image_rotary_emb\[1\] of shape \(1, 7\) does not split into 2"):
+        hook(None, (), {"image_rotary_emb": (tables, (torch.arange(7)[None],))})

@@ -317,12 +317,15 @@ class _WithinSplit:
     entry of :attr:`Family.cp_plan`: a nested tuple such as Allegro's ``((tables), (positions))``, whose
     per-token positions split while the tables stay whole)."""
 
-    def __init__(self, module: str, argument: str, index: int, dim: int, dims: int, parallel: Any) -> None:
+    def __init__(self, module: str, forward: Callable[..., Any], argument: str, index: int, dim: int, dims: int,
+                 parallel: Any) -> None:
         self.module, self.argument, self.index, self.dim, self.dims = module, argument, index, dim, dims
         self.parallel = parallel
+        self.position = list(inspect.signature(forward).parameters).index(argument)  # when passed positionally
 
     def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-        value = kwargs.get(self.argument)
+        positional = self.argument not in kwargs and self.position < len(args)
+        value = args[self.position] if positional else kwargs.get(self.argument)
         if value is None:
             return None
         what = f"{self.module}: {self.argument}[{self.index}]"
@@ -331,6 +334,8 @@ class _WithinSplit:
         parts = list(value)
         parts[self.index] = type(value[self.index])(_shard(t, self.dim, self.dims, self.parallel, what)
                                                     for t in value[self.index])
+        if positional:
+            return (*args[: self.position], type(value)(parts), *args[self.position + 1 :]), kwargs
         return args, {**kwargs, self.argument: type(value)(parts)}
 
 
@@ -608,7 +613,8 @@ class DeclaredAdapter(ModelAdapter):
                         pattern = self.declaration.layer_pattern((module,))
                         for name, found in [(n, m) for n, m in transformer.named_modules() if pattern.fullmatch(n)]:
                             found.register_forward_pre_hook(
-                                _WithinSplit(name, argument, index, dim, dims, parallel), with_kwargs=True)
+                                _WithinSplit(name, found.forward, argument, index, dim, dims, parallel),
+                                with_kwargs=True)
         if not self.declaration.cp_local_layers:
             return
         pattern = self.declaration.layer_pattern(self.declaration.cp_local_layers)
