@@ -19,13 +19,13 @@ import sys
 import torch
 
 import lvsa
-from lvsa import registry
 from lvsa.attention import DriverChoice, FrameReferences
 from lvsa.attention.references import attend_with_references
 from lvsa.backends.reference import frame_mask
 from lvsa.families import declared
 
 from . import timing
+from .attention import usable_device
 
 
 def packed(frames: int, tokens: int, heads: int, head_dim: int, dtype: torch.dtype, device: str,
@@ -91,12 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     timing.add_arguments(parser, repeats=5, warmup=2)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("[LVSA] benchmarks.wan_animate_2 needs CUDA (--device cpu runs it small)", file=sys.stderr)
+    device = usable_device(args.device)
+    if device is None:
         return 2
     from torch.nn.attention.flex_attention import flex_attention
 
-    device = registry.get_device(args.device)
     # compiled on CUDA, as the model needs it; eager flex attention (which forms the whole matrix) for a CPU check
     compiled = torch.compile(flex_attention) if args.device == "cuda" else flex_attention
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32

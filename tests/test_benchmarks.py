@@ -37,6 +37,16 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
     assert all(len(r["times_ms"]) == 2 and r["ms"] == pytest.approx(sum(r["times_ms"]) / 2) for r in rows)
 
 
+def test_wan_animate_2_benchmark_runs_on_cpu(tmp_path):
+    """Small on the CPU (eager flex attention): both methods timed in one run, lvsa's error against flex
+    attention under the plan-narrowed BlockMask printed and small."""
+    result = _run(tmp_path, "-m", "benchmarks.wan_animate_2", "--device", "cpu", "--tokens-per-frame", "16",
+                  "--heads", "2", "--head-dim", "16", "--segment-frames", "161", "--repeats", "2", "--warmup", "0")
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.strip().splitlines()[-1].split()
+    assert row[:3] == ["161", "42", "3"] and row[5].endswith("x") and float(row[6]) < 1e-5
+
+
 def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     report = tmp_path / "pipeline.json"
     result = _run(tmp_path, "-m", "benchmarks.pipeline", "--device", "cpu", "--small", "--repeats", "1",
