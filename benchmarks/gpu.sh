@@ -11,10 +11,12 @@
 #   (Wan 2.1's attention at 81/161/321/481 frames, s=1 and 0.5, dense cuDNN and dense FA4 against every driver)
 #   declared families on the GPU: call 2 with `families` (each family's small model with 64-channel heads in
 #   bfloat16 beyond its horizon, every layer call against the float64 reference, through every CUDA driver)
+#   WanAnimate2's generation pass: call 2 with `wan-animate-2` (its compiled flex BlockMask against lvsa's path;
+#   not yet measured: the session that wrote it had no device time left)
 # (one part can take most of a 10-minute call: smoke, parity and compiled together did not fit in one)
 # Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
 set -u
-out=${1:?usage: gpu.sh OUTDIR [smoke parity parity-fa4 parity-flashinfer attention attention-sync scaling pipeline compiled ring ceiling families]}
+out=${1:?usage: gpu.sh OUTDIR [smoke parity parity-fa4 parity-flashinfer attention attention-sync scaling pipeline compiled ring ceiling families wan-animate-2]}
 shift
 parts=${*:-smoke parity attention pipeline compiled}
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0
@@ -54,6 +56,8 @@ for part in $parts; do
     ceiling) bench fa4_ceiling --warmup 1 --repeats 10 --json "$out/ceiling.json" 2>&1 | tee "$out/ceiling.txt" ;;
     families) LVSA_TEST_DEVICES=cuda python -P -m pytest -q -p no:cacheprovider tests/test_families.py -k accelerator \
                 2>&1 | tail -25 | tee "$out/families.txt" ;;
+    wan-animate-2) bench wan_animate_2 --segment-frames 81 161 321 --repeats 5 2>&1 \
+                | grep -v "should be kept in float32" | tee "$out/wan-animate-2.txt" ;;
     compiled) bench compiled --frames 321 --layers 4 --steps 6 --methods fa4 sdpa 2>&1 \
                 | grep -v "should be kept in float32" | tee "$out/compiled.txt" ;;
   esac
