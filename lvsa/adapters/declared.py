@@ -78,6 +78,7 @@ class DispatchProcessor(LVSAProcessor):
         self.family = family
         self._call, self._namespaces = _bind(type(original).__call__, family.attention_call, self, layer)
         self._dispatched = 0  # calls that reached the entry (checked after each eager call)
+        self._signature = inspect.signature(type(original).__call__)  # read once, not per layer call
 
     def run(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
         if compiling():
@@ -116,8 +117,7 @@ class DispatchProcessor(LVSAProcessor):
 
     def _bound(self, attn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The model processor's arguments of this call, by name."""
-        return inspect.signature(type(self.original).__call__).bind_partial(self.original, attn, *args,
-                                                                            **kwargs).arguments
+        return self._signature.bind_partial(self.original, attn, *args, **kwargs).arguments
 
     def release(self) -> None:
         """Forget the layer's namespaces (on ``remove``)."""
