@@ -92,7 +92,7 @@ class Family:
     #: list (``blocks.-1``), and ``""`` is the transformer's own forward; ``{module: ("split_values", dim,
     #: expected_dims)}`` splits every table of a module's dict output, and ``{module: {input: ("split_within",
     #: index, dim, expected_dims)}}`` every tensor at ``input[index]`` of a nested tuple, which diffusers' hooks
-    #: cannot (lvsa's hooks)
+    #: cannot (lvsa's hooks); ``expected_dims=None`` splits a tensor of any rank
     cp_plan: Mapping[str, Any] | None = None
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
@@ -105,6 +105,11 @@ class Family:
     #: attention layers whose keys are whole on every rank under :attr:`cp_plan` (cross-attention to a text
     #: that is not split): they run without diffusers' context parallelism, each rank for its own queries
     cp_local_layers: tuple[str, ...] = ()
+    #: attention layers whose queries are whole on every rank but whose keys are split (LTX-2's audio attending
+    #: the video), with the inputs that carry those keys: under Ulysses alone diffusers runs them; under ring
+    #: attention (which diffusers' native backend lacks) each rank gathers the named inputs (tensors, or tuples
+    #: of tensors) from every rank along the token dimension, the second to last, and runs the layer locally
+    cp_ring_gathered: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: config values the model must have under context parallelism: ``{key: (accepted values, why others
     #: are refused)}``
     cp_accepted_config: Mapping[str, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
@@ -405,17 +410,18 @@ DECLARED: tuple[Family, ...] = (
         context_parallel=True,
         # the video tokens and their rotary rows (self- and cross-modal attention's) split; the text and the audio
         # whole on every rank: the layers whose keys are whole run locally, and the audio's attention to the
-        # video runs with diffusers' Ulysses (its ring would need diffusers' ring attention, which its native
-        # backend lacks)
-        cp_plan={"rope": {0: ("split", 1, 3, True), 1: ("split", 1, 3, True)},
-                 "cross_attn_rope": {0: ("split", 1, 3, True), 1: ("split", 1, 3, True)},
+        # video runs with diffusers' Ulysses, or over the video gathered from every rank under ring attention;
+        # the rotary tables' tokens are their second to last dimension in both rope types ([B, T, D]
+        # interleaved, [B, H, T, D / 2] split)
+        cp_plan={"rope": {0: ("split", -2, None, True), 1: ("split", -2, None, True)},
+                 "cross_attn_rope": {0: ("split", -2, None, True), 1: ("split", -2, None, True)},
                  "transformer_blocks.0": {"hidden_states": ("split", 1, 3, False)},
                  "proj_out": ("gather", 1, 3)},
         cp_local_layers=("transformer_blocks.*.attn2", "transformer_blocks.*.audio_attn1",
                          "transformer_blocks.*.audio_attn2", "transformer_blocks.*.audio_to_video_attn"),
+        cp_ring_gathered={"transformer_blocks.*.video_to_audio_attn": ("encoder_hidden_states", "key_rotary_emb")},
         cp_per_sample_arguments={"timestep": "the image-to-video and condition pipelines' per-token timestep "
                                              "is embedded for every token before the blocks, unsplit"},
-        ring=False,
     ),
     Family(
         name="wan-animate",

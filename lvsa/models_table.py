@@ -35,6 +35,8 @@ def _parallelism(family: Family) -> str:
     limits += [f"one {name} per sample" for name in family.cp_per_sample_arguments]
     limits += [f"{key}={' or '.join(repr(v) for v in values)}"
                for key, (values, _why) in family.cp_accepted_config.items()]
+    if family.cp_whole_frames:
+        limits.append("whole latent frames per rank")
     return f"context parallelism ({kinds}{''.join(', ' + limit for limit in limits)})"
 
 

@@ -1088,6 +1088,18 @@ def test_cosmos_video_to_world_timesteps_per_frame_under_context_parallelism(sav
     assert_context_parallel_equals_one_process(saved, "cosmos", ulysses, ring, tmp_path, torchrun, per_frame=True)
 
 
+@pytest.mark.parametrize(("ulysses", "ring"), [*CP_LAYOUTS, (2, 2)], ids=lambda n: str(n))
+def test_ltx_2_split_rotary_tables_under_context_parallelism(ulysses, ring, tmp_path, torchrun):
+    """LTX-2's split rope type: its rotary tables are ``[B, H, T, D / 2]``, not ``[B, T, D]``, and split on their
+    tokens all the same; under ring attention the audio attends the video gathered from every rank, in shard
+    order over both groups (Ulysses 2 x ring 2)."""
+    torch.manual_seed(0)
+    row = BY_FAMILY["ltx-2"]
+    getattr(diffusers, row.cls)(**row.config, rope_type="split").save_pretrained(tmp_path / "model")
+    assert_context_parallel_equals_one_process({"ltx-2": tmp_path / "model"}, "ltx-2", ulysses, ring, tmp_path,
+                                               torchrun)
+
+
 def test_wan_animate_shards_of_part_frames_are_refused(saved, tmp_path, torchrun):
     """Its motion features split with the frames: 43 frames of 16 tokens split into two equal token shards, but
     not into whole frames, and that is one line, not diffusers' assertion."""

@@ -339,6 +339,42 @@ class _WithinSplit:
         return args, {**kwargs, self.argument: type(value)(parts)}
 
 
+def _unshard(part: torch.Tensor, dim: int, parallel: Any) -> torch.Tensor:
+    """The whole of a tensor whose shards every rank holds (the inverse of :func:`_shard`): gathered over the
+    Ulysses group, then over the ring, as the flattened ``("ring", "ulysses")`` mesh orders the shards."""
+    import torch.distributed as dist
+
+    whole = part.contiguous()
+    for group in (parallel.ulysses, parallel.ring):
+        if group is not None:
+            parts = [torch.empty_like(whole) for _ in range(group.degree)]
+            dist.all_gather(parts, whole, group=group.group)
+            whole = torch.cat(parts, dim=dim)
+    return whole
+
+
+class _GatherInputs:
+    """A forward pre-hook giving a layer the whole of its split inputs (a :attr:`Family.cp_ring_gathered`
+    layer under ring attention): each named keyword argument, a tensor or a tuple of tensors, is gathered
+    from every rank along its token dimension (the second to last)."""
+
+    def __init__(self, module: str, arguments: tuple[str, ...], parallel: Any) -> None:
+        self.module, self.arguments, self.parallel = module, arguments, parallel
+
+    def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        gathered = dict(kwargs)
+        for argument in self.arguments:
+            value = kwargs.get(argument)
+            if isinstance(value, torch.Tensor):
+                gathered[argument] = _unshard(value, -2, self.parallel)
+            elif isinstance(value, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in value):
+                gathered[argument] = type(value)(_unshard(t, -2, self.parallel) for t in value)
+            elif value is not None or argument not in kwargs:
+                raise ConfigError(f"{self.module} was called without {argument} as a keyword tensor, which lvsa "
+                                  "gathers from every rank under ring attention")
+        return args, gathered
+
+
 class _DictSplit:
     """A forward hook keeping this rank's shard of every table of a module's dict output (a ``split_values``
     entry of :attr:`Family.cp_plan`)."""
@@ -615,16 +651,27 @@ class DeclaredAdapter(ModelAdapter):
                             found.register_forward_pre_hook(
                                 _WithinSplit(name, found.forward, argument, index, dim, dims, parallel),
                                 with_kwargs=True)
-        if not self.declaration.cp_local_layers:
-            return
-        pattern = self.declaration.layer_pattern(self.declaration.cp_local_layers)
-        local = [module for name, module in transformer.named_modules()
-                 if pattern.fullmatch(name) and hasattr(module, "processor")]
-        if not local:
-            raise ConfigError(f"{type(transformer).__name__}: no module matches the layers declared to run without "
-                              f"context parallelism ({', '.join(self.declaration.cp_local_layers)})")
-        for module in local:
+        for module in self._attention_modules(transformer, self.declaration.cp_local_layers):
             module.processor._parallel_config = None
+        if parallel is None or parallel.ring is None:
+            return
+        for layers, arguments in self.declaration.cp_ring_gathered.items():
+            for name, module in self._attention_modules(transformer, (layers,), named=True):
+                module.processor._parallel_config = None
+                module.register_forward_pre_hook(_GatherInputs(name, arguments, parallel), with_kwargs=True)
+
+    def _attention_modules(self, transformer: Any, layers: tuple[str, ...], named: bool = False) -> list[Any]:
+        """The attention modules (those with a processor) matching ``layers``; declared layers that match
+        none are an error (a declaration that no longer fits the model's module names)."""
+        if not layers:
+            return []
+        pattern = self.declaration.layer_pattern(layers)
+        found = [(name, module) for name, module in transformer.named_modules()
+                 if pattern.fullmatch(name) and hasattr(module, "processor")]
+        if not found:
+            raise ConfigError(f"{type(transformer).__name__}: no attention module matches the layers declared for "
+                              f"context parallelism ({', '.join(layers)})")
+        return found if named else [module for _, module in found]
 
     def check_ring(self, transformer: Any, degree: int) -> None:
         if degree > 1 and not self.declaration.ring:
