@@ -92,7 +92,10 @@ class Family:
     #: list (``blocks.-1``), and ``""`` is the transformer's own forward; ``{module: ("split_values", dim,
     #: expected_dims)}`` splits every table of a module's dict output, and ``{module: {input: ("split_within",
     #: index, dim, expected_dims)}}`` every tensor at ``input[index]`` of a nested tuple, which diffusers' hooks
-    #: cannot (lvsa's hooks); ``expected_dims=None`` splits a tensor of any rank
+    #: cannot (lvsa's hooks), ``{module: {input: ("split_input", dim, expected_dims)}}`` splits an input tensor
+    #: where diffusers' hook cannot take the module's output, and ``{module: ("gather_item", index, dim,
+    #: expected_dims)}`` gathers the tensor at
+    #: ``output[index]`` of a module's tuple output; ``expected_dims=None`` splits a tensor of any rank
     cp_plan: Mapping[str, Any] | None = None
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
@@ -106,10 +109,10 @@ class Family:
     #: that is not split): they run without diffusers' context parallelism, each rank for its own queries
     cp_local_layers: tuple[str, ...] = ()
     #: attention layers whose queries are whole on every rank but whose keys are split (LTX-2's audio attending
-    #: the video), with the inputs that carry those keys: under Ulysses alone diffusers runs them; under ring
-    #: attention (which diffusers' native backend lacks) each rank gathers the named inputs (tensors, or tuples
-    #: of tensors) from every rank along the token dimension, the second to last, and runs the layer locally
-    cp_ring_gathered: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the video), with the keyword inputs that carry those keys and their token dimension: under Ulysses alone
+    #: diffusers runs them; under ring attention (which diffusers' native backend lacks) each rank gathers those
+    #: inputs (tensors, or tuples of tensors) from every rank and runs the layer locally
+    cp_ring_gathered: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     #: config values the model must have under context parallelism: ``{key: (accepted values, why others
     #: are refused)}``
     cp_accepted_config: Mapping[str, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
@@ -419,7 +422,8 @@ DECLARED: tuple[Family, ...] = (
                  "proj_out": ("gather", 1, 3)},
         cp_local_layers=("transformer_blocks.*.attn2", "transformer_blocks.*.audio_attn1",
                          "transformer_blocks.*.audio_attn2", "transformer_blocks.*.audio_to_video_attn"),
-        cp_ring_gathered={"transformer_blocks.*.video_to_audio_attn": ("encoder_hidden_states", "key_rotary_emb")},
+        cp_ring_gathered={"transformer_blocks.*.video_to_audio_attn": {"encoder_hidden_states": 1,
+                                                                       "key_rotary_emb": -2}},
         cp_per_sample_arguments={"timestep": "the image-to-video and condition pipelines' per-token timestep "
                                              "is embedded for every token before the blocks, unsplit"},
     ),
@@ -498,9 +502,21 @@ DECLARED: tuple[Family, ...] = (
         latent_axes=(1, 2, 3),  # its latents are channels last: [B, F, H, W, C]
         notes="the video stream's self-attention in the fused video/audio blocks; the audio stream, the "
               "audio-video and text cross-attention stay dense",
-        no_context_parallel="its fused blocks return the video and the audio together, and diffusers' sharding "
-                            "hooks can gather the video only by gathering the audio too, which every rank holds "
-                            "whole (and the video is reshaped to its grid before the output layer)",
+        context_parallel=True,
+        # the video tokens and their rotary rows split where the fused blocks start; the text and the audio stay
+        # whole on every rank, so the layers whose keys are whole run locally, and the audio's attention to the
+        # video runs with diffusers' Ulysses, or over the video gathered from every rank under ring attention;
+        # the last block returns (video, audio or None): lvsa gathers the video alone
+        # (split by lvsa: diffusers' split hook refuses the blocks' (video, None) output without audio)
+        cp_plan={"visual_transformer_blocks.0": {"vis": ("split_input", 1, 3)},
+                 "visual_transformer_blocks.*": {"vis_rope": ("split_input", 0, 5)},
+                 "visual_transformer_blocks.-1": ("gather_item", 0, 1, 3)},
+        cp_local_layers=("video_text_transformer_blocks.*.attn", "audio_text_transformer_blocks.*.attn",
+                         "visual_transformer_blocks.*.video_dec_block.cross_attention",
+                         "visual_transformer_blocks.*.audio_dec_block.*",
+                         "visual_transformer_blocks.*.va_cross_attention"),
+        cp_ring_gathered={"visual_transformer_blocks.*.av_cross_attention": {"encoder_hidden_states": 1,
+                                                                            "rope_kv": 0}},
     ),
     Family(
         name="minimax-h3",

@@ -20,7 +20,7 @@ import inspect
 import itertools
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -298,8 +298,17 @@ def packed_references(layer: str, arguments: dict[str, Any], query: torch.Tensor
 
 
 def _lvsa_split(value: Any) -> bool:
-    """Whether a :attr:`Family.cp_plan` entry is one lvsa applies itself (``split_values``, ``split_within``)."""
-    return isinstance(value, tuple) and value[0] in ("split_values", "split_within")
+    """Whether a :attr:`Family.cp_plan` entry is one lvsa applies itself (``split_values``, ``split_within``,
+    ``split_input``, ``gather_item``)."""
+    return isinstance(value, tuple) and value[0] in ("split_values", "split_within", "split_input", "gather_item")
+
+
+def _last_module(transformer: Any, module: str) -> str:
+    """``blocks.-1`` (a :attr:`Family.cp_plan` name): the list's last module, as diffusers names it."""
+    if not module.endswith(".-1"):
+        return module
+    parent = module[:-3]
+    return f"{parent}.{len(transformer.get_submodule(parent)) - 1}"
 
 
 def _shard(table: torch.Tensor, dim: int, dims: int, parallel: Any, what: str) -> torch.Tensor:
@@ -315,10 +324,11 @@ def _shard(table: torch.Tensor, dim: int, dims: int, parallel: Any, what: str) -
 class _WithinSplit:
     """A forward pre-hook keeping this rank's shard of each tensor at ``argument[index]`` (a ``split_within``
     entry of :attr:`Family.cp_plan`: a nested tuple such as Allegro's ``((tables), (positions))``, whose
-    per-token positions split while the tables stay whole)."""
+    per-token positions split while the tables stay whole), or of the tensor ``argument`` itself
+    (``index=None``: a ``split_input`` entry, for a module whose output diffusers' split hook refuses)."""
 
-    def __init__(self, module: str, forward: Callable[..., Any], argument: str, index: int, dim: int, dims: int,
-                 parallel: Any) -> None:
+    def __init__(self, module: str, forward: Callable[..., Any], argument: str, index: int | None, dim: int,
+                 dims: int, parallel: Any) -> None:
         self.module, self.argument, self.index, self.dim, self.dims = module, argument, index, dim, dims
         self.parallel = parallel
         self.position = list(inspect.signature(forward).parameters).index(argument)  # when passed positionally
@@ -328,15 +338,22 @@ class _WithinSplit:
         value = args[self.position] if positional else kwargs.get(self.argument)
         if value is None:
             return None
-        what = f"{self.module}: {self.argument}[{self.index}]"
-        if not isinstance(value, (tuple, list)) or not isinstance(value[self.index], (tuple, list)):
-            raise ConfigError(f"{what} is not the nested tuple lvsa splits under context parallelism")
-        parts = list(value)
-        parts[self.index] = type(value[self.index])(_shard(t, self.dim, self.dims, self.parallel, what)
-                                                    for t in value[self.index])
+        if self.index is None:
+            if not isinstance(value, torch.Tensor):
+                raise ConfigError(f"{self.module}: {self.argument} is not the tensor lvsa splits under context "
+                                  "parallelism")
+            split = _shard(value, self.dim, self.dims, self.parallel, f"{self.module}: {self.argument}")
+        else:
+            what = f"{self.module}: {self.argument}[{self.index}]"
+            if not isinstance(value, (tuple, list)) or not isinstance(value[self.index], (tuple, list)):
+                raise ConfigError(f"{what} is not the nested tuple lvsa splits under context parallelism")
+            parts = list(value)
+            parts[self.index] = type(value[self.index])(_shard(t, self.dim, self.dims, self.parallel, what)
+                                                        for t in value[self.index])
+            split = type(value)(parts)
         if positional:
-            return (*args[: self.position], type(value)(parts), *args[self.position + 1 :]), kwargs
-        return args, {**kwargs, self.argument: type(value)(parts)}
+            return (*args[: self.position], split, *args[self.position + 1 :]), kwargs
+        return args, {**kwargs, self.argument: split}
 
 
 def _unshard(part: torch.Tensor, dim: int, parallel: Any) -> torch.Tensor:
@@ -356,23 +373,41 @@ def _unshard(part: torch.Tensor, dim: int, parallel: Any) -> torch.Tensor:
 class _GatherInputs:
     """A forward pre-hook giving a layer the whole of its split inputs (a :attr:`Family.cp_ring_gathered`
     layer under ring attention): each named keyword argument, a tensor or a tuple of tensors, is gathered
-    from every rank along its token dimension (the second to last)."""
+    from every rank along its token dimension."""
 
-    def __init__(self, module: str, arguments: tuple[str, ...], parallel: Any) -> None:
-        self.module, self.arguments, self.parallel = module, arguments, parallel
+    def __init__(self, module: str, arguments: Mapping[str, int], parallel: Any) -> None:
+        self.module, self.arguments, self.parallel = module, dict(arguments), parallel
 
     def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         gathered = dict(kwargs)
-        for argument in self.arguments:
+        for argument, dim in self.arguments.items():
             value = kwargs.get(argument)
             if isinstance(value, torch.Tensor):
-                gathered[argument] = _unshard(value, -2, self.parallel)
+                gathered[argument] = _unshard(value, dim, self.parallel)
             elif isinstance(value, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in value):
-                gathered[argument] = type(value)(_unshard(t, -2, self.parallel) for t in value)
+                gathered[argument] = type(value)(_unshard(t, dim, self.parallel) for t in value)
             elif value is not None or argument not in kwargs:
                 raise ConfigError(f"{self.module} was called without {argument} as a keyword tensor, which lvsa "
                                   "gathers from every rank under ring attention")
         return args, gathered
+
+
+class _ItemGather:
+    """A forward hook gathering the tensor at ``output[index]`` of a module's tuple output from every rank (a
+    ``gather_item`` entry of :attr:`Family.cp_plan`: Kandinsky 6's fused blocks return the split video beside
+    the audio every rank holds whole, or beside ``None``, which diffusers' gather hook cannot take)."""
+
+    def __init__(self, module: str, index: int, dim: int, dims: int, parallel: Any) -> None:
+        self.module, self.index, self.dim, self.dims, self.parallel = module, index, dim, dims, parallel
+
+    def __call__(self, _module: Any, _args: Any, output: Any) -> Any:
+        item = output[self.index] if isinstance(output, tuple) and len(output) > self.index else None
+        if not isinstance(item, torch.Tensor) or item.dim() != self.dims:
+            raise ConfigError(f"{self.module} did not return the tensor of {self.dims} dimensions at [{self.index}] "
+                              "that lvsa gathers under context parallelism")
+        parts = list(output)
+        parts[self.index] = _unshard(item, self.dim, self.parallel)
+        return tuple(parts)
 
 
 class _DictSplit:
@@ -606,12 +641,6 @@ class DeclaredAdapter(ModelAdapter):
             dim, dims = values
             return ContextParallelOutput(gather_dim=dim, expected_dims=dims)
 
-        def resolved(module: str) -> str:  # "blocks.-1": the list's last module, as diffusers names it
-            if not module.endswith(".-1"):
-                return module
-            parent = module[:-3]
-            return f"{parent}.{len(transformer.get_submodule(parent)) - 1}"
-
         def specs(value: Any) -> Any:  # a list: one spec per element of a list input
             return [spec(v) for v in value] if isinstance(value, list) else spec(value)
 
@@ -620,9 +649,9 @@ class DeclaredAdapter(ModelAdapter):
             if _lvsa_split(value):
                 continue
             if isinstance(value, tuple):
-                plan[resolved(module)] = spec(value)
+                plan[_last_module(transformer, module)] = spec(value)
             elif entries := {k: specs(v) for k, v in value.items() if not _lvsa_split(v)}:
-                plan[resolved(module)] = entries
+                plan[_last_module(transformer, module)] = entries
         return plan
 
     def check_context_parallel(self, transformer: Any, degree: int) -> None:
@@ -639,13 +668,18 @@ class DeclaredAdapter(ModelAdapter):
     def finish_context_parallel(self, transformer: Any) -> None:
         parallel = context_parallel_of(transformer)
         for module, value in (self.declaration.cp_plan or {}).items():
-            if _lvsa_split(value):
+            if _lvsa_split(value) and value[0] == "gather_item":
+                _, index, dim, dims = value
+                transformer.get_submodule(_last_module(transformer, module)).register_forward_hook(
+                    _ItemGather(module, index, dim, dims, parallel))
+            elif _lvsa_split(value):
                 _, dim, dims = value
                 transformer.get_submodule(module).register_forward_hook(_DictSplit(module, dim, dims, parallel))
             elif isinstance(value, dict):
                 for argument, entry in value.items():
                     if _lvsa_split(entry):
-                        _, index, dim, dims = entry
+                        # split_input: the argument itself (no index into a nested tuple)
+                        index, dim, dims = entry[1:] if entry[0] == "split_within" else (None, *entry[1:])
                         pattern = self.declaration.layer_pattern((module,))
                         for name, found in [(n, m) for n, m in transformer.named_modules() if pattern.fullmatch(n)]:
                             found.register_forward_pre_hook(
