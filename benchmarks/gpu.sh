@@ -12,7 +12,7 @@
 #   declared families on the GPU: call 2 with `families` (each family's small model with 64-channel heads in
 #   bfloat16 beyond its horizon, every layer call against the float64 reference, through every CUDA driver)
 #   WanAnimate2's generation pass: call 2 with `wan-animate-2` (its compiled flex BlockMask against lvsa's path;
-#   not yet measured: the session that wrote it had no device time left)
+#   it needs only the .carry folder: the recorded run skipped this script's FA4 activation, see docs/performance.md)
 # (one part can take most of a 10-minute call: smoke, parity and compiled together did not fit in one)
 # Each part writes its log (and JSON) to the output folder; a failing part does not stop the next.
 set -u
