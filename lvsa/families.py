@@ -95,7 +95,10 @@ class Family:
     #: cannot (lvsa's hooks), ``{module: {input: ("split_input", dim, expected_dims)}}`` splits an input tensor
     #: where diffusers' hook cannot take the module's output, and ``{module: ("gather_item", index, dim,
     #: expected_dims)}`` gathers the tensor at
-    #: ``output[index]`` of a module's tuple output; ``expected_dims=None`` splits a tensor of any rank
+    #: ``output[index]`` of a module's tuple output; for a packed sequence (``grid="packed_rows"``)
+    #: ``{module: {input: ("split_tail", dim)}}`` splits only the video rows that end it (a tensor or a tuple of
+    #: tensors) and ``{module: ("gather_tail", dim)}`` gathers them; ``expected_dims=None`` splits a tensor of any
+    #: rank
     cp_plan: Mapping[str, Any] | None = None
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
@@ -532,8 +535,14 @@ DECLARED: tuple[Family, ...] = (
               "so lvsa engages for longer layouts (a pipeline whose max_duration is raised, or a caller's own); "
               "window and keyframe spacing in video frames are converted at 4 frames per latent frame (its VAE "
               "makes 5 latent frames of every 17 frames)",
-        no_context_parallel="diffusers' plan splits the packed sequence at the first block, text, conditioning "
-                            "and audio rows with the video, where lvsa's shards must hold video only",
+        context_parallel=True,
+        # only the video rows that end the packed sequence split (diffusers' own plan would split the text,
+        # conditioning and audio rows with them): where the blocks start, and each block's copy of the per-row
+        # AdaLN indices and rotary tables; every other row attends like text, whole on every rank
+        cp_plan={"transformer_blocks.0": {"hidden_states": ("split_tail", 1)},
+                 "transformer_blocks.*": {"adaln_indices": ("split_tail", 0), "rotary_emb": ("split_tail", 0)},
+                 "transformer_blocks.-1": ("gather_tail", 1)},
+        cp_local_layers=("token_refiner.refiner_blocks.*.attn",),
     ),
 )
 

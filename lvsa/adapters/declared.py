@@ -299,8 +299,9 @@ def packed_references(layer: str, arguments: dict[str, Any], query: torch.Tensor
 
 def _lvsa_split(value: Any) -> bool:
     """Whether a :attr:`Family.cp_plan` entry is one lvsa applies itself (``split_values``, ``split_within``,
-    ``split_input``, ``gather_item``)."""
-    return isinstance(value, tuple) and value[0] in ("split_values", "split_within", "split_input", "gather_item")
+    ``split_input``, ``gather_item``, ``split_tail``, ``gather_tail``)."""
+    return isinstance(value, tuple) and value[0] in ("split_values", "split_within", "split_input", "gather_item",
+                                                     "split_tail", "gather_tail")
 
 
 def _last_module(transformer: Any, module: str) -> str:
@@ -408,6 +409,59 @@ class _ItemGather:
         parts = list(output)
         parts[self.index] = _unshard(item, self.dim, self.parallel)
         return tuple(parts)
+
+
+class _VideoTail:
+    """The video rows that end a packed sequence (:attr:`Family.grid` ``packed_rows``), read once per forward
+    by a pre-hook on the transformer: the rows ``split_tail`` and ``gather_tail`` entries split and gather while
+    the rows before them (text, conditioning, audio) stay whole on every rank."""
+
+    def __init__(self, adapter: DeclaredAdapter, parallel: Any) -> None:
+        self.adapter, self.parallel, self.rows = adapter, parallel, None
+
+    def __call__(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        grid = self.adapter._grid_of_call(transformer, args, kwargs)
+        self.rows = grid.latent_frames * grid.patches_per_frame
+        if self.rows % self.parallel.degree:
+            raise ConfigError(f"{type(transformer).__name__}: its {self.rows} video rows do not split into "
+                              f"{self.parallel.degree} equal shards ({self.parallel.describe()}); change the frame "
+                              "count or the size, or the degrees")
+
+    def split(self, x: torch.Tensor, dim: int, what: str) -> torch.Tensor:
+        """``x`` with its video rows along ``dim`` cut to this rank's shard."""
+        if self.rows is None or x.shape[dim] < self.rows:
+            raise ConfigError(f"{what} of shape {tuple(x.shape)} does not end in the forward's video rows")
+        others, video = x.split([x.shape[dim] - self.rows, self.rows], dim)
+        return torch.cat([others, _shard(video, dim, x.dim(), self.parallel, what)], dim)
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """``x`` with its shard of the video rows along ``dim`` gathered from every rank."""
+        shard = self.rows // self.parallel.degree
+        others, video = x.split([x.shape[dim] - shard, shard], dim)
+        return torch.cat([others, _unshard(video, dim, self.parallel)], dim)
+
+
+class _TailSplit:
+    """A forward pre-hook cutting the video rows of an input (a tensor or a tuple of tensors) to this rank's
+    shard (a ``split_tail`` entry of :attr:`Family.cp_plan`)."""
+
+    def __init__(self, module: str, forward: Callable[..., Any], argument: str, dim: int, tail: _VideoTail) -> None:
+        self.module, self.argument, self.dim, self.tail = module, argument, dim, tail
+        self.position = list(inspect.signature(forward).parameters).index(argument)  # when passed positionally
+
+    def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        positional = self.argument not in kwargs and self.position < len(args)
+        value = args[self.position] if positional else kwargs.get(self.argument)
+        what = f"{self.module}: {self.argument}"
+        if isinstance(value, torch.Tensor):
+            split = self.tail.split(value, self.dim, what)
+        elif isinstance(value, tuple) and value and all(isinstance(t, torch.Tensor) for t in value):
+            split = tuple(self.tail.split(t, self.dim, what) for t in value)
+        else:
+            raise ConfigError(f"{what} is not the tensor lvsa splits under context parallelism")
+        if positional:
+            return (*args[: self.position], split, *args[self.position + 1 :]), kwargs
+        return args, {**kwargs, self.argument: split}
 
 
 class _DictSplit:
@@ -667,8 +721,15 @@ class DeclaredAdapter(ModelAdapter):
 
     def finish_context_parallel(self, transformer: Any) -> None:
         parallel = context_parallel_of(transformer)
+        tail = _VideoTail(self, parallel)
+        if self.declaration.grid == "packed_rows":
+            transformer.register_forward_pre_hook(tail, with_kwargs=True)
         for module, value in (self.declaration.cp_plan or {}).items():
-            if _lvsa_split(value) and value[0] == "gather_item":
+            if _lvsa_split(value) and value[0] == "gather_tail":
+                _, dim = value
+                transformer.get_submodule(_last_module(transformer, module)).register_forward_hook(
+                    lambda _m, _a, output, dim=dim: tail.gather(output, dim))
+            elif _lvsa_split(value) and value[0] == "gather_item":
                 _, index, dim, dims = value
                 transformer.get_submodule(_last_module(transformer, module)).register_forward_hook(
                     _ItemGather(module, index, dim, dims, parallel))
@@ -677,14 +738,16 @@ class DeclaredAdapter(ModelAdapter):
                 transformer.get_submodule(module).register_forward_hook(_DictSplit(module, dim, dims, parallel))
             elif isinstance(value, dict):
                 for argument, entry in value.items():
-                    if _lvsa_split(entry):
-                        # split_input: the argument itself (no index into a nested tuple)
-                        index, dim, dims = entry[1:] if entry[0] == "split_within" else (None, *entry[1:])
-                        pattern = self.declaration.layer_pattern((module,))
-                        for name, found in [(n, m) for n, m in transformer.named_modules() if pattern.fullmatch(n)]:
-                            found.register_forward_pre_hook(
-                                _WithinSplit(name, found.forward, argument, index, dim, dims, parallel),
-                                with_kwargs=True)
+                    if not _lvsa_split(entry):
+                        continue
+                    pattern = self.declaration.layer_pattern((module,))
+                    for name, found in [(n, m) for n, m in transformer.named_modules() if pattern.fullmatch(n)]:
+                        if entry[0] == "split_tail":
+                            hook = _TailSplit(name, found.forward, argument, entry[1], tail)
+                        else:  # split_input: the argument itself (no index into a nested tuple)
+                            index, dim, dims = entry[1:] if entry[0] == "split_within" else (None, *entry[1:])
+                            hook = _WithinSplit(name, found.forward, argument, index, dim, dims, parallel)
+                        found.register_forward_pre_hook(hook, with_kwargs=True)
         for module in self._attention_modules(transformer, self.declaration.cp_local_layers):
             module.processor._parallel_config = None
         if parallel is None or parallel.ring is None:
