@@ -468,8 +468,10 @@ DECLARED: tuple[Family, ...] = (
               "attention; the pipeline cuts long videos into segments of segment_frame_length, so lvsa engages "
               "when segments pass the horizon; under torch.compile its self-attention runs outside the graph "
               "(in the graph within the horizon, where lvsa leaves the model as it is)",
-        no_context_parallel="diffusers ships no sharding plan for it, and its generation pass packs the video "
-                            "and the cached reference rows into one buffer for one BlockMask",
+        no_context_parallel="diffusers ships no sharding plan for it; its processor applies the rotary tables "
+                            "to rows counted from the grid's start (a shard would get the first frames' angles), "
+                            "and its generation pass packs the video and the cached reference rows into one "
+                            "buffer for one BlockMask",
     ),
     Family(
         name="kandinsky-5",

@@ -296,11 +296,18 @@ def resolve_knobs(
     )
 
 
+def is_dense_at(latent_frames: int, knobs: PatternKnobs) -> bool:
+    """Whether every step's plan over ``latent_frames`` covers every frame (kfi = 1: the grid is within the
+    horizon), whatever the step. The one place this rule lives (rotation, and a host that leaves the model's
+    own attention in a compiled graph within the horizon, ask it)."""
+    return choose_keyframe_interval(latent_frames, knobs) == 1
+
+
 def rotates(latent_frames: int, knobs: PatternKnobs) -> bool:
     """pattern.md §4. Whether the keyframes move with the step: a sparse plan rotates unless ``rotate`` is False;
     a dense one (kfi = 1) never does. The one place this rule lives (the runtime asks it to share one plan
     across the steps of a pattern that does not rotate)."""
-    sparse = choose_keyframe_interval(latent_frames, knobs) > 1
+    sparse = not is_dense_at(latent_frames, knobs)
     return sparse if knobs.rotate is None else bool(knobs.rotate) and sparse
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import lvsa
 from lvsa.errors import ConfigError, GeometryError
-from lvsa.plan import PatternKnobs, build_plan, choose_keyframe_interval, global_frames
+from lvsa.plan import PatternKnobs, build_plan, choose_keyframe_interval, global_frames, is_dense_at
 
 
 def knobs(ref=21, scale=1.0, W=3, n_first=1, kfi=None, rotate=None):
@@ -184,6 +184,17 @@ def test_dense_within_the_budget(g):
         assert plan.kfi == 1 and plan.is_dense and plan.density == 1.0
     else:
         assert plan.kfi > 1 or g["kfi"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(geometry, st.integers(0, 300))
+def test_is_dense_at_tells_every_steps_plan_covers_every_frame(g, step):
+    knob = knobs(g["ref"], g["scale"], g["W"], g["n_first"], g["kfi"])
+    plan = plan_of(g, step)
+    if is_dense_at(g["T"], knob):
+        assert plan.is_dense and plan.density == 1.0
+    else:
+        assert plan.kfi > 1
 
 
 @settings(max_examples=200, deadline=None)

@@ -30,7 +30,7 @@ from ..attention import FrameReferences
 from ..errors import ConfigError
 from ..families import Family, Variant
 from ..geometry import LatentGrid, ModelFamily
-from ..plan import choose_keyframe_interval
+from ..plan import is_dense_at
 from .base import LVSAProcessor, ModelAdapter
 from .compiled import compiling
 from .layout import context_parallel_of
@@ -106,7 +106,7 @@ class DispatchProcessor(LVSAProcessor):
     def _dense_at_every_step(self) -> bool:
         """Whether every step's plan of this forward's grid covers every frame (the grid is within the horizon)."""
         grid = self.runtime.rope_grid
-        return grid is not None and choose_keyframe_interval(grid.latent_frames, self.runtime.knobs) == 1
+        return grid is not None and is_dense_at(grid.latent_frames, self.runtime.knobs)
 
     def _skipped_by_design(self, attn: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
         """Whether the call asked the model's processor to skip attention (:attr:`Family.skip_arguments`)."""
