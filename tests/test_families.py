@@ -999,6 +999,8 @@ def test_a_grid_that_changes_within_a_run_is_planned_anew(saved_pipelines, layer
 
 # MiniMax-H3 runs through diffusers' modular pipeline only; its core denoising blocks take the prompt's
 # embedding and (fl2va) the encoded keyframes, so they run here without its Qwen3-VL conditioner and VAEs
+CP_WORKER = Path(__file__).with_name("families_cp_worker.py")
+CP_PIPELINE_WORKER = Path(__file__).with_name("families_cp_pipeline_worker.py")
 _MINIMAX_PIPELINE_TINY = {"num_attention_heads": 2, "attention_head_dim": 16, "hidden_size": 32, "num_layers": 2,
                           "num_refiner_layers": 1, "ffn_dim": 32, "in_channels": 24, "audio_in_channels": 32,
                           "text_dim": 16, "freq_dim": 16, "time_embed_hidden_dim": 32, "time_embed_dim": 16,
@@ -1054,6 +1056,37 @@ def test_minimax_h3_modular_pipeline_equals_the_model_at_the_horizon_and_rotates
         assert_reference(plan, video, text, padding, out)
 
 
+@pytest.mark.parametrize(("ulysses", "ring"), [(2, 1), (1, 2)], ids=["ulysses2-ring1", "ulysses1-ring2"])
+@pytest.mark.parametrize("workflow", ["t2va", "fl2va"])
+def test_minimax_h3_modular_pipeline_under_context_parallelism_equals_one_process(tmp_path, workflow, ulysses, ring,
+                                                                                  torchrun):
+    """Its modular pipeline beyond the horizon (the keyframes rotate), with context parallelism: only the video
+    rows that end the packed sequence split; the text, the keyframe's and the soundtrack's rows stay whole."""
+    from diffusers.modular_pipelines.minimax_h3 import modular_blocks_minimax_h3 as blocks
+
+    core = blocks.MiniMaxH3CoreDenoiseStep if workflow == "t2va" else blocks.MiniMaxH3FL2VACoreDenoiseStep
+    pipe = _minimax_pipeline(core, tmp_path / "model")
+    extra = ({} if workflow == "t2va" else
+             {"keyframe_anchors": ("first",), "condition_latents": [torch.randn(1, 24, 1, 4, 4)]})
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error", reference_latent_frames=51))
+    one = _minimax_generate(pipe, **extra)
+    handle.remove()
+    kwargs = {"prompt_embeds": torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(0)),
+              "text_token_tags": torch.ones(6, dtype=torch.long), "height": 64, "width": 64, "num_frames": 345,
+              "num_inference_steps": 3, **extra}
+    torch.save(kwargs, tmp_path / "inputs.pt")
+    result = torchrun(ulysses * ring, str(CP_PIPELINE_WORKER), str(tmp_path / "model"), workflow,
+                      str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), str(ulysses), str(ring), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert got["sparse_calls"] == handle.stats.sparse_calls > 0 and got["plan_builds"] == handle.stats.plan_builds
+    def outputs(latents):  # the video's and the soundtrack's latents
+        return list(latents) if isinstance(latents, (list, tuple)) else [latents]
+
+    for parallel, single in zip(outputs(got["latents"]), outputs(one), strict=True):
+        torch.testing.assert_close(parallel, single, rtol=1e-4, atol=1e-4)
+
+
 def test_diffusion_forcing_with_causal_blocks_is_refused_loudly(saved_pipelines, caplog):
     pipe = load_pipeline(saved_pipelines, "SkyReelsV2DiffusionForcingPipeline")
     lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
@@ -1067,7 +1100,7 @@ def test_diffusion_forcing_with_causal_blocks_is_refused_loudly(saved_pipelines,
 
 
 # -- context parallelism --------------------------------------------------------------------------------------
-CP_WORKER = Path(__file__).with_name("families_cp_worker.py")
+
 CP_LAYOUTS = [(2, 1), (1, 2)]  # Ulysses 2, ring 2
 
 
