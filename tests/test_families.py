@@ -793,6 +793,16 @@ def _ltx_i2v():
     return diffusers.LTXImageToVideoPipeline(**example_model("ltx-video").tiny_pipeline().components)
 
 
+def _ltx2_i2v():
+    """The example's LTX-2 pipeline, its VAE encoding as its decoder decodes (4x time, 4x space: the example's
+    small VAE only decodes, and its encoder's default blocks scale space, then time)."""
+    components = dict(example_model("ltx-2").tiny_pipeline().components)
+    config = {k: v for k, v in components["vae"].config.items() if not k.startswith("_")}
+    components["vae"] = diffusers.AutoencoderKLLTX2Video(
+        **{**config, "downsample_type": ("spatiotemporal", "spatiotemporal", "spatial", "spatial")})
+    return diffusers.LTX2ImageToVideoPipeline(**components)
+
+
 def _hunyuan_video_i2v():
     """HunyuanVideo I2V with its image's latent frame replacing the first frame's tokens (token_replace)."""
     components = dict(example_model("hunyuan-video").tiny_pipeline().components)
@@ -874,6 +884,12 @@ PIPELINES = {
     # the modalities isolated
     "LTX2Pipeline": PipelineCase(example_model("ltx-2"), 3, skipped=1,
                                  extra={"spatio_temporal_guidance_blocks": [1]}),
+    # its image's latent frame is the grid's first, held at timestep 0 by a per-token timestep
+    "LTX2ImageToVideoPipeline": PipelineCase(
+        DeclaredExample("ltx-2", "LTX2ImageToVideoPipeline", _ltx2_i2v,
+                        lambda g: {**example_model("ltx-2").embeddings(g), "image": _image()}), 3, skipped=1,
+        # image_crf=0: no H.264 re-compression of the image (PyAV), which touches only its pixels
+        extra={"spatio_temporal_guidance_blocks": [1], "image_crf": 0}),
 }
 
 
