@@ -999,6 +999,49 @@ def test_pipelines_equal_the_model_at_the_horizon_and_rotate_beyond_it(saved_pip
         assert_reference(plan, video, text, padding, out)
 
 
+def test_a_declared_transformer_shared_by_two_pipelines_keeps_one_installation(saved_pipelines, layer_calls):
+    """LTX-2's text-to-video and image-to-video pipelines on one transformer (as a user loads them): the same
+    settings share lvsa's installation and the second pipeline runs sparse; other settings are refused, naming
+    the pipeline they would change behind its back, and change nothing."""
+    first = load_pipeline(saved_pipelines, "LTX2Pipeline")
+    second = load_pipeline(saved_pipelines, "LTX2ImageToVideoPipeline")
+    second.transformer = first.transformer
+    handle = lvsa.apply(first, lvsa.LVSASettings(fallback="error"))
+    assert lvsa.apply(second, lvsa.LVSASettings(fallback="error")) is handle
+    reference = horizon(first.transformer)
+    generate(second, (2 * reference - 1) * PIPELINES["LTX2ImageToVideoPipeline"].vae_temporal + 1)
+    assert handle.stats.sparse_calls > 0 and handle.stats.fallback_calls == 0 and layer_calls
+    calls = len(layer_calls)
+    with pytest.raises(ConfigError, match=r"shares modules with transformer of LTX2ImageToVideoPipeline; applying "
+                                          r"here with other settings would change the settings of LTX2Pipeline"):
+        lvsa.apply(second, lvsa.LVSASettings(fallback="error", sparsity_scale=0.5))
+    assert lvsa.handle_of(first) is handle and handle.runtime.settings.sparsity_scale == 1.0
+    generate(first, (2 * reference - 1) * PIPELINES["LTX2Pipeline"].vae_temporal + 1)
+    assert len(layer_calls) > calls and all(plan.kfi > 1 for _s, _o, plan, *_ in layer_calls)
+    lvsa.remove(first)
+    assert lvsa.apply(second, lvsa.LVSASettings(fallback="error", sparsity_scale=0.5)) is not handle
+
+
+@pytest.mark.parametrize("fallback", ["error", "warn"])
+def test_a_declared_layer_whose_processor_is_replaced_after_apply_is_noticed(saved, fallback, caplog):
+    """A user's processor set on one self-attention layer after ``apply`` never runs as if lvsa were there:
+    one error, or the loud line and the user's processor."""
+    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
+
+    model = load(saved, "ltx-2")
+    handle = lvsa.apply(model, lvsa.LVSASettings(fallback=fallback))
+    model.transformer_blocks[1].attn1.set_processor(LTX2AudioVideoAttnProcessor())
+    frames = 2 * horizon(model) + 1
+    caplog.set_level(logging.WARNING, logger="lvsa")
+    if fallback == "error":
+        with pytest.raises(ConfigError, match=r"processor_replaced.*transformer_blocks\.1\.attn1"):
+            run(model, frames)
+        return
+    run(model, frames)
+    assert "[LVSA-FALLBACK]" in caplog.text and "transformer_blocks.1.attn1" in caplog.text
+    assert handle.stats.fallback_reasons["processor_replaced"] > 0 and handle.stats.sparse_calls > 0
+
+
 def test_a_grid_that_changes_within_a_run_is_planned_anew(saved_pipelines, layer_calls):
     """ChronoEdit reasons over a long video for its first steps, then keeps only its first and last frames:
     the step after the cut is planned on the two-frame grid."""

@@ -72,6 +72,21 @@ def test_a_pipeline_sharing_a_transformer_with_other_settings_fails_naming_the_m
     assert len(handle.layers) == 4 and _sparse_everywhere(handle)  # nothing was changed
 
 
+def test_a_second_pipeline_on_the_same_transformer_never_changes_the_first_ones_settings():
+    """Two pipelines on one transformer, each wholly inside the other's modules: applying to the second with
+    other settings would change the first behind its back, so it is refused; the same settings share."""
+    first = _wan()
+    handle = lvsa.apply(first, lvsa.LVSASettings())
+    other = _wan()
+    other.transformer = first.transformer
+    with pytest.raises(ConfigError, match=r"would change the settings of WanPipeline too"):
+        lvsa.apply(other, lvsa.LVSASettings(sparsity_scale=0.5))
+    assert handle.runtime.settings.sparsity_scale == 1.0 and _sparse_everywhere(handle)
+    assert lvsa.apply(other, lvsa.LVSASettings()) is handle
+    _generate(other)
+    assert handle.stats.sparse_calls > 0
+
+
 def test_reapplying_to_the_same_pipeline_replaces(caplog):
     pipe = _a14b(_wan())
     first = lvsa.apply(pipe, lvsa.LVSASettings())

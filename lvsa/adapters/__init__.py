@@ -296,10 +296,12 @@ def _unwrap_compiled(module: Any) -> Any:
 def _previous_handles(target: Any, transformers: list[Any], settings: Any, sparse: bool) -> LVSAHandle | None:
     """Resolve lvsa already installed on some of ``transformers``.
 
-    A handle whose modules all belong to this target is replaced (re-applying with new settings). A handle
-    that also owns modules outside this target (a transformer shared with another pipeline, such as Wan
-    2.2's ``transformer`` in a second pipeline) is never cut in half: with the same settings it is shared
-    (returned, and this pipeline's schedule added to it), else this is an error naming the modules."""
+    A handle whose modules all belong to this target, and which serves no other pipeline, is replaced
+    (re-applying with new settings). A handle that also owns modules outside this target (a transformer shared
+    with another pipeline, such as Wan 2.2's ``transformer`` in a second pipeline), or that serves another
+    pipeline on the same modules, is never cut in half nor changed behind that pipeline's back: with the same
+    settings it is shared (returned, and this pipeline's schedule added to it), else this is an error naming
+    the modules."""
     seen: list[LVSAHandle] = []
     for transformer in transformers:
         previous = getattr(transformer, _HANDLE_ATTRIBUTE, None)
@@ -307,7 +309,11 @@ def _previous_handles(target: Any, transformers: list[Any], settings: Any, spars
             seen.append(previous)
     for previous in seen:
         outside = [t for t in previous.transformers if not any(t is mine for mine in transformers)]
-        if not outside:
+        # another pipeline on the same transformers (a text-to-video and an image-to-video pipeline loaded on
+        # one model): replacing its installation would change that pipeline's settings behind its back
+        others = [p for p in previous.runtime.schedule.pipelines if p is not target] \
+            if hasattr(target, "components") else []
+        if not outside and not others:
             log.info(f"lvsa was already installed on {previous.target}: replacing it")
             previous.remove()
             continue
@@ -321,11 +327,15 @@ def _previous_handles(target: Any, transformers: list[Any], settings: Any, spars
                      f"{_describe(target, transformers)}: using the same installation")
             return previous
         names = ", ".join(type(t).__name__ for t in outside)
+        consequence = (f"would leave {names} of the first installation without lvsa" if outside else
+                       f"would change the settings of {', '.join(type(p).__name__ for p in others)} too")
+        remedy = ("Remove it first (lvsa.remove on the first pipeline), then apply to each pipeline, or apply "
+                  "with the same settings to share it" if outside else
+                  "Apply with the same settings to share it, or remove it first (lvsa.remove on the first "
+                  "pipeline, which then runs without lvsa)")
         raise ConfigError(
             f"lvsa is installed on {previous.target}, which shares modules with {_describe(target, transformers)}; "
-            f"applying here {'with other settings ' if inside_all else ''}would leave {names} "
-            "of the first installation without lvsa. Remove it first (lvsa.remove on the first pipeline), then "
-            "apply to each pipeline, or apply with the same settings to share it"
+            f"applying here {'with other settings ' if inside_all else ''}{consequence}. {remedy}"
         )
     return None
 
