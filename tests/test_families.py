@@ -457,7 +457,8 @@ _WIDE_HEADS = {
     "ltx-2": {**_HEADS_64, "cross_attention_dim": 128},
     "allegro": {**_HEADS_64, "cross_attention_dim": 128},
     "kandinsky-5": {"model_dim": 128, "ff_dim": 128, "axes_dims": (16, 24, 24)},
-    "kandinsky-6": {"model_dim": 128, "ff_dim": 128, "axes_dims": (16, 24, 24)},
+    # its released cross-modal RoPE (ca_rope) needs the audio heads as wide as the video's
+    "kandinsky-6": {"model_dim": 128, "ff_dim": 128, "axes_dims": (16, 24, 24), "axes_dims_a": (64,)},
 }
 
 
