@@ -322,39 +322,52 @@ def _shard(table: torch.Tensor, dim: int, dims: int, parallel: Any, what: str) -
     return table.chunk(degree, dim)[parallel.shard_index]
 
 
-class _WithinSplit:
-    """A forward pre-hook keeping this rank's shard of each tensor at ``argument[index]`` (a ``split_within``
-    entry of :attr:`Family.cp_plan`: a nested tuple such as Allegro's ``((tables), (positions))``, whose
-    per-token positions split while the tables stay whole), or of the tensor ``argument`` itself
-    (``index=None``: a ``split_input`` entry, for a module whose output diffusers' split hook refuses)."""
+class _ArgumentHook:
+    """A forward pre-hook replacing one argument of a module's call, passed by keyword or by position, with
+    :meth:`replace` of it (an argument the call leaves unset passes through)."""
 
-    def __init__(self, module: str, forward: Callable[..., Any], argument: str, index: int | None, dim: int,
-                 dims: int, parallel: Any) -> None:
-        self.module, self.argument, self.index, self.dim, self.dims = module, argument, index, dim, dims
-        self.parallel = parallel
+    def __init__(self, module: str, forward: Callable[..., Any], argument: str) -> None:
+        self.module, self.argument = module, argument
         self.position = list(inspect.signature(forward).parameters).index(argument)  # when passed positionally
+
+    def replace(self, value: Any) -> Any:
+        raise NotImplementedError
 
     def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         positional = self.argument not in kwargs and self.position < len(args)
         value = args[self.position] if positional else kwargs.get(self.argument)
         if value is None:
             return None
+        replaced = self.replace(value)
+        if positional:
+            return (*args[: self.position], replaced, *args[self.position + 1 :]), kwargs
+        return args, {**kwargs, self.argument: replaced}
+
+
+class _WithinSplit(_ArgumentHook):
+    """This rank's shard of each tensor at ``argument[index]`` (a ``split_within`` entry of
+    :attr:`Family.cp_plan`: a nested tuple such as Allegro's ``((tables), (positions))``, whose per-token
+    positions split while the tables stay whole), or of the tensor ``argument`` itself (``index=None``: a
+    ``split_input`` entry, for a module whose output diffusers' split hook refuses)."""
+
+    def __init__(self, module: str, forward: Callable[..., Any], argument: str, index: int | None, dim: int,
+                 dims: int, parallel: Any) -> None:
+        super().__init__(module, forward, argument)
+        self.index, self.dim, self.dims, self.parallel = index, dim, dims, parallel
+
+    def replace(self, value: Any) -> Any:
         if self.index is None:
             if not isinstance(value, torch.Tensor):
                 raise ConfigError(f"{self.module}: {self.argument} is not the tensor lvsa splits under context "
                                   "parallelism")
-            split = _shard(value, self.dim, self.dims, self.parallel, f"{self.module}: {self.argument}")
-        else:
-            what = f"{self.module}: {self.argument}[{self.index}]"
-            if not isinstance(value, (tuple, list)) or not isinstance(value[self.index], (tuple, list)):
-                raise ConfigError(f"{what} is not the nested tuple lvsa splits under context parallelism")
-            parts = list(value)
-            parts[self.index] = type(value[self.index])(_shard(t, self.dim, self.dims, self.parallel, what)
-                                                        for t in value[self.index])
-            split = type(value)(parts)
-        if positional:
-            return (*args[: self.position], split, *args[self.position + 1 :]), kwargs
-        return args, {**kwargs, self.argument: split}
+            return _shard(value, self.dim, self.dims, self.parallel, f"{self.module}: {self.argument}")
+        what = f"{self.module}: {self.argument}[{self.index}]"
+        if not isinstance(value, (tuple, list)) or not isinstance(value[self.index], (tuple, list)):
+            raise ConfigError(f"{what} is not the nested tuple lvsa splits under context parallelism")
+        parts = list(value)
+        parts[self.index] = type(value[self.index])(_shard(t, self.dim, self.dims, self.parallel, what)
+                                                    for t in value[self.index])
+        return type(value)(parts)
 
 
 def _unshard(part: torch.Tensor, dim: int, parallel: Any) -> torch.Tensor:
@@ -441,27 +454,21 @@ class _VideoTail:
         return torch.cat([others, _unshard(video, dim, self.parallel)], dim)
 
 
-class _TailSplit:
-    """A forward pre-hook cutting the video rows of an input (a tensor or a tuple of tensors) to this rank's
-    shard (a ``split_tail`` entry of :attr:`Family.cp_plan`)."""
+class _TailSplit(_ArgumentHook):
+    """The video rows of an input (a tensor or a tuple of tensors) cut to this rank's shard (a ``split_tail``
+    entry of :attr:`Family.cp_plan`)."""
 
     def __init__(self, module: str, forward: Callable[..., Any], argument: str, dim: int, tail: _VideoTail) -> None:
-        self.module, self.argument, self.dim, self.tail = module, argument, dim, tail
-        self.position = list(inspect.signature(forward).parameters).index(argument)  # when passed positionally
+        super().__init__(module, forward, argument)
+        self.dim, self.tail = dim, tail
 
-    def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        positional = self.argument not in kwargs and self.position < len(args)
-        value = args[self.position] if positional else kwargs.get(self.argument)
+    def replace(self, value: Any) -> Any:
         what = f"{self.module}: {self.argument}"
         if isinstance(value, torch.Tensor):
-            split = self.tail.split(value, self.dim, what)
-        elif isinstance(value, tuple) and value and all(isinstance(t, torch.Tensor) for t in value):
-            split = tuple(self.tail.split(t, self.dim, what) for t in value)
-        else:
-            raise ConfigError(f"{what} is not the tensor lvsa splits under context parallelism")
-        if positional:
-            return (*args[: self.position], split, *args[self.position + 1 :]), kwargs
-        return args, {**kwargs, self.argument: split}
+            return self.tail.split(value, self.dim, what)
+        if isinstance(value, tuple) and value and all(isinstance(t, torch.Tensor) for t in value):
+            return tuple(self.tail.split(t, self.dim, what) for t in value)
+        raise ConfigError(f"{what} is not the tensor lvsa splits under context parallelism")
 
 
 class _DictSplit:
