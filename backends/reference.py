@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lvsa.driver import AttentionProblem, Availability, Driver, Prepared
 from lvsa.plan import SparsePlan
+
+if TYPE_CHECKING:
+    from lvsa.attention import FrameReferences
 
 
 def frame_mask(plan: SparsePlan) -> torch.Tensor:
@@ -57,6 +61,26 @@ def reference_attention(
     scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * (scale if scale is not None else 1 / math.sqrt(D))
     scores = scores.masked_fill(~keep, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v64)
+
+
+def reference_with_frame_references(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan,
+                                    references: FrameReferences) -> torch.Tensor:
+    """Float64 attention of the video ``[B, S, H, D]`` over ``[video | reference]`` keys: the plan's frame mask
+    over the video, and query frame ``first + i`` against reference frame ``i`` only (WanAnimate2's BlockMask,
+    written out); returns float64."""
+    P, T, R = plan.patches_per_frame, plan.latent_frames, references.frames
+    frames = torch.zeros(T, T + R, dtype=torch.bool)
+    frames[:, :T] = frame_mask(plan)
+    for i in range(R):
+        frames[references.first + i, T + i] = True
+    tokens = references.key.shape[1] // R
+    mask = torch.cat([frames[:, :T].repeat_interleave(P, 1), frames[:, T:].repeat_interleave(tokens, 1)], dim=1)
+    keep = mask.repeat_interleave(P, 0).to(q.device)
+    q64, k64, v64 = (t.to(torch.float64) for t in (q, torch.cat([k, references.key], 1),
+                                                    torch.cat([v, references.value], 1)))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * q.shape[-1] ** -0.5
+    weights = scores.masked_fill(~keep, float("-inf")).softmax(-1)
     return torch.einsum("bhqk,bkhd->bqhd", weights, v64)
 
 

@@ -120,3 +120,51 @@ def test_the_example_checks_the_launch_against_both_degrees(tmp_path, monkeypatc
             "--nproc-per-node 4" in capsys.readouterr().err)
     assert main("wan", ["--lvsa", "--ring-degree", "0"]) == 2
     assert "--ring-degree 0: must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("shards", "first", "frames"), [(2, 1, 11), (3, 1, 11), (3, 5, 3), (4, 0, 2)])
+def test_ring_ranks_attend_their_query_frames_references(shards, first, frames):
+    """Frame-paired reference keys under ring attention (WanAnimate2's generation pass): each rank merges the
+    references of its own query frames into its ring steps, and the shards together equal one process; a
+    rank none of whose frames has a reference attends the video only."""
+    from lvsa.attention import FrameReferences
+    from lvsa.attention.executor import _shard_references
+    from lvsa.attention.references import attend_with_references
+    from lvsa.backends.reference import reference_with_frame_references
+
+    settings = lvsa.LVSASettings(reference_latent_frames=4, window_size=4)
+    plan = lvsa.make_plan(12, 6, settings=settings)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 72, 2, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    references = FrameReferences(*(torch.randn(2, frames * 6, 2, 16, generator=gen, dtype=torch.float64)
+                                   for _ in range(2)), frames, first)
+    whole = attend_with_references((q, k, v), plan, references, settings)
+    torch.testing.assert_close(whole, reference_with_frame_references(q, k, v, plan, references), rtol=1e-6,
+                               atol=1e-6)
+    size = 72 // shards
+    keys, values = list(k.split(size, dim=1)), list(v.split(size, dim=1))
+    outs = []
+    for rank in range(shards):
+        ring = RingGroup(None, shards, rank)
+        query = q[:, rank * size:(rank + 1) * size]
+        more = _shard_references("layer", query, plan, references, ring)
+        start, stop = rank * 12 // shards, (rank + 1) * 12 // shards
+        assert (more is None) == (first >= stop or first + frames <= start)
+        outs.append(ring_attention((query, keys[rank], values[rank]), None, plan, None, ring, settings,
+                                   key_value_shards=(keys, values), more_keys=more).video)
+    torch.testing.assert_close(torch.cat(outs, dim=1), whole, rtol=1e-10, atol=1e-10)
+    # without them, the frames that have references differ
+    alone = ring_attention((q[:, :size], keys[0], values[0]), None, plan, None, RingGroup(None, shards, 0),
+                           settings, key_value_shards=(keys, values)).video
+    assert torch.equal(alone, outs[0]) == (first >= 12 // shards)
+
+
+def test_ring_shards_of_part_frames_cannot_take_references():
+    from lvsa.attention import FrameReferences
+    from lvsa.attention.executor import _shard_references
+
+    plan = lvsa.make_plan(12, 6, settings=lvsa.LVSASettings(reference_latent_frames=4))
+    references = FrameReferences(torch.zeros(1, 6, 2, 16), torch.zeros(1, 6, 2, 16), 1, 1)
+    with pytest.raises(GeometryError, match="need ring shards of whole frames, and 12 latent frames do not split "
+                                            "into 5"):
+        _shard_references("layer", torch.zeros(1, 14, 2, 16), plan, references, RingGroup(None, 5, 0))

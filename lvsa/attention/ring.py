@@ -110,6 +110,7 @@ def ring_attention(
     key_value_shards: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     merge_text: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     stepwise: bool = False,
+    more_keys: Callable[[ring_step.LseAccumulator, ring_step.Attend, float], None] | None = None,
 ) -> RingResult:
     """One layer call under ring attention: this rank's video shard (``[B, V / R, H, D]``) and the whole
     text attend under ``plan`` (of the whole sequence), through the driver ``request`` picks (settings, or a
@@ -119,7 +120,8 @@ def ring_attention(
     The key/value shards are all-gathered, so by default every ring step of this rank runs in one set of
     calls over the attended shards end to end (as large as on one device); ``stepwise=True`` runs one set per
     step, each merged through its log-sum-exp, as a ring pass that holds one shard at a time would. Both
-    compute exactly the attended pairs and skip the same steps."""
+    compute exactly the attended pairs and skip the same steps. ``more_keys`` merges the video queries'
+    attention over keys outside the video (a shard's frame references) into their result."""
     q, k, v = video
     problem = AttentionProblem.for_ring(q, k, v, plan, ring.degree, key_padding_mask)
     driver = select_driver(problem, request.backend.lower(), request.fallback, lse=True)
@@ -137,6 +139,8 @@ def ring_attention(
     else:
         # the attended shards end to end (a skipped shard is never read): one index for every step
         ring_step.run_step(prepared.end_to_end, q, _end_to_end(keys), _end_to_end(values), scale, attend, acc)
+    if more_keys is not None:
+        more_keys(acc, attend, scale)
     text_out = None
     if text is not None:
         tq, tk, tv = text

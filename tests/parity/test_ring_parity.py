@@ -173,3 +173,50 @@ def test_float64_attention_with_lse_matches_torch():
         v[:, :, :2].repeat_interleave(2, 2).transpose(1, 2), attn_mask=keep[:, None, None, :]).transpose(1, 2)
     torch.testing.assert_close(out, expected)
     assert lse.shape == (2, 4, 5) and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_frame_references_under_ring_match_reference(parity_target, shards, backends_required, request):
+    """WanAnimate2's frame-paired reference keys (query frame f also attends reference frame f - 1): in one
+    process, and each simulated ring rank merging its own query frames' references into its ring steps."""
+    from lvsa.attention import FrameReferences
+    from lvsa.attention.executor import _shard_references
+    from lvsa.attention.references import attend_with_references
+    from lvsa.backends.reference import reference_with_frame_references
+
+    device, backend, dtype = usable_target(parity_target, backends_required, request)
+    settings = lvsa.LVSASettings(backend=backend, reference_latent_frames=4, window_size=4)
+    plan = lvsa.make_plan(12, 8, settings=settings)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 96, 4, 64, generator=gen).to(device, dtype) for _ in range(3))
+    references = FrameReferences(*(torch.randn(2, 11 * 8, 4, 64, generator=gen).to(device, dtype)
+                                   for _ in range(2)), 11, 1)
+    size = 96 // shards
+    problem = lvsa.AttentionProblem.for_ring(q[:, :size], k[:, :size], v[:, :size], plan, shards)
+    driver = registry.drivers()[backend]
+    if driver.check(problem):
+        pytest.skip(f"{backend} does not support this case: {'; '.join(driver.check(problem))}")
+
+    def run():
+        if shards == 1:
+            return attend_with_references((q, k, v), plan, references, settings)
+        keys, values = list(k.split(size, dim=1)), list(v.split(size, dim=1))
+        outs = []
+        for rank in range(shards):
+            ring = RingGroup(None, shards, rank)
+            query = q[:, rank * size:(rank + 1) * size]
+            outs.append(ring_attention((query, keys[rank], values[rank]), None, plan, None, ring, settings,
+                                       key_value_shards=(keys, values),
+                                       more_keys=_shard_references("layer", query, plan, references, ring)).video)
+        return torch.cat(outs, dim=1)
+
+    if driver.check_lse(problem):  # refused, with the reason, and never a wrong answer
+        with pytest.raises(lvsa.DriverUnavailable, match=f"backend '{backend}' cannot run"):
+            run()
+        return
+    out = run()
+    expected = reference_with_frame_references(*(t.cpu() for t in (q, k, v)), plan,
+                                               references.with_tensors(lambda t: t.cpu()))
+    assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
+    error = (out.cpu().double() - expected).abs().max().item()
+    assert error <= TOLERANCE[dtype], f"max abs error {error:.2e} > {TOLERANCE[dtype]:.0e}"
