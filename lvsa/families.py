@@ -98,8 +98,19 @@ class Family:
     #: ``output[index]`` of a module's tuple output; for a packed sequence (``grid="packed_rows"``)
     #: ``{module: {input: ("split_tail", dim)}}`` splits only the video rows that end it (a tensor or a tuple of
     #: tensors) and ``{module: ("gather_tail", dim)}`` gathers them; ``expected_dims=None`` splits a tensor of any
-    #: rank
+    #: rank; ``{module: {input: ("gather_input", dim, expected_dims)}}`` gathers an input from every rank, and
+    #: ``{module: ("frame_grid", grid_input, table_input)}`` gives modules (a pattern) whose rotary embedding
+    #: counts rows from the grid's start (WanAnimate2's ``rope_apply``) this rank's shard of the grid: the
+    #: per-sample ``(frames, height, width)`` rows cut to the shard's frames, and the rotary table's time columns
+    #: (the first ``c - 2 * (c // 3)`` of its ``c``, Wan's split) starting at the shard's first frame
     cp_plan: Mapping[str, Any] | None = None
+    #: forward arguments whose value makes a forward run whole on every rank under context parallelism: nothing
+    #: is split or gathered, and its layers attend in one process each (WanAnimate2's reference pass, once per
+    #: segment, whose cached keys every rank then holds whole); its ``cp_plan`` entries must all be lvsa's own
+    cp_whole_when: Mapping[str, Any] = field(default_factory=dict)
+    #: why the model's own attention cannot run under :attr:`cp_plan` ("" where it can): its self-attention must
+    #: run through lvsa, and a forward under context parallelism without lvsa installed is an error
+    cp_needs_lvsa: str = ""
     #: forward arguments that must be unset (or false) under context parallelism, with why
     cp_refused_arguments: Mapping[str, str] = field(default_factory=dict)
     #: forward arguments that must hold one value per sample (at most one dimension) under context parallelism,
@@ -467,11 +478,20 @@ DECLARED: tuple[Family, ...] = (
               "keys as the model's BlockMask says; a generation call whose plan is dense runs the model's own flex "
               "attention; the pipeline cuts long videos into segments of segment_frame_length, so lvsa engages "
               "when segments pass the horizon; under torch.compile its self-attention runs outside the graph "
-              "(in the graph within the horizon, where lvsa leaves the model as it is)",
-        no_context_parallel="diffusers ships no sharding plan for it; its processor applies the rotary tables "
-                            "to rows counted from the grid's start (a shard would get the first frames' angles), "
-                            "and its generation pass packs the video and the cached reference rows into one "
-                            "buffer for one BlockMask",
+              "(in the graph within the horizon, where lvsa leaves the model as it is); under context parallelism "
+              "the reference pass runs whole on every rank, once per segment",
+        context_parallel=True,
+        # diffusers ships no plan: the generation pass is split where the blocks start and gathered where the
+        # head starts; its processor applies the rotary tables to rows counted from the grid's start, so each
+        # block gets its shard's grid; the reference pass runs whole, so every rank caches every reference key
+        # (each generation frame attends its driving frame's, whichever rank holds the frame)
+        cp_plan={"blocks.0": {"hidden_states": ("split_input", 1, 3)},
+                 "blocks.*": ("frame_grid", "grid_sizes", "rotary_emb"),
+                 "head": {"x": ("gather_input", 1, 3)}},
+        cp_whole_when={"kv_cache_mode": "extract"},
+        cp_needs_lvsa="its generation pass's flex attention has no context parallelism: each rank would attend "
+                      "only its own frames",
+        cp_local_layers=("blocks.*.cross_attn",), cp_whole_frames=True,
     ),
     Family(
         name="kandinsky-5",

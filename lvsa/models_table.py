@@ -37,6 +37,8 @@ def _parallelism(family: Family) -> str:
                for key, (values, _why) in family.cp_accepted_config.items()]
     if family.cp_whole_frames:
         limits.append("whole latent frames per rank")
+    if family.cp_needs_lvsa:
+        limits.append("its self-attention through lvsa only")
     return f"context parallelism ({kinds}{''.join(', ' + limit for limit in limits)})"
 
 

@@ -14,6 +14,7 @@ Adding a family is its declaration plus a row here."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import re
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import diffusers
 import pytest
@@ -31,8 +32,8 @@ import torch
 import lvsa
 from lvsa import registry
 from lvsa.adapters import adapter_for
-from lvsa.adapters.declared import DeclaredAdapter
-from lvsa.backends.reference import reference_attention
+from lvsa.adapters.declared import DeclaredAdapter, _lvsa_split
+from lvsa.backends.reference import reference_attention, reference_with_frame_references
 from lvsa.errors import ConfigError
 from lvsa.families import ADAPTER_MODULES, DECLARED, REFUSED
 from lvsa.models_table import text_table
@@ -48,6 +49,19 @@ from lvsa_app.models import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sibling(name: str) -> Any:
+    """A helper module beside this file, which its torchrun workers import too (importlib mode puts no test
+    folder on the path)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_calls = _sibling("family_calls")
+wan_animate_2_step = _calls.wan_animate_2_step
 HEIGHT = WIDTH = 8  # latent size: 4 x 4 patches of 2 (patch 1 models: 8 x 8)
 
 
@@ -238,29 +252,6 @@ def _wan_animate_2(model, frames, batch, g):
             "encoder_hidden_states": [_randn(g, 6, c.text_dim) for _ in range(batch)]}
 
 
-def _wan_animate_2_step(model, inputs, timestep):
-    """One step as WanAnimate2RefExtractStep and WanAnimate2SegmentDenoiseInner call the transformer: the
-    reference pass fills the cache, the generation pass attends it (origin_len and origin_area as the pipeline
-    passes them: the segment's video frames, its size in pixels)."""
-    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
-
-    inner = getattr(model, "_orig_mod", model)
-    _, frames, height, width = inputs["hidden_states"][0].shape
-    segment = frames - 1
-    # a row per sample: the model's rotary embedding runs over the samples its grid lists
-    grid = torch.tensor([[segment, height // 2, width // 2]] * len(inputs["hidden_states"]))
-    cache = WanAnimate2KVCache(len(inner.blocks))
-    text = inputs["encoder_hidden_states"]
-    model(inputs["driving_latents"], timestep=timestep, encoder_hidden_states=text,
-          condition_latents=inputs["driving_condition"], kv_cache=cache, kv_cache_mode="extract",
-          seq_len=segment * height * width // 4, offset_grid_sizes=grid)
-    out = model(inputs["hidden_states"], timestep=timestep, encoder_hidden_states=text,
-                condition_latents=inputs["condition_latents"], kv_cache=cache, kv_cache_mode="cached",
-                seq_len=frames * height * width // 4, reference_grid_sizes=grid, origin_len=4 * (segment - 1) + 1,
-                origin_area=[8 * height, 8 * width], return_dict=False)[0]
-    return torch.stack(out)
-
-
 _WAN_TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
              "out_channels": 4, "text_dim": 16, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
              "rope_max_seq_len": 64}
@@ -329,7 +320,7 @@ ROWS.append(
     Row("wan-animate-2", "WanAnimate2Transformer3DModel",
         {"patch_size": (1, 2, 2), "text_len": 8, "in_dim": 8, "dim": 32, "ffn_dim": 32, "freq_dim": 16,
          "text_dim": 16, "out_dim": 4, "num_heads": 2, "num_layers": 2, "use_img_emb": False},
-        _wan_animate_2, call=_wan_animate_2_step, reference_pass=True))
+        _wan_animate_2, call=wan_animate_2_step, reference_pass=True))
 BY_FAMILY = {row.family: row for row in ROWS}
 FAMILY_OF = {family.name: family for family in DECLARED}
 
@@ -936,7 +927,7 @@ def assert_reference(plan, video, text, padding, out, tolerance=2e-5, references
     video_out, text_out = out
     if references is not None:
         assert text is None
-        torch.testing.assert_close(video_out.double(), with_frame_references(plan, video, references),
+        torch.testing.assert_close(video_out.double(), reference_with_frame_references(*video, plan, references),
                                    rtol=tolerance, atol=tolerance)
         return
     if text is None:
@@ -948,26 +939,6 @@ def assert_reference(plan, video, text, padding, out, tolerance=2e-5, references
         got = torch.cat([video_out, text_out] if after else [text_out, video_out], dim=1)
     torch.testing.assert_close(got.double(), reference_attention(q, k, v, plan, padding), rtol=tolerance,
                                atol=tolerance)
-
-
-def with_frame_references(plan, video, references):
-    """Float64 attention of the video over [video | reference] keys: the plan's frame mask over the video, and
-    query frame ``first + i`` against reference frame ``i`` only (the model's BlockMask, written out)."""
-    from lvsa.backends.reference import frame_mask
-
-    q, k, v = (x.double() for x in video)
-    P, T, R = plan.patches_per_frame, plan.latent_frames, references.frames
-    frames = torch.zeros(T, T + R, dtype=torch.bool)
-    frames[:, :T] = frame_mask(plan)
-    for i in range(R):
-        frames[references.first + i, T + i] = True
-    tokens = references.key.shape[1] // R
-    mask = torch.cat([frames[:, :T].repeat_interleave(P, 1), frames[:, T:].repeat_interleave(tokens, 1)], dim=1)
-    mask = mask.repeat_interleave(P, 0)
-    keys, values = torch.cat([k, references.key.double()], 1), torch.cat([v, references.value.double()], 1)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * q.shape[-1] ** -0.5
-    weights = scores.masked_fill(~mask.to(scores.device), float("-inf")).softmax(-1)
-    return torch.einsum("bhqk,bkhd->bqhd", weights, values)
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -1136,7 +1107,8 @@ def test_minimax_h3_modular_pipeline_under_context_parallelism_equals_one_proces
               "num_inference_steps": 3, **extra}
     torch.save(kwargs, tmp_path / "inputs.pt")
     result = torchrun(ulysses * ring, str(CP_PIPELINE_WORKER), str(tmp_path / "model"), workflow,
-                      str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), str(ulysses), str(ring), cwd=tmp_path)
+                      str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), str(ulysses), str(ring), "51",
+                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.load(tmp_path / "out.pt", weights_only=False)
     assert got["sparse_calls"] == handle.stats.sparse_calls > 0 and got["plan_builds"] == handle.stats.plan_builds
@@ -1201,6 +1173,57 @@ def test_kandinsky_6_without_audio_under_context_parallelism(saved, ulysses, rin
                                                without=("audio_hidden_states",))
 
 
+@pytest.mark.parametrize(("ulysses", "ring", "beyond"), [(2, 2, True), (2, 1, False), (1, 2, False)],
+                         ids=["ulysses2-ring2", "ulysses2-horizon", "ring2-horizon"])
+def test_wan_animate_2_under_context_parallelism_equals_one_process(saved, ulysses, ring, beyond, tmp_path,
+                                                                   torchrun):
+    """Its reference pass runs whole on every rank, its generation pass in shards of whole frames. Ulysses 2 x
+    ring 2 beyond the horizon: each rank takes its heads of the cached reference rows, then its ring shard's
+    frames of them. At the horizon one process runs the model's own flex attention, and context parallelism
+    lvsa's dense plan."""
+    frames = 2 * horizon(load(saved, "wan-animate-2")) if beyond else horizon(load(saved, "wan-animate-2"))
+    assert frames % (ulysses * ring) == 0
+    assert_context_parallel_equals_one_process(saved, "wan-animate-2", ulysses, ring, tmp_path, torchrun,
+                                               frames=frames)
+
+
+@pytest.mark.parametrize(("ulysses", "ring"), CP_LAYOUTS, ids=[f"ulysses{u}-ring{r}" for u, r in CP_LAYOUTS])
+def test_wan_animate_2_compiled_blocks_under_context_parallelism_equal_one_process(saved, ulysses, ring, tmp_path,
+                                                                                   torchrun):
+    """``compile_repeated_blocks``, as the model asks for its flex attention: the blocks compiled (inductor) with
+    lvsa's sharding hooks, which pass the whole reference pass through and give the generation pass's blocks
+    their shard's grid; the self-attention runs outside the graph."""
+    assert_context_parallel_equals_one_process(saved, "wan-animate-2", ulysses, ring, tmp_path, torchrun,
+                                               compiled=("blocks:inductor",))
+
+
+@pytest.mark.parametrize("variant", ["model:eager", "lvsa:removed"])
+def test_wan_animate_2_under_context_parallelism_refuses_what_would_be_wrong(saved, variant, tmp_path, torchrun):
+    """A whole-model ``torch.compile`` would trace its reference pass, which runs whole on every rank; without
+    lvsa its generation pass's flex attention would see only the rank's own frames. One line each."""
+    model = load(saved, "wan-animate-2")
+    row = BY_FAMILY["wan-animate-2"]
+    inputs = {**row.inputs(model, 44, 2, torch.Generator().manual_seed(1)), "timesteps": [torch.full((2,), 999.0)]}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    result = torchrun(2, str(CP_WORKER), str(saved["wan-animate-2"]), row.cls, str(tmp_path / "inputs.pt"),
+                      str(tmp_path / "out.pt"), "1", "2", "wan-animate-2", variant, cwd=tmp_path)
+    assert result.returncode != 0
+    assert {"model:eager": "ConfigError: WanAnimate2Transformer3DModel: this forward runs whole on every rank under "
+                           "context parallelism, which lvsa does not trace into a compiled graph: compile its blocks "
+                           "instead (transformer.compile_repeated_blocks()), or run it uncompiled",
+            "lvsa:removed": "ConfigError: WanAnimate2Transformer3DModel runs under lvsa's context parallelism only "
+                            "with lvsa installed (blocks.0.self_attn runs the model's own attention): its generation "
+                            "pass's flex attention has no context parallelism: each rank would attend only its own "
+                            "frames; call lvsa.apply on it"}[variant] in result.stderr
+
+
+@pytest.mark.parametrize("family", ["kandinsky-6", "ltx-2", "minimax-h3", "wan-animate-2"])
+def test_context_parallel_in_bfloat16_equals_one_process(saved, family, tmp_path, torchrun):
+    """Ring 2 in bfloat16 (the families whose sharding lvsa applies itself, where the ranks' partials merge
+    through log-sum-exp)."""
+    assert_context_parallel_equals_one_process(saved, family, 1, 2, tmp_path, torchrun, dtype=torch.bfloat16)
+
+
 def test_wan_animate_shards_of_part_frames_are_refused(saved, tmp_path, torchrun):
     """Its motion features split with the frames: 43 frames of 16 tokens split into two equal token shards, but
     not into whole frames, and that is one line, not diffusers' assertion."""
@@ -1209,33 +1232,36 @@ def test_wan_animate_shards_of_part_frames_are_refused(saved, tmp_path, torchrun
     inputs = {**row.inputs(model, 43, 2, torch.Generator().manual_seed(1)), "timesteps": [torch.full((2,), 999.0)]}
     torch.save(inputs, tmp_path / "inputs.pt")
     result = torchrun(2, str(CP_WORKER), str(saved["wan-animate"]), row.cls, str(tmp_path / "inputs.pt"),
-                      str(tmp_path / "out.pt"), "2", "1", cwd=tmp_path)
+                      str(tmp_path / "out.pt"), "2", "1", "wan-animate", cwd=tmp_path)
     assert result.returncode != 0
     assert ("ConfigError: WanAnimateTransformer3DModel splits its per-frame inputs with the frames under context "
             "parallelism: its 43 latent frames do not split into 2 shards of whole frames") in result.stderr
 
 
 def assert_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp_path, torchrun, per_frame=False,
-                                               without=()):
+                                               without=(), frames=None, compiled=(), dtype=torch.float32):
     """Two steps of a family's model under lvsa with context parallelism (torchrun, CPU) equal one process
     (``without``: inputs of the row left out)."""
-    model = load(saved, family)
-    frames = 2 * horizon(model) + 2  # beyond the horizon, and tokens that split over two ranks
+    model = load(saved, family, dtype)
+    frames = frames or 2 * horizon(model) + 2  # beyond the horizon, and tokens that split over two ranks
     row = BY_FAMILY[family]
     kwargs = row.inputs(model, frames, 2, torch.Generator().manual_seed(1))
-    kwargs = {k: v for k, v in kwargs.items() if k not in without}
+    kwargs = {k: _placed(v, dtype, "cpu") for k, v in kwargs.items() if k not in without}
     if per_frame:  # Cosmos Video2World's [B, 1, F, 1, 1], each frame at its own noise level
         ramp = torch.linspace(0.5, 1, frames).view(1, 1, frames, 1, 1)
         timesteps = [torch.full((2, 1, frames, 1, 1), t) * ramp for t in (999.0, 500.0)]
     else:
-        timesteps = [torch.full((2, frames) if row.timestep_per_frame else (2,), t) for t in (999.0, 500.0)]
+        timesteps = [torch.full((2, frames) if row.timestep_per_frame else (2,), t, dtype=dtype)
+                     for t in (999.0, 500.0)]
     handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error"))
     with torch.no_grad():
-        one = [model(**kwargs, timestep=timestep, return_dict=False) for timestep in timesteps]
+        one = [(row.call(model, kwargs, timestep),) if row.call else model(**kwargs, timestep=timestep,
+                                                                          return_dict=False)
+               for timestep in timesteps]
     handle.remove()
-    torch.save({**kwargs, "timesteps": timesteps}, tmp_path / "inputs.pt")
+    torch.save({**kwargs, "timesteps": timesteps, "dtype": dtype}, tmp_path / "inputs.pt")
     result = torchrun(ulysses * ring, str(CP_WORKER), str(saved[family]), row.cls, str(tmp_path / "inputs.pt"),
-                      str(tmp_path / "out.pt"), str(ulysses), str(ring), cwd=tmp_path)
+                      str(tmp_path / "out.pt"), str(ulysses), str(ring), family, *compiled, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.load(tmp_path / "out.pt", weights_only=False)
     assert (got["ulysses"], got["ring"]) == (ulysses, ring)
@@ -1245,10 +1271,11 @@ def assert_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp
     unsplit = [m for m in got["diffusers_warnings"] if "split will not be applied" in m]
     assert unsplit == (["Expected input tensor to have 3 dimensions, but got 2 dimensions, split will not be "
                         "applied."] if family == "cosmos" and not per_frame else []), unsplit
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # the ranks' partials merge in another order
     for parallel, single in zip(got["outputs"], one, strict=True):
         assert len(parallel) == len(single)
         for got_output, expected in zip(parallel, single, strict=True):
-            torch.testing.assert_close(got_output, expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_output, expected, rtol=tolerance, atol=tolerance)
 
 
 def test_diffusion_forcing_under_context_parallelism_is_refused(saved):
@@ -1294,13 +1321,16 @@ def test_motif_video_decoder_layers_under_context_parallelism_are_refused(saved)
         adapter.check_context_parallel(model, 2)
 
 
-@pytest.mark.parametrize("family", sorted(f.name for f in DECLARED if not f.context_parallel))
-def test_context_parallel_of_an_undeclared_family_is_refused_with_its_reason(saved, family):
-    model = load(saved, family)
-    reason = FAMILY_OF[family].no_context_parallel
-    with pytest.raises(ConfigError, match=f"lvsa's context parallelism is not declared for {family}: "
-                                          f"{re.escape(reason)}; run it in one process"):
-        lvsa.adapters.adapter_for(model).check_context_parallel(model, 2)
+def test_context_parallel_of_an_undeclared_family_is_refused_with_its_reason(saved):
+    """Every family declares context parallelism today; one that does not says why, in one line."""
+    from dataclasses import replace
+
+    assert all(f.context_parallel for f in DECLARED)
+    model = load(saved, "wan-animate-2")
+    family = replace(FAMILY_OF["wan-animate-2"], context_parallel=False, no_context_parallel="a reason of its own")
+    with pytest.raises(ConfigError, match="lvsa's context parallelism is not declared for wan-animate-2: a reason "
+                                          "of its own; run it in one process"):
+        DeclaredAdapter(family).check_context_parallel(model, 2)
 
 
 def test_every_family_declares_context_parallelism_or_says_why_not():
@@ -1308,6 +1338,10 @@ def test_every_family_declares_context_parallelism_or_says_why_not():
         assert family.context_parallel != bool(family.no_context_parallel), family.name
         if family.context_parallel:  # a sharding plan of its own, or diffusers'
             assert family.cp_plan is not None or family.classes[0] in _DIFFUSERS_CP_PLANS, family.name
+        if family.cp_whole_when:  # a forward that runs whole passes lvsa's hooks only: diffusers' would split it
+            entries = [v for value in family.cp_plan.values()
+                       for v in (value.values() if isinstance(value, dict) else [value])]
+            assert all(_lvsa_split(entry) for entry in entries), family.name
 
 
 _DIFFUSERS_CP_PLANS = {c for c in dir(diffusers) if c.endswith("Transformer3DModel")
@@ -1447,43 +1481,16 @@ def test_wan_animate_2_layouts_it_would_not_attend_as_the_model_does_are_refused
 
 
 def _wan_animate_2_segments(folder):
-    """WanAnimate2DenoiseStep's segment loop without its VAE steps: each segment draws its noise, resets the
-    scheduler, runs the reference pass and denoises with sequential CFG (the guider's unconditional branch
-    skips the model's tenth block: the tiny model has two)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimate2Transformer3DModel
-    from diffusers.modular_pipelines.wan_animate_2 import denoise as steps
-
-    class Segments(steps.WanAnimate2SegmentLoopWrapper):
-        block_classes: ClassVar[list] = [steps.WanAnimate2SegmentPrepareStep,
-                                         steps.WanAnimate2SegmentSchedulerResetStep, steps.WanAnimate2RefExtractStep,
-                                         steps.WanAnimate2SegmentDenoiseInner]
-        block_names: ClassVar[list] = ["prepare", "scheduler_reset", "reference", "denoise"]
-
     torch.manual_seed(0)
     config = {**BY_FAMILY["wan-animate-2"].config, "in_dim": 20, "out_dim": 16}  # its pipeline's 16 latent channels
-    WanAnimate2Transformer3DModel(**config).save_pretrained(folder)
-    pipe = Segments().init_pipeline()
-    pipe.update_components(transformer=WanAnimate2Transformer3DModel.from_pretrained(folder).eval(),
-                           scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    diffusers.WanAnimate2Transformer3DModel(**config).save_pretrained(folder)
+    return _calls.wan_animate_2_segments(folder)
 
 
 def _wan_animate_2_generate(pipe, segment_frames=81):
-    """Two segments of ``segment_frames`` frames at 64 x 64 in three steps, the VAE's latents given (random)."""
-    g = torch.Generator().manual_seed(0)
-    frames = (segment_frames - 1) // 4 + 1
     with torch.inference_mode():
-        return pipe(num_segments=2, segment_frame_length=segment_frames, height=64, width=64, num_inference_steps=3,
-                    reference_latents=torch.randn(4, frames + 1, 8, 8, generator=g),
-                    driving_video_latents=torch.randn(1, 16, frames, 8, 8, generator=g),
-                    driving_video_condition=torch.randn(4, frames, 8, 8, generator=g),
-                    prompt_ref_embeds=torch.randn(1, 6, 16, generator=g),
-                    prompt_embeds=torch.randn(1, 6, 16, generator=g),
-                    negative_prompt_embeds=torch.randn(1, 6, 16, generator=g),
-                    condition_clip_context=torch.zeros(1, 1, 1280), max_seq_len=(frames + 1) * 16,
-                    max_seq_len_ref=frames * 16, grid_sizes_ref=torch.tensor([[frames, 4, 4]]),
-                    generator=torch.Generator().manual_seed(1), output="latents")
+        return pipe(**_calls.wan_animate_2_segment_inputs(segment_frames), generator=torch.Generator().manual_seed(1),
+                    output="latents")
 
 
 def test_wan_animate_2_segments_equal_the_model_at_the_horizon_and_rotate_beyond_it(tmp_path, layer_calls):
@@ -1506,6 +1513,25 @@ def test_wan_animate_2_segments_equal_the_model_at_the_horizon_and_rotate_beyond
                                                                              strict=True):
         assert plan.kfi > 1 and plan.latent_frames == (22 if references is not None else 21)
         assert_reference(plan, video, text, padding, out, references=references)
+
+
+@pytest.mark.parametrize(("ulysses", "ring"), CP_LAYOUTS, ids=[f"ulysses{u}-ring{r}" for u, r in CP_LAYOUTS])
+def test_wan_animate_2_segments_under_context_parallelism_equal_one_process(tmp_path, ulysses, ring, torchrun):
+    """The segment loop beyond the horizon with context parallelism: each segment's reference pass whole on
+    every rank, its generation passes (sequential CFG) in shards of whole frames, the plan rotating per step."""
+    pipe = _wan_animate_2_segments(tmp_path / "model")
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error", reference_latent_frames=11))
+    one = _wan_animate_2_generate(pipe)
+    handle.remove()
+    torch.save(_calls.wan_animate_2_segment_inputs(), tmp_path / "inputs.pt")
+    result = torchrun(ulysses * ring, str(CP_PIPELINE_WORKER), str(tmp_path / "model"), "wan-animate-2",
+                      str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), str(ulysses), str(ring), "11",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert got["sparse_calls"] == handle.stats.sparse_calls == 2 * (1 + 3 * 2) * 2
+    assert got["plan_builds"] == handle.stats.plan_builds > 2
+    torch.testing.assert_close(got["latents"], one, rtol=1e-4, atol=1e-4)
 
 
 def test_lvsa_splits_a_nested_rotary_tuple_passed_by_keyword_or_by_position():

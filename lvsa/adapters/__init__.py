@@ -23,6 +23,7 @@ from .layout import context_parallel_of
 from .runtime import LVSARuntime, RuntimeStats
 
 if TYPE_CHECKING:
+    from ..attention import ContextParallel
     from ..plan import SparsePlan
     from ..settings import LVSASettings
 
@@ -175,21 +176,25 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
         runtime.schedule.add(target)  # the pipeline's schedule gives the exact denoising step
     handle = LVSAHandle(runtime, adapter, transformers, target=_describe(target, transformers))
 
-    def start_forward(module: Any, grid: LatentGrid, timestep: Any) -> int:
+    def start_forward(module: Any, grid: LatentGrid, timestep: Any, parallel: ContextParallel | None) -> int:
         if handle.layers:
             replaced = handle.replaced_layers()
             if replaced:
                 runtime.processors_replaced(replaced)
-        return runtime.begin_forward(grid, timestep, context_parallel_of(module))
+        return runtime.begin_forward(grid, timestep, parallel)
 
     def hook(index: int) -> Any:
         def before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
             grid = adapter.grid_of_call(module, args, kwargs)  # shapes only: plain ints while dynamo traces
             timestep = adapter.step_timestep(module, args, kwargs)
             if not compiled.compiling():
-                start_forward(module, grid, timestep)
+                start_forward(module, grid, timestep, adapter.parallel_of_call(module, args, kwargs))
                 return
             # traced by dynamo: the step's state changes behind the op, so the graph holds no guard on it
+            if context_parallel_of(module) is not None and adapter.parallel_of_call(module, args, kwargs) is None:
+                raise ConfigError(f"{type(module).__name__}: this forward runs whole on every rank under context "
+                                  "parallelism, which lvsa does not trace into a compiled graph: compile its blocks "
+                                  "instead (transformer.compile_repeated_blocks()), or run it uncompiled")
             calls = runtime.compiled
             compiled.forward_start(calls.ticket, grid.latent_frames, grid.patches_per_frame,
                                    compiled.as_tensor(timestep), calls.key, index)
@@ -202,7 +207,9 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
     try:
         for index, transformer in enumerate(transformers):
             prefix = names[index] + "." if names[index] else ""
-            runtime.compiled.forward_callbacks.append(functools.partial(start_forward, transformer))
+            runtime.compiled.forward_callbacks.append(
+                lambda grid, timestep, module=transformer: start_forward(module, grid, timestep,
+                                                                         context_parallel_of(module)))
             handle._hooks.append(transformer.register_forward_pre_hook(hook(index), with_kwargs=True))
             if settings.riflex:
                 handle._hooks.extend(adapter.install_riflex(transformer, runtime))

@@ -20,11 +20,12 @@ from ..riflex import rewrite_tables
 from ..ulysses import QKV
 from . import compiled
 from .compiled import DEFERRED, DeferredPlan, compiling
+from .layout import context_parallel_of
 
 if TYPE_CHECKING:
     import torch
 
-    from ..attention import FrameReferences
+    from ..attention import ContextParallel, FrameReferences
     from ..plan import SparsePlan
     from ..riflex import TemporalRope
     from .runtime import LVSARuntime
@@ -235,6 +236,11 @@ class ModelAdapter(ABC):
         """After diffusers' ``enable_parallelism``: what the adapter's sharding plan needs of the model beyond
         diffusers' hooks (nothing by default)."""
         return None
+
+    def parallel_of_call(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> ContextParallel | None:
+        """The context-parallel layout this forward runs under: the transformer's, or ``None`` for a forward
+        that runs whole on every rank."""
+        return context_parallel_of(transformer)
 
     def check_ring(self, transformer: Any, degree: int) -> None:
         """Refuse ring attention over ``degree`` ranks where the family does not run it (every family with an

@@ -36,6 +36,7 @@ from .compiled import compiling
 from .layout import context_parallel_of
 
 if TYPE_CHECKING:
+    from ..attention import ContextParallel
     from ..riflex import TemporalRope
     from .runtime import LVSARuntime
 
@@ -135,6 +136,9 @@ class DispatchProcessor(LVSAProcessor):
         else:
             out = self._lvsa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is None:
+            # lvsa's context says whether this forward is split (a forward that runs whole on every rank, such as
+            # WanAnimate2's reference pass, still carries the processor's parallel config)
+            parallel_config = parallel_config if self.runtime.context.parallel is not None else None
             out = _diffusers_dispatch()(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                         attention_kwargs, backend=backend, parallel_config=parallel_config)
         return out
@@ -193,7 +197,8 @@ class DispatchProcessor(LVSAProcessor):
         (a plan that is dense, or a call the policy let fall back)."""
         self._dispatched += 1
         arguments = getattr(self, "_arguments", {})
-        layout = packed_references(self.layer, arguments, query, key, block_mask)
+        parallel = self.runtime.context.parallel
+        layout = packed_references(self.layer, arguments, query, key, block_mask, parallel.degree if parallel else 1)
         video_tokens = layout.frames * layout.tokens
         problem = self._problem(query[:, :video_tokens], key[:, :video_tokens], None, dropout_p, is_causal, scale,
                                 enable_gqa, 0)
@@ -201,7 +206,7 @@ class DispatchProcessor(LVSAProcessor):
             self.unsupported(problem[0], video_tokens, problem[1])
             return None
         plan = self.plan(video_tokens)
-        if plan is None or plan.is_dense:
+        if plan is None or (plan.is_dense and parallel is None):  # the model's flex attention sees no other rank
             return None
         start = layout.reference_start
         reference_rows = slice(start, start + layout.reference_frames * layout.tokens)
@@ -254,8 +259,9 @@ class DispatchProcessor(LVSAProcessor):
 @dataclass(frozen=True)
 class PackedReferences:
     """Where a packed ``[video | cached reference]`` call holds what (WanAnimate2's generation pass): ``frames``
-    video frames of ``tokens`` tokens from row 0, then from ``reference_start`` ``reference_frames`` frames
-    of cached reference keys of the same size; frame ``f`` attends reference frame ``f - 1``."""
+    video frames of ``tokens`` tokens from row 0 (this rank's shard under context parallelism), then from
+    ``reference_start`` ``reference_frames`` frames of cached reference keys of the same size (every rank's
+    whole); frame ``f`` of the whole video attends reference frame ``f - 1``."""
 
     frames: int
     tokens: int
@@ -264,9 +270,10 @@ class PackedReferences:
 
 
 def packed_references(layer: str, arguments: dict[str, Any], query: torch.Tensor, key: torch.Tensor,
-                      block_mask: Any) -> PackedReferences:
+                      block_mask: Any, shards: int = 1) -> PackedReferences:
     """The layout of a generation pass's packed call, read off its processor's arguments and checked against the
-    tensors and the model's BlockMask: a layout lvsa would not attend exactly as the mask does is refused."""
+    tensors and the model's BlockMask: a layout lvsa would not attend exactly as the mask does is refused.
+    Under context parallelism over ``shards`` ranks the grid is this rank's (:class:`_FrameGrid`)."""
     names = ("grid_sizes", "reference_grid_sizes", "origin_latent_frames", "origin_latent_hw")
     missing = [name for name in names if arguments.get(name) is None]
     if missing:
@@ -284,9 +291,9 @@ def packed_references(layer: str, arguments: dict[str, Any], query: torch.Tensor
     elif height * width != origin_tokens or ref_height * ref_width != origin_tokens:
         problem = (f"a segment of {height}x{width} tokens per frame (references {ref_height}x{ref_width}) in a "
                    f"layout of {origin_tokens}: the model would attend the zero rows between them")
-    elif frames != origin_frames + 1 or ref_frames != origin_frames:
-        problem = (f"{frames} video frames and {ref_frames} reference frames in a layout of {origin_frames} + 1: "
-                   "the model would attend zero rows")
+    elif frames * shards != origin_frames + 1 or ref_frames != origin_frames:
+        problem = (f"{frames * shards} video frames and {ref_frames} reference frames in a layout of "
+                   f"{origin_frames} + 1: the model would attend zero rows")
     elif query.shape[1] != video_rows or key.shape[1] != video_rows + reference_rows:
         problem = f"{query.shape[1]} query and {key.shape[1]} key rows for {video_rows} and {reference_rows}"
     elif tuple(block_mask.shape[-2:]) != (video_rows, video_rows + reference_rows):
@@ -298,10 +305,12 @@ def packed_references(layer: str, arguments: dict[str, Any], query: torch.Tensor
 
 
 def _lvsa_split(value: Any) -> bool:
-    """Whether a :attr:`Family.cp_plan` entry is one lvsa applies itself (``split_values``, ``split_within``,
-    ``split_input``, ``gather_item``, ``split_tail``, ``gather_tail``)."""
-    return isinstance(value, tuple) and value[0] in ("split_values", "split_within", "split_input", "gather_item",
-                                                     "split_tail", "gather_tail")
+    """Whether a :attr:`Family.cp_plan` entry is one lvsa applies itself (all but ``split`` and ``gather``)."""
+    return isinstance(value, tuple) and value[0] in _LVSA_KINDS
+
+
+_LVSA_KINDS = frozenset({"split_values", "split_within", "split_input", "gather_input", "gather_item", "split_tail",
+                         "gather_tail", "frame_grid"})
 
 
 def _last_module(transformer: Any, module: str) -> str:
@@ -322,9 +331,38 @@ def _shard(table: torch.Tensor, dim: int, dims: int, parallel: Any, what: str) -
     return table.chunk(degree, dim)[parallel.shard_index]
 
 
+class _WholeForwards:
+    """A pre-hook on the transformer telling lvsa's sharding hooks whether the forward runs whole on every rank
+    (:attr:`Family.cp_whole_when`)."""
+
+    def __init__(self, adapter: DeclaredAdapter) -> None:
+        self.adapter, self.now = adapter, False
+
+    def __call__(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.now = self.adapter.runs_whole(transformer, args, kwargs)
+
+
+class _LvsaRequired:
+    """A pre-hook on the transformer refusing a forward under context parallelism whose self-attention layers do
+    not run through lvsa (:attr:`Family.cp_needs_lvsa`: the model's own attention cannot run under the plan)."""
+
+    def __init__(self, adapter: DeclaredAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, transformer: Any, _args: tuple, _kwargs: dict[str, Any]) -> None:
+        layers = self.adapter.self_attention_layers(transformer)
+        without = [name for name, module in layers.items() if not isinstance(module.processor, LVSAProcessor)]
+        if without:
+            raise ConfigError(f"{type(transformer).__name__} runs under lvsa's context parallelism only with lvsa "
+                              f"installed ({without[0]} runs the model's own attention): "
+                              f"{self.adapter.declaration.cp_needs_lvsa}; call lvsa.apply on it")
+
+
 class _ArgumentHook:
     """A forward pre-hook replacing one argument of a module's call, passed by keyword or by position, with
-    :meth:`replace` of it (an argument the call leaves unset passes through)."""
+    :meth:`replace` of it (an argument the call leaves unset, or a forward that runs whole, passes through)."""
+
+    whole: _WholeForwards | None = None
 
     def __init__(self, module: str, forward: Callable[..., Any], argument: str) -> None:
         self.module, self.argument = module, argument
@@ -334,6 +372,8 @@ class _ArgumentHook:
         raise NotImplementedError
 
     def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if self.whole is not None and self.whole.now:
+            return None
         positional = self.argument not in kwargs and self.position < len(args)
         value = args[self.position] if positional else kwargs.get(self.argument)
         if value is None:
@@ -382,6 +422,59 @@ def _unshard(part: torch.Tensor, dim: int, parallel: Any) -> torch.Tensor:
             dist.all_gather(parts, whole, group=group.group)
             whole = torch.cat(parts, dim=dim)
     return whole
+
+
+class _InputGather(_ArgumentHook):
+    """The whole of a split input, gathered from every rank (a ``gather_input`` entry of
+    :attr:`Family.cp_plan`: WanAnimate2's head, whose caller the transformer's forward is)."""
+
+    def __init__(self, module: str, forward: Callable[..., Any], argument: str, dim: int, dims: int,
+                 parallel: Any) -> None:
+        super().__init__(module, forward, argument)
+        self.dim, self.dims, self.parallel = dim, dims, parallel
+
+    def replace(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() != self.dims:
+            raise ConfigError(f"{self.module}: {self.argument} is not the tensor of {self.dims} dimensions lvsa "
+                              "gathers under context parallelism")
+        return _unshard(value, self.dim, self.parallel)
+
+
+class _FrameGrid:
+    """A forward pre-hook giving a module whose rotary embedding counts rows from the grid's start (WanAnimate2's
+    ``rope_apply``) this rank's shard of the grid (a ``frame_grid`` entry of :attr:`Family.cp_plan`): the
+    per-sample ``(frames, height, width)`` rows with the shard's frames, and the rotary table (a row per
+    position; of its ``c`` columns the first ``c - 2 * (c // 3)`` are the time axis, Wan's split) with its
+    time columns starting at the shard's first frame. The shards hold whole frames (``cp_whole_frames``)."""
+
+    def __init__(self, module: str, grid: str, table: str, parallel: Any, whole: _WholeForwards | None) -> None:
+        self.module, self.grid, self.table, self.parallel, self.whole = module, grid, table, parallel, whole
+        self._shifted: tuple[Any, int, torch.Tensor] | None = None  # (table, start, shifted): one per forward
+
+    def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if self.whole is not None and self.whole.now:
+            return None
+        grid, table = kwargs.get(self.grid), kwargs.get(self.table)
+        if not isinstance(grid, torch.Tensor) or grid.dim() != 2 or grid.shape[1] != 3 \
+                or not isinstance(table, torch.Tensor) or table.dim() != 2:
+            raise ConfigError(f"{self.module} was called without {self.grid} as (frames, height, width) rows and "
+                              f"{self.table} as a rotary table by keyword, which lvsa cuts to this rank's frames")
+        frames = set(grid[:, 0].tolist())
+        degree = self.parallel.degree
+        if len(frames) != 1 or next(iter(frames)) % degree:
+            raise ConfigError(f"{self.module}: grids of {sorted(frames)} frames do not split into {degree} shards "
+                              "of whole frames")
+        local = next(iter(frames)) // degree
+        start = self.parallel.shard_index * local
+        shard = grid.clone()
+        shard[:, 0] = local
+        cached = self._shifted
+        if cached is None or cached[0] is not table or cached[1] != start:
+            rows, columns = table.shape
+            time = columns - 2 * (columns // 3)
+            shifted = torch.cat([table[start:, :time], table[: rows - start, time:]], dim=1)
+            cached = self._shifted = (table, start, shifted)
+        return args, {**kwargs, self.grid: shard, self.table: cached[2]}
 
 
 class _GatherInputs:
@@ -630,6 +723,16 @@ class DeclaredAdapter(ModelAdapter):
         index = positions.get(name)
         return args[index] if index is not None and index < len(args) else None
 
+    def runs_whole(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Whether this forward runs whole on every rank under context parallelism (:attr:`Family.cp_whole_when`)."""
+        return any(self.forward_argument(transformer, name, args, kwargs) == value
+                   for name, value in self.declaration.cp_whole_when.items())
+
+    def parallel_of_call(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> ContextParallel | None:
+        if self.declaration.cp_whole_when and self.runs_whole(transformer, args, kwargs):
+            return None
+        return super().parallel_of_call(transformer, args, kwargs)
+
     def grid_of_call(self, transformer: Any, args: tuple, kwargs: dict[str, Any]) -> LatentGrid:
         declaration = self.declaration
         if getattr(transformer, "_parallel_config", None) is not None:
@@ -644,7 +747,7 @@ class DeclaredAdapter(ModelAdapter):
                                       f"{tuple(value.shape)} under context parallelism, where lvsa runs one per "
                                       f"sample: {why}; run it in one process")
         grid = self._grid_of_call(transformer, args, kwargs)
-        parallel = context_parallel_of(transformer) if declaration.cp_whole_frames else None
+        parallel = self.parallel_of_call(transformer, args, kwargs) if declaration.cp_whole_frames else None
         if parallel is not None:
             degree = parallel.degree
             if grid.latent_frames % degree:
@@ -731,6 +834,12 @@ class DeclaredAdapter(ModelAdapter):
         tail = _VideoTail(self, parallel)
         if self.declaration.grid == "packed_rows":
             transformer.register_forward_pre_hook(tail, with_kwargs=True)
+        if self.declaration.cp_needs_lvsa:
+            transformer.register_forward_pre_hook(_LvsaRequired(self), with_kwargs=True)
+        whole = None
+        if self.declaration.cp_whole_when:
+            whole = _WholeForwards(self)
+            transformer.register_forward_pre_hook(whole, with_kwargs=True)
         for module, value in (self.declaration.cp_plan or {}).items():
             if _lvsa_split(value) and value[0] == "gather_tail":
                 _, dim = value
@@ -740,6 +849,10 @@ class DeclaredAdapter(ModelAdapter):
                 _, index, dim, dims = value
                 transformer.get_submodule(_last_module(transformer, module)).register_forward_hook(
                     _ItemGather(module, index, dim, dims, parallel))
+            elif _lvsa_split(value) and value[0] == "frame_grid":
+                _, grid, table = value
+                for name, found in self._modules(transformer, module):
+                    found.register_forward_pre_hook(_FrameGrid(name, grid, table, parallel, whole), with_kwargs=True)
             elif _lvsa_split(value):
                 _, dim, dims = value
                 transformer.get_submodule(module).register_forward_hook(_DictSplit(module, dim, dims, parallel))
@@ -747,13 +860,15 @@ class DeclaredAdapter(ModelAdapter):
                 for argument, entry in value.items():
                     if not _lvsa_split(entry):
                         continue
-                    pattern = self.declaration.layer_pattern((module,))
-                    for name, found in [(n, m) for n, m in transformer.named_modules() if pattern.fullmatch(n)]:
+                    for name, found in self._modules(transformer, module):
                         if entry[0] == "split_tail":
-                            hook = _TailSplit(name, found.forward, argument, entry[1], tail)
+                            hook: _ArgumentHook = _TailSplit(name, found.forward, argument, entry[1], tail)
+                        elif entry[0] == "gather_input":
+                            hook = _InputGather(name, found.forward, argument, *entry[1:], parallel)
                         else:  # split_input: the argument itself (no index into a nested tuple)
                             index, dim, dims = entry[1:] if entry[0] == "split_within" else (None, *entry[1:])
                             hook = _WithinSplit(name, found.forward, argument, index, dim, dims, parallel)
+                        hook.whole = whole
                         found.register_forward_pre_hook(hook, with_kwargs=True)
         for module in self._attention_modules(transformer, self.declaration.cp_local_layers):
             module.processor._parallel_config = None
@@ -763,6 +878,15 @@ class DeclaredAdapter(ModelAdapter):
             for name, module in self._attention_modules(transformer, (layers,), named=True):
                 module.processor._parallel_config = None
                 module.register_forward_pre_hook(_GatherInputs(name, arguments, parallel), with_kwargs=True)
+
+    def _modules(self, transformer: Any, module: str) -> list[tuple[str, Any]]:
+        """The modules a :attr:`Family.cp_plan` name (a pattern) matches; one that matches none is an error."""
+        pattern = self.declaration.layer_pattern((module,))
+        found = [(name, m) for name, m in transformer.named_modules() if pattern.fullmatch(name)]
+        if not found:
+            raise ConfigError(f"{type(transformer).__name__}: no module matches {module}, named in the context-"
+                              f"parallel plan declared for {self.name}")
+        return found
 
     def _attention_modules(self, transformer: Any, layers: tuple[str, ...], named: bool = False) -> list[Any]:
         """The attention modules (those with a processor) matching ``layers``; declared layers that match
