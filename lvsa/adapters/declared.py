@@ -306,11 +306,7 @@ def packed_references(layer: str, arguments: dict[str, Any], query: torch.Tensor
 
 def _lvsa_split(value: Any) -> bool:
     """Whether a :attr:`Family.cp_plan` entry is one lvsa applies itself (all but ``split`` and ``gather``)."""
-    return isinstance(value, tuple) and value[0] in _LVSA_KINDS
-
-
-_LVSA_KINDS = frozenset({"split_values", "split_within", "split_input", "gather_input", "gather_item", "split_tail",
-                         "gather_tail", "frame_grid"})
+    return isinstance(value, tuple) and (value[0] in _MODULE_KINDS or value[0] in _ARGUMENT_KINDS)
 
 
 def _last_module(transformer: Any, module: str) -> str:
@@ -579,6 +575,34 @@ class _DictSplit:
                 for key, table in output.items()}
 
 
+@dataclass(frozen=True)
+class _Sharding:
+    """What the sharding hooks of one transformer share: its layout, its packed sequence's video rows, and
+    whether the forward runs whole."""
+
+    parallel: Any
+    tail: _VideoTail
+    whole: _WholeForwards | None
+
+
+#: the :attr:`Family.cp_plan` kinds lvsa applies itself to a module: ``kind -> (name, values, shared) -> (hook,
+#: whether it runs before the forward)`` (a forward hook on the module's output otherwise)
+_MODULE_KINDS: dict[str, Callable[[str, list[Any], _Sharding], tuple[Any, bool]]] = {
+    "gather_tail": lambda name, v, s: ((lambda _m, _a, output: s.tail.gather(output, v[0])), False),
+    "gather_item": lambda name, v, s: (_ItemGather(name, *v, s.parallel), False),
+    "split_values": lambda name, v, s: (_DictSplit(name, *v, s.parallel), False),
+    "frame_grid": lambda name, v, s: (_FrameGrid(name, *v, s.parallel, s.whole), True),
+}
+#: the kinds lvsa applies itself to one argument of a module: ``kind -> (name, forward, argument, values,
+#: shared) -> hook``
+_ARGUMENT_KINDS: dict[str, Callable[[str, Callable[..., Any], str, list[Any], _Sharding], _ArgumentHook]] = {
+    "split_tail": lambda name, f, a, v, s: _TailSplit(name, f, a, v[0], s.tail),
+    "split_within": lambda name, f, a, v, s: _WithinSplit(name, f, a, *v, s.parallel),
+    "split_input": lambda name, f, a, v, s: _WithinSplit(name, f, a, None, *v, s.parallel),
+    "gather_input": lambda name, f, a, v, s: _InputGather(name, f, a, *v, s.parallel),
+}
+
+
 def _is_block_mask(mask: Any) -> bool:
     return mask is not None and not isinstance(mask, torch.Tensor) and type(mask).__name__ == "BlockMask"
 
@@ -840,34 +864,19 @@ class DeclaredAdapter(ModelAdapter):
         if self.declaration.cp_whole_when:
             whole = _WholeForwards(self)
             transformer.register_forward_pre_hook(whole, with_kwargs=True)
+        shared = _Sharding(parallel, tail, whole)
         for module, value in (self.declaration.cp_plan or {}).items():
-            if _lvsa_split(value) and value[0] == "gather_tail":
-                _, dim = value
-                transformer.get_submodule(_last_module(transformer, module)).register_forward_hook(
-                    lambda _m, _a, output, dim=dim: tail.gather(output, dim))
-            elif _lvsa_split(value) and value[0] == "gather_item":
-                _, index, dim, dims = value
-                transformer.get_submodule(_last_module(transformer, module)).register_forward_hook(
-                    _ItemGather(module, index, dim, dims, parallel))
-            elif _lvsa_split(value) and value[0] == "frame_grid":
-                _, grid, table = value
-                for name, found in self._modules(transformer, module):
-                    found.register_forward_pre_hook(_FrameGrid(name, grid, table, parallel, whole), with_kwargs=True)
-            elif _lvsa_split(value):
-                _, dim, dims = value
-                transformer.get_submodule(module).register_forward_hook(_DictSplit(module, dim, dims, parallel))
-            elif isinstance(value, dict):
-                for argument, entry in value.items():
-                    if not _lvsa_split(entry):
-                        continue
-                    for name, found in self._modules(transformer, module):
-                        if entry[0] == "split_tail":
-                            hook: _ArgumentHook = _TailSplit(name, found.forward, argument, entry[1], tail)
-                        elif entry[0] == "gather_input":
-                            hook = _InputGather(name, found.forward, argument, *entry[1:], parallel)
-                        else:  # split_input: the argument itself (no index into a nested tuple)
-                            index, dim, dims = entry[1:] if entry[0] == "split_within" else (None, *entry[1:])
-                            hook = _WithinSplit(name, found.forward, argument, index, dim, dims, parallel)
+            entries = value.items() if isinstance(value, dict) else [(None, value)]
+            for argument, (kind, *values) in [(a, e) for a, e in entries if _lvsa_split(e)]:
+                for name, found in self._modules(transformer, _last_module(transformer, module)):
+                    if argument is None:
+                        hook, before = _MODULE_KINDS[kind](name, values, shared)
+                        if before:
+                            found.register_forward_pre_hook(hook, with_kwargs=True)
+                        else:
+                            found.register_forward_hook(hook)
+                    else:
+                        hook = _ARGUMENT_KINDS[kind](name, found.forward, argument, values, shared)
                         hook.whole = whole
                         found.register_forward_pre_hook(hook, with_kwargs=True)
         for module in self._attention_modules(transformer, self.declaration.cp_local_layers):
