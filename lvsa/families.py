@@ -301,7 +301,9 @@ DECLARED: tuple[Family, ...] = (
         pipelines=("CosmosTextToWorldPipeline", "CosmosVideoToWorldPipeline", "Cosmos2VideoToWorldPipeline",
                    "Cosmos2_5_PredictBasePipeline"),
         vae_temporal_factor=8, vae_spatial_factor=8, default_height=704, default_width=1280,
-        notes="the variant is read off extra_pos_embed_type (learnable: 1.0)",
+        notes="the variant is read off extra_pos_embed_type (learnable: 1.0); Cosmos 1.0's VAE normalises its "
+              "latents with statistics of 16 latent frames, so its pipelines encode and decode at most 121 frames "
+              "(beyond, diffusers stops with a size mismatch; output_type='latent' keeps the latents)",
         context_parallel=True,
         # the video tokens and their rotary rows split where the blocks start; what the forward gives every block
         # per token (Video2World's per-frame timestep embeddings, Cosmos 1.0's learnable position embedding) split

@@ -771,20 +771,25 @@ def _cosmos2():
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), safety_checker=StandInGuardrail())
 
 
-def _cosmos1():
-    """Cosmos 1.0's text-to-world pipeline: its 8 x 8 x 8 VAE (small), its EDM scheduler and its learnable position
-    embedding. Without the padding-mask channel its checkpoints concatenate (``concat_padding_mask``): diffusers
-    resizes that mask through torchvision, which the tests do not install."""
+def _cosmos1(pipeline="CosmosTextToWorldPipeline"):
+    """Cosmos 1.0's text-to-world or video-to-world pipeline: its 8 x 8 x 8 VAE (small), its EDM scheduler and its
+    learnable position embedding (video-to-world: a conditioning mask channel). Without the padding-mask channel
+    its checkpoints concatenate (``concat_padding_mask``): diffusers resizes that mask through torchvision, which
+    the tests do not install."""
     transformer = diffusers.CosmosTransformer3DModel(
-        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
+        in_channels=17 if pipeline == "CosmosVideoToWorldPipeline" else 16, out_channels=16, num_attention_heads=2,
+        attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
         text_embed_dim=32, adaln_lora_dim=8, max_size=(64, 16, 16), concat_padding_mask=False,
         extra_pos_embed_type="learnable", rope_scale=(2.0, 1.0, 1.0))
+    # without the released latent statistics, which cover 16 latent frames: with them the pipelines encode and
+    # decode no longer video (the family's notes say so)
     vae = diffusers.AutoencoderKLCosmos(encoder_block_out_channels=(8, 8, 8, 8), decode_block_out_channels=(8, 8, 8, 8),
-                                        num_layers=1, attention_resolutions=(), resolution=64)
+                                        num_layers=1, attention_resolutions=(), resolution=64, latents_mean=None,
+                                        latents_std=None)
     scheduler = diffusers.EDMEulerScheduler(sigma_max=80.0, sigma_min=0.002, sigma_data=0.5, sigma_schedule="karras",
                                             prediction_type="epsilon", rho=7.0, final_sigmas_type="sigma_min")
-    return diffusers.CosmosTextToWorldPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                               scheduler=scheduler, safety_checker=StandInGuardrail())
+    return getattr(diffusers, pipeline)(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                        scheduler=scheduler, safety_checker=StandInGuardrail())
 
 
 def _cosmos2_inputs(g):  # the first frame to continue: Video2World conditions its latent frame per timestep
@@ -886,9 +891,14 @@ PIPELINES = {
     "Cosmos2VideoToWorldPipeline": PipelineCase(DeclaredExample("cosmos", "Cosmos2VideoToWorldPipeline", _cosmos2,
                                                                 _cosmos2_inputs), 2,
                                                 components=lambda: {"safety_checker": StandInGuardrail()}),
-    # Cosmos 1.0: two forwards a step (the unconditional one after the conditional)
+    # Cosmos 1.0: two forwards a step (the unconditional one after the conditional); video-to-world conditions on
+    # an image's latent frame
     "CosmosTextToWorldPipeline": PipelineCase(
         DeclaredExample("cosmos", "CosmosTextToWorldPipeline", _cosmos1, random_prompt_embeddings, tiny_vae_temporal=8),
+        2, components=lambda: {"safety_checker": StandInGuardrail()}),
+    "CosmosVideoToWorldPipeline": PipelineCase(
+        DeclaredExample("cosmos", "CosmosVideoToWorldPipeline", lambda: _cosmos1("CosmosVideoToWorldPipeline"),
+                        _cosmos2_inputs, tiny_vae_temporal=8),
         2, components=lambda: {"safety_checker": StandInGuardrail()}),
     "WanAnimatePipeline": PipelineCase(DeclaredExample("wan-animate", "WanAnimatePipeline", _wan_animate,
                                                        random_prompt_embeddings), 2, length=_wan_animate_length),
