@@ -344,10 +344,12 @@ class _LvsaRequired:
 
     def __init__(self, adapter: DeclaredAdapter) -> None:
         self.adapter = adapter
+        self.layers: dict[str, Any] | None = None  # the modules, found once (their processors are read per forward)
 
     def __call__(self, transformer: Any, _args: tuple, _kwargs: dict[str, Any]) -> None:
-        layers = self.adapter.self_attention_layers(transformer)
-        without = [name for name, module in layers.items() if not isinstance(module.processor, LVSAProcessor)]
+        if self.layers is None:
+            self.layers = self.adapter.self_attention_layers(transformer)
+        without = [name for name, module in self.layers.items() if not isinstance(module.processor, LVSAProcessor)]
         if without:
             raise ConfigError(f"{type(transformer).__name__} runs under lvsa's context parallelism only with lvsa "
                               f"installed ({without[0]} runs the model's own attention): "
@@ -445,7 +447,7 @@ class _FrameGrid:
 
     def __init__(self, module: str, grid: str, table: str, parallel: Any, whole: _WholeForwards | None) -> None:
         self.module, self.grid, self.table, self.parallel, self.whole = module, grid, table, parallel, whole
-        self._shifted: tuple[Any, int, torch.Tensor] | None = None  # (table, start, shifted): one per forward
+        self._shifted: tuple[Any, int, torch.Tensor] | None = None  # (table, start, shifted): the model keeps one
 
     def __call__(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         if self.whole is not None and self.whole.now:
