@@ -1227,6 +1227,16 @@ def test_wan_animate_2_compiled_blocks_under_context_parallelism_equal_one_proce
                                                compiled=("blocks:inductor",))
 
 
+@pytest.mark.parametrize("family", ["allegro", "anyflow", "hunyuan-video", "kandinsky-6", "ltx-2", "minimax-h3",
+                                    "wan-vace"])
+def test_compiled_model_under_context_parallelism_equals_one_process(saved, family, tmp_path, torchrun):
+    """``torch.compile`` of the whole model (inductor) under ring 2: diffusers' plan (Wan VACE), its text after the
+    video with a padding mask (HunyuanVideo) and each kind of sharding lvsa applies itself (dict tables, nested
+    tuples, a tuple item, a packed sequence's tail, ring-gathered keys) trace into the graph, where each layer
+    splits its sequence by the forward's shards; the outputs equal one uncompiled process."""
+    assert_context_parallel_equals_one_process(saved, family, 1, 2, tmp_path, torchrun, compiled=("model:inductor",))
+
+
 @pytest.mark.parametrize("variant", ["model:eager", "lvsa:removed"])
 def test_wan_animate_2_under_context_parallelism_refuses_what_would_be_wrong(saved, variant, tmp_path, torchrun):
     """A whole-model ``torch.compile`` would trace its reference pass, which runs whole on every rank; without

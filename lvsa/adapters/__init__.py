@@ -198,7 +198,9 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
             calls = runtime.compiled
             compiled.forward_start(calls.ticket, grid.latent_frames, grid.patches_per_frame,
                                    compiled.as_tensor(timestep), calls.key, index)
-            runtime.rope_grid = grid  # what the rotary hook and the processors read while dynamo traces
+            # what the rotary hook and the processors read while dynamo traces
+            parallel = context_parallel_of(module)
+            runtime.rope_grid, runtime.rope_shards = grid, parallel.degree if parallel else 1
 
         return before_forward
 

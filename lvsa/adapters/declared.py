@@ -223,7 +223,7 @@ class DispatchProcessor(LVSAProcessor):
         if grid is None:
             return seq_len
         if compiling():
-            return grid.latent_frames * grid.patches_per_frame
+            return grid.latent_frames * grid.patches_per_frame // self.runtime.rope_shards
         parallel = self.runtime.context.parallel
         if parallel is not None and not self.family.context_parallel:
             raise ConfigError(f"{self.layer}: lvsa's context parallelism is not declared for {self.family.name}: "

@@ -52,6 +52,8 @@ class LVSARuntime:
         #: context is not built yet): what RIFLEx rewrites rotary tables for and how declared families split a
         #: sequence
         self.rope_grid: LatentGrid | None = None
+        #: the sequence shards of that forward (its context-parallel degree, 1 in one process), set with it
+        self.rope_shards = 1
         #: what torch.compile'd transformers reach through the custom ops (see .compiled)
         self.compiled = CompiledCalls(lambda: self.context)
 
@@ -65,7 +67,7 @@ class LVSARuntime:
         self.stats.ring_degree = parallel.ring.degree if parallel and parallel.ring else 1
         step = self.steps.observe(timestep)
         self.stats.steps = self.steps.steps_seen
-        self.rope_grid = grid
+        self.rope_grid, self.rope_shards = grid, parallel.degree if parallel else 1
         self.context = self._context(grid, self._plan_step(grid, step), parallel, step, self._dense_step(step))
         return step
 
@@ -148,7 +150,7 @@ class LVSARuntime:
     def reset(self) -> None:
         self.steps.reset()
         self.plans.clear()
-        self.rope_grid = None
+        self.rope_grid, self.rope_shards = None, 1
         self.context = self._context(None, 0, None)
 
     # -- what the host reports ---------------------------------------------------------------------
