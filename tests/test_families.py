@@ -735,6 +735,28 @@ def _motif_i2v():
     return diffusers.MotifVideoImage2VideoPipeline(**components)
 
 
+def _consisid_pipeline():
+    """ConsisID on CogVideoX's small VAE, its face branch small: the perceiver's key width is two thirds of the
+    model's (64 of 96), which the face extractor's output must match."""
+    transformer = diffusers.ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=48, in_channels=8, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, max_text_seq_length=6,
+        use_rotary_positional_embeddings=True, is_train_face=True, cross_attn_interval=1, cross_attn_dim_head=8,
+        cross_attn_num_heads=2, LFE_id_dim=16, LFE_vit_dim=16, LFE_depth=5, LFE_dim_head=8, LFE_num_heads=2,
+        LFE_num_id_token=2, LFE_num_querie=4, LFE_output_dim=64, LFE_ff_mult=1, LFE_num_scale=5)
+    components = example_model("cogvideox").tiny_pipeline().components
+    return diffusers.ConsisIDPipeline(tokenizer=None, text_encoder=None, vae=components["vae"],
+                                      transformer=transformer, scheduler=diffusers.CogVideoXDPMScheduler())
+
+
+def _consisid_inputs(g):
+    """The face as its encoders would give it (an identity embedding and five ViT feature levels); without
+    keypoints (``is_kps`` False), the image's latent frame is the conditioning beside the latent."""
+    return {"prompt_embeds": _randn(g, 1, 6, 16), "negative_prompt_embeds": _randn(g, 1, 6, 16),
+            "id_cond": _randn(g, 1, 16), "id_vit_hidden": [_randn(g, 1, 5, 16) for _ in range(5)],
+            "image": _image()}
+
+
 def _wan_animate_length(frames):
     """One segment whose grid (the reference image's latent frame, then the segment's) spans ``frames`` video
     frames: a pose and a face video of ``frames - 4`` frames."""
@@ -900,6 +922,10 @@ PIPELINES = {
         DeclaredExample("cosmos", "CosmosVideoToWorldPipeline", lambda: _cosmos1("CosmosVideoToWorldPipeline"),
                         _cosmos2_inputs, tiny_vae_temporal=8),
         2, components=lambda: {"safety_checker": StandInGuardrail()}),
+    # the face's identity tokens enter by cross-attention after each block; the image's latent frame is a
+    # channel beside the latent, so the grid is the video's
+    "ConsisIDPipeline": PipelineCase(DeclaredExample("consisid", "ConsisIDPipeline", _consisid_pipeline,
+                                                     _consisid_inputs), 1),
     "WanAnimatePipeline": PipelineCase(DeclaredExample("wan-animate", "WanAnimatePipeline", _wan_animate,
                                                        random_prompt_embeddings), 2, length=_wan_animate_length),
     # three passes a step: CFG batched, spatio-temporal guidance (its block, the second, skips attention), and
