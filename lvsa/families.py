@@ -47,7 +47,9 @@ class Family:
     ``[B, C, F, H, W]``, patched by the config's ``patch_size``/``patch_size_t``; ``latent_list``: a list of
     per-sample ``[C, F, H, W]`` latents of one size) or ``forward_sizes`` (the
     input is already a token sequence, and the forward's ``num_frames``, ``height`` and ``width`` give the
-    latent grid) or ``packed_rows`` (one packed sequence of several modalities, described per row by the
+    latent grid; a family with ``grid_coordinates`` reads the grid off that argument's per-token
+    ``[B, 3, N]`` ``(t, h, w)`` coordinates when a call gives no sizes) or ``packed_rows`` (one packed
+    sequence of several modalities, described per row by the
     forward's ``position_ids`` (rotary ``(t, h, w)``) and ``video_indices``: the video rows that end the
     sequence are the grid, a frame per run of equal ``t``; everything before them counts as other tokens)."""
 
@@ -65,6 +67,9 @@ class Family:
     other_tokens: Literal["none", "before", "after"] = "none"
     mask: Literal["none", "key_padding"] = "none"
     grid: Literal["latent", "latent_list", "forward_sizes", "packed_rows"] = "latent"
+    #: with ``forward_sizes``: the forward's argument of per-token ``(t, h, w)`` coordinates, ``[B, 3, N]``,
+    #: that gives the grid when a call passes them instead of the sizes (checked to be one frame-major grid)
+    grid_coordinates: str | None = None
     #: how the forward's timestep tells the denoising step: ``timestep`` (the forward's timestep, which falls
     #: over the loop) or ``packed_rows`` (a table of timesteps indexed per row by ``timestep_indices``: the
     #: last row's, which rises from 0 to 1 over the loop)
@@ -276,7 +281,10 @@ DECLARED: tuple[Family, ...] = (
         variants=(Variant("LTX-Video 0.9", 21, _pipeline_default("LTXPipeline", 161)),),
         pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
         vae_temporal_factor=8, vae_spatial_factor=32, default_height=512, default_width=704, patch_size=1,
-        grid="forward_sizes",
+        # LTXConditionPipeline passes the tokens' coordinates, not the sizes
+        grid="forward_sizes", grid_coordinates="video_coords",
+        notes="LTXConditionPipeline: conditions at frame 0, the grid read off video_coords; a condition at a later "
+              "frame_index joins the sequence as tokens apart from the grid and is refused",
         context_parallel=True,
         # diffusers' own plan splits the text too, and then its masked cross-attention needs context parallelism
         # (which diffusers' native backend lacks); here only the video and its rotary rows are split, and the

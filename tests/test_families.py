@@ -638,7 +638,7 @@ def test_a_packed_sequence_whose_video_rows_are_no_grid_is_refused(saved):
     for problem, change in [
         ("not one value per frame, rising", lambda p: p[-16:, 0].fill_(p[-17, 0])),  # two frames at one time
         ("do not share one (h, w) layout", lambda p: p[-1, 1].add_(1.0)),
-        ("80 last video rows are not whole frames of 12 rows", lambda p: p[-68:-64, 0].add_(0.5)),
+        ("80 video rows are not whole frames of 12 rows", lambda p: p[-68:-64, 0].add_(0.5)),
     ]:
         positions = kwargs["position_ids"].clone()
         change(positions)
@@ -824,8 +824,23 @@ def _image():
     return Image.new("RGB", (32, 32), (100, 20, 50))
 
 
+def _diffusion_forcing(name):
+    return WanBackboneExample(name, "SkyReelsV2Transformer3DModel", 193, 97).tiny_pipeline()
+
+
+def _video(frames=17):
+    """A video to extend: frames of changing colour."""
+    from PIL import Image
+
+    return [Image.new("RGB", (32, 32), (10 * i, 200 - 10 * i, 50)) for i in range(frames)]
+
+
 def _ltx_i2v():
     return diffusers.LTXImageToVideoPipeline(**example_model("ltx-video").tiny_pipeline().components)
+
+
+def _ltx_condition():
+    return diffusers.LTXConditionPipeline(**example_model("ltx-video").tiny_pipeline().components)
 
 
 def _ltx2_i2v():
@@ -880,6 +895,17 @@ PIPELINES = {
     "SkyReelsV2Pipeline": PipelineCase(example_model("skyreels-v2"), 2),
     "SkyReelsV2DiffusionForcingPipeline": PipelineCase(
         WanBackboneExample("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2Transformer3DModel", 193, 97), 2),
+    # diffusion forcing conditioned on the image's latent frame, or on the last 17 frames of a video to extend
+    # (five latent frames): they open the grid at the timestep of a clean frame
+    "SkyReelsV2DiffusionForcingImageToVideoPipeline": PipelineCase(
+        DeclaredExample("skyreels-v2", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+                        lambda: _diffusion_forcing("SkyReelsV2DiffusionForcingImageToVideoPipeline"),
+                        lambda g: {**random_prompt_embeddings(g), "prompt": None, "image": _image()}), 2),
+    "SkyReelsV2DiffusionForcingVideoToVideoPipeline": PipelineCase(
+        DeclaredExample("skyreels-v2", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
+                        lambda: _diffusion_forcing("SkyReelsV2DiffusionForcingVideoToVideoPipeline"),
+                        lambda g: {**random_prompt_embeddings(g), "prompt": None, "video": _video()}), 2,
+        extra={"overlap_history": 17}),
     "LTXPipeline": PipelineCase(example_model("ltx-video"), 1),
     "HunyuanVideoPipeline": PipelineCase(example_model("hunyuan-video"), 1, padding=[[True] * 6 + [False] * 2]),
     "Kandinsky5T2VPipeline": PipelineCase(example_model("kandinsky-5"), 2),
@@ -896,6 +922,12 @@ PIPELINES = {
     "LTXImageToVideoPipeline": PipelineCase(
         DeclaredExample("ltx-video", "LTXImageToVideoPipeline", _ltx_i2v,
                         lambda g: {**example_model("ltx-video").embeddings(g), "image": _image()}), 1),
+    # conditioned on an image at frame 0 (the grid's first latent frame): the forward is given the tokens'
+    # coordinates (video_coords), not the grid's sizes
+    "LTXConditionPipeline": PipelineCase(
+        DeclaredExample("ltx-video", "LTXConditionPipeline", _ltx_condition,
+                        lambda g: {**example_model("ltx-video").embeddings(g), "image": _image(), "frame_index": 0}),
+        1),
     "HunyuanVideoImageToVideoPipeline": PipelineCase(
         DeclaredExample("hunyuan-video", "HunyuanVideoImageToVideoPipeline", _hunyuan_video_i2v,
                         lambda g: {**example_model("hunyuan-video").embeddings(g), "image": _image()}), 1,
@@ -1173,6 +1205,36 @@ def test_minimax_h3_modular_pipeline_under_context_parallelism_equals_one_proces
 
     for parallel, single in zip(outputs(got["latents"]), outputs(one), strict=True):
         torch.testing.assert_close(parallel, single, rtol=1e-4, atol=1e-4)
+
+
+def test_a_condition_that_joins_the_sequence_apart_from_the_grid_is_refused(saved_pipelines):
+    """LTXConditionPipeline puts a condition at a later frame_index before the video as extra tokens, at that
+    frame's coordinates: not a grid lvsa plans, so one line names the model and why, before any layer runs."""
+    pipe = load_pipeline(saved_pipelines, "LTXConditionPipeline")
+    lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
+    frames = (2 * horizon(pipe.transformer) - 1) * 4 + 1
+    with pytest.raises(ConfigError, match=r"^LTXVideoTransformer3DModel: its video_coords do not form a frame grid "
+                                          r"\(their rotary time is not one value per frame, rising"):
+        generate(pipe, frames, frame_index=8)
+
+
+def test_diffusion_forcing_extends_a_long_video_window_by_window(saved_pipelines, layer_calls):
+    """SkyReels-V2's long-video loop: windows of ``base_num_frames``, each opening with the last 17 frames
+    (five latent frames) of the one before. Each window is planned on its own grid, the keyframes rotate on
+    every step of every window, and every call equals the reference."""
+    pipe = load_pipeline(saved_pipelines, "SkyReelsV2DiffusionForcingPipeline")
+    reference = horizon(pipe.transformer)
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
+    latents = generate(pipe, (3 * reference - 1) * 4 + 1, base_num_frames=(2 * reference - 1) * 4 + 1,
+                       overlap_history=17)
+    assert latents.shape[2] == 3 * reference
+    frames = {step: {call[2].latent_frames for call in layer_calls if call[0] == step} for step in range(6)}
+    assert frames == {step: {2 * reference if step < 3 else reference + 5} for step in range(6)}
+    assert handle.stats.plan_builds == 6 and handle.stats.fallback_calls == 0
+    assert len({call[2].offset for call in layer_calls if call[0] < 3}) == 3
+    for _step, _origin, plan, video, text, padding, out in layer_calls:
+        assert plan.kfi > 1
+        assert_reference(plan, video, text, padding, out)
 
 
 def test_diffusion_forcing_with_causal_blocks_is_refused_loudly(saved_pipelines, caplog):

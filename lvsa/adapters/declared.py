@@ -673,35 +673,55 @@ def _bind(function: Callable[..., Any], call: str, processor: DispatchProcessor,
 @torch.compiler.disable
 def packed_grid(model: str, positions: torch.Tensor, video_indices: torch.Tensor) -> LatentGrid:
     """The frame grid of a packed sequence (:attr:`Family.grid` ``packed_rows``): the video rows that end the
-    sequence, a frame per run of equal rotary time ``t``, each frame on the first one's ``(h, w)`` positions.
-    Read off the rows' values (a layout's shapes do not tell its frames), checked, never guessed. Outside any
-    compiled graph: the grid is plain ints for the plan."""
+    sequence, laid out as :func:`coordinate_grid` checks. Read off the rows' values (a layout's shapes do not
+    tell its frames), checked, never guessed. Outside any compiled graph: the grid is plain ints for the plan."""
     length = positions.shape[0]
     video = video_indices.detach().to("cpu", torch.int64)
     # the run of video rows that ends the sequence (conditioning video rows sit earlier, apart from it)
     aligned = video == torch.arange(length - video.numel(), length)
     apart = (~aligned).nonzero()
     rows = video.numel() - (int(apart[-1]) + 1 if apart.numel() else 0)
-    problem = None
-    if rows == 0:
-        problem = "no video row ends the sequence"
-    else:
-        grid = positions.detach()[length - rows:].to("cpu", torch.float64)
-        time = grid[:, 0]
-        changes = (time[1:] != time[:-1]).nonzero()
-        per_frame = int(changes[0]) + 1 if changes.numel() else rows
-        if rows % per_frame:
-            problem = f"its {rows} last video rows are not whole frames of {per_frame} rows"
-        else:
-            frames = grid.view(rows // per_frame, per_frame, 3)
-            if not (frames[:, :, 0] == frames[:, :1, 0]).all() or not (frames[1:, 0, 0] > frames[:-1, 0, 0]).all():
-                problem = "their rotary time is not one value per frame, rising from frame to frame"
-            elif not (frames[:, :, 1:] == frames[:1, :, 1:]).all():
-                problem = "their frames do not share one (h, w) layout"
+    grid, problem = (None, "no video row ends the sequence") if rows == 0 else _frames_of(positions[length - rows:])
     if problem is not None:
         raise ConfigError(f"{model}: the packed sequence's video rows do not form a frame grid ({problem}); "
                           "lvsa plans the video rows that end the sequence, a frame per value of position_ids' t")
-    return LatentGrid(rows // per_frame, per_frame)
+    return grid
+
+
+def coordinate_grid(model: str, argument: str, coordinates: torch.Tensor) -> LatentGrid:
+    """The frame grid of a token sequence given by its per-token ``[B, 3, N]`` ``(t, h, w)`` coordinates
+    (:attr:`Family.grid_coordinates`): every sample's the same, laid out frame after frame."""
+    coordinates = coordinates.detach()
+    problem = None
+    if coordinates.dim() != 3 or coordinates.shape[1] != 3:
+        problem = f"shape {tuple(coordinates.shape)}, not [B, 3, N]"
+    elif not (coordinates == coordinates[:1]).all():
+        problem = "the samples of the batch differ"
+    else:
+        grid, problem = _frames_of(coordinates[0].T)
+    if problem is not None:
+        raise ConfigError(f"{model}: its {argument} do not form a frame grid ({problem}); lvsa plans tokens laid "
+                          "out frame after frame, a frame per value of t, and not conditioning tokens placed apart "
+                          "from the video's grid")
+    return grid
+
+
+def _frames_of(positions: torch.Tensor) -> tuple[LatentGrid | None, str | None]:
+    """The grid of video rows by their rotary ``(t, h, w)`` (``[rows, 3]``): a frame per run of equal ``t``,
+    rising from frame to frame, each frame on the first one's ``(h, w)`` positions; or why they are not."""
+    rows = positions.shape[0]
+    grid = positions.to("cpu", torch.float64)
+    time = grid[:, 0]
+    changes = (time[1:] != time[:-1]).nonzero()
+    per_frame = int(changes[0]) + 1 if changes.numel() else rows
+    if rows % per_frame:
+        return None, f"its {rows} video rows are not whole frames of {per_frame} rows"
+    frames = grid.view(rows // per_frame, per_frame, 3)
+    if not (frames[:, :, 0] == frames[:, :1, 0]).all() or not (frames[1:, 0, 0] > frames[:-1, 0, 0]).all():
+        return None, "their rotary time is not one value per frame, rising from frame to frame"
+    if not (frames[:, :, 1:] == frames[:1, :, 1:]).all():
+        return None, "their frames do not share one (h, w) layout"
+    return LatentGrid(rows // per_frame, per_frame), None
 
 
 # -- the adapter --------------------------------------------------------------------------------------
@@ -801,8 +821,14 @@ class DeclaredAdapter(ModelAdapter):
                                   "video_indices, which give lvsa the frame grid of its packed sequence")
             return packed_grid(type(transformer).__name__, positions, video)
         sizes = [self.forward_argument(transformer, n, args, kwargs) for n in ("num_frames", "height", "width")]
+        coordinates = self.declaration.grid_coordinates
+        if any(s is None for s in sizes) and coordinates is not None:
+            given = self.forward_argument(transformer, coordinates, args, kwargs)
+            if given is not None:
+                return coordinate_grid(type(transformer).__name__, coordinates, given)
         if any(s is None for s in sizes):
-            raise ConfigError(f"{type(transformer).__name__} was called without num_frames, height and width, "
+            also = f" (or {coordinates})" if coordinates else ""
+            raise ConfigError(f"{type(transformer).__name__} was called without num_frames, height and width{also}, "
                               "which give lvsa the latent grid of its token sequence")
         return self.grid_of(transformer, *(int(s) for s in sizes))
 
