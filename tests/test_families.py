@@ -1345,11 +1345,12 @@ def test_wan_animate_2_under_context_parallelism_refuses_what_would_be_wrong(sav
                             "frames; call lvsa.apply on it"}[variant] in result.stderr
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("family", ["kandinsky-6", "ltx-2", "minimax-h3", "wan-animate-2"])
-def test_context_parallel_in_bfloat16_equals_one_process(saved, family, tmp_path, torchrun):
-    """Ring 2 in bfloat16 (the families whose sharding lvsa applies itself, where the ranks' partials merge
-    through log-sum-exp)."""
-    assert_context_parallel_equals_one_process(saved, family, 1, 2, tmp_path, torchrun, dtype=torch.bfloat16)
+def test_context_parallel_in_half_precision_equals_one_process(saved, family, dtype, tmp_path, torchrun):
+    """Ring 2 in bfloat16 and float16 (the families whose sharding lvsa applies itself, where the ranks'
+    partials merge through log-sum-exp)."""
+    assert_context_parallel_equals_one_process(saved, family, 1, 2, tmp_path, torchrun, dtype=dtype)
 
 
 def test_wan_animate_shards_of_part_frames_are_refused(saved, tmp_path, torchrun):
