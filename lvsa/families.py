@@ -145,6 +145,9 @@ class Family:
     #: buffer, and the model's flex ``BlockMask`` lets frame ``f`` see reference frame ``f - 1``; lvsa plans the
     #: video, attends each frame's reference beside it, and leaves a call whose plan is dense to the model)
     reference_keys: Literal["none", "packed_by_frame"] = "none"
+    #: what puts tokens beside the grid in a layer's sequence that lvsa does not plan (named in the refusal of
+    #: such a call, so that the user learns which input caused it)
+    unplanned_tokens: str = ""
     #: what a user should know (shown in the table)
     notes: str = ""
 
@@ -432,8 +435,11 @@ DECLARED: tuple[Family, ...] = (
         vae_temporal_factor=8, vae_spatial_factor=32, default_height=512, default_width=768, patch_size=1,
         grid="forward_sizes", skip_arguments=("all_perturbed",),
         notes="the video stream's self-attention; the audio stream and the audio-video cross-attention stay "
-              "dense; a video self-attention mask (keyframe conditioning) is refused; the spatio-temporal guidance "
-              "pass skips attention in its blocks, as the model does",
+              "dense; a video self-attention mask (LTX2InContextPipeline's reference videos) and the keyframe "
+              "tokens that LTX2ConditionPipeline appends for a condition past index 0 are refused; the "
+              "spatio-temporal guidance pass skips attention in its blocks, as the model does",
+        unplanned_tokens="LTX2ConditionPipeline appends keyframe tokens after the video for a condition past "
+                         "index 0, and LTX2InContextPipeline a reference video's tokens",
         context_parallel=True,
         # the video tokens and their rotary rows (self- and cross-modal attention's) split; the text and the audio
         # whole on every rank: the layers whose keys are whole run locally, and the audio's attention to the

@@ -853,6 +853,17 @@ def _ltx2_i2v():
     return diffusers.LTX2ImageToVideoPipeline(**components)
 
 
+def _ltx2_condition():
+    parameters = inspect.signature(diffusers.LTX2ConditionPipeline.__init__).parameters
+    return diffusers.LTX2ConditionPipeline(**{k: v for k, v in _ltx2_i2v().components.items() if k in parameters})
+
+
+def _ltx2_conditions(index):
+    from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+
+    return [LTX2VideoCondition(frames=_image(), index=index, crf=0)]  # crf=0: no H.264 re-compression (PyAV)
+
+
 def _hunyuan_video_i2v():
     """HunyuanVideo I2V with its image's latent frame replacing the first frame's tokens (token_replace)."""
     components = dict(example_model("hunyuan-video").tiny_pipeline().components)
@@ -970,6 +981,11 @@ PIPELINES = {
                         lambda g: {**example_model("ltx-2").embeddings(g), "image": _image()}), 3, skipped=1,
         # image_crf=0: no H.264 re-compression of the image (PyAV), which touches only its pixels
         extra={"spatio_temporal_guidance_blocks": [1], "image_crf": 0}),
+    # an image condition at index 0 replaces the grid's first latent frame
+    "LTX2ConditionPipeline": PipelineCase(
+        DeclaredExample("ltx-2", "LTX2ConditionPipeline", _ltx2_condition,
+                        lambda g: {**example_model("ltx-2").embeddings(g), "conditions": _ltx2_conditions(0)}),
+        3, skipped=1, extra={"spatio_temporal_guidance_blocks": [1]}),
 }
 
 
@@ -1216,6 +1232,27 @@ def test_a_condition_that_joins_the_sequence_apart_from_the_grid_is_refused(save
     with pytest.raises(ConfigError, match=r"^LTXVideoTransformer3DModel: its video_coords do not form a frame grid "
                                           r"\(their rotary time is not one value per frame, rising"):
         generate(pipe, frames, frame_index=8)
+
+
+@pytest.mark.parametrize("fallback", ["error", "warn"])
+def test_keyframe_tokens_beside_the_grid_are_refused_naming_their_cause(saved_pipelines, fallback, caplog):
+    """LTX2ConditionPipeline appends a condition past index 0 as keyframe tokens after the video: lvsa does
+    not plan them, so the call is refused naming that cause, or (warn) runs the model's dense attention after
+    the loud line."""
+    pipe = load_pipeline(saved_pipelines, "LTX2ConditionPipeline")
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback=fallback))
+    frames = (2 * horizon(pipe.transformer) - 1) * 4 + 1
+    cause = (r"the sequence has 2112 tokens, the grid 2048 video tokens, and ltx-2 declares no other tokens "
+             r"\(LTX2ConditionPipeline appends keyframe tokens after the video for a condition past index 0")
+    if fallback == "error":
+        with pytest.raises(lvsa.GeometryError, match=r"reason=geometry_detect seq_len=2112: " + cause):
+            generate(pipe, frames, conditions=_ltx2_conditions(8))
+        return
+    caplog.set_level(logging.WARNING, logger="lvsa")
+    generate(pipe, frames, conditions=_ltx2_conditions(8))
+    assert re.search(r"\[LVSA-FALLBACK\] origin=transformer_blocks\.0\.attn1 reason=geometry_detect .*" + cause,
+                     caplog.text)
+    assert handle.stats.sparse_calls == 0 and handle.stats.fallback_calls > 0
 
 
 def test_diffusion_forcing_extends_a_long_video_window_by_window(saved_pipelines, layer_calls):

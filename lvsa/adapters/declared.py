@@ -235,8 +235,9 @@ class DispatchProcessor(LVSAProcessor):
         """Why lvsa cannot run this call as the model asked, or ``None``."""
         family = self.family
         if other < 0 or (other and family.other_tokens == "none"):
+            why = f" ({family.unplanned_tokens})" if family.unplanned_tokens else ""
             return ("geometry_detect", f"the sequence has {query.shape[1]} tokens, the grid "
-                    f"{query.shape[1] - other} video tokens, and {family.name} declares no other tokens")
+                    f"{query.shape[1] - other} video tokens, and {family.name} declares no other tokens{why}")
         if dropout_p or is_causal:
             return ("unexpected_inputs", f"dropout_p={dropout_p} is_causal={is_causal}")
         if key.shape[2] != query.shape[2] or enable_gqa:
