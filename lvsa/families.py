@@ -145,6 +145,11 @@ class Family:
     #: buffer, and the model's flex ``BlockMask`` lets frame ``f`` see reference frame ``f - 1``; lvsa plans the
     #: video, attends each frame's reference beside it, and leaves a call whose plan is dense to the model)
     reference_keys: Literal["none", "packed_by_frame"] = "none"
+    #: the forward's per-frame token types (``[B, F]``): the nonzero frames that end the latent are reference
+    #: frames appended after the video (Kandinsky 6's image, at the first frame's rotary position). They leave
+    #: the grid and attend, and are attended by, every frame, as other tokens after the video do
+    #: (``other_tokens="after"``); a reference frame inside the video is refused
+    reference_frames: str | None = None
     #: what puts tokens beside the grid in a layer's sequence that lvsa does not plan (named in the refusal of
     #: such a call, so that the user learns which input caused it)
     unplanned_tokens: str = ""
@@ -541,8 +546,11 @@ DECLARED: tuple[Family, ...] = (
         pipelines=("Kandinsky6TI2VAPipeline",),
         vae_temporal_factor=4, vae_spatial_factor=8, default_height=512, default_width=768,
         latent_axes=(1, 2, 3),  # its latents are channels last: [B, F, H, W, C]
+        # image-to-video appends the image's latent as a frame after the video, marked by its token type
+        other_tokens="after", reference_frames="visual_token_type_ids",
         notes="the video stream's self-attention in the fused video/audio blocks; the audio stream, the "
-              "audio-video and text cross-attention stay dense",
+              "audio-video and text cross-attention stay dense; the image frame that image-to-video appends "
+              "after the video attends, and is attended by, every frame",
         context_parallel=True,
         # the video tokens and their rotary rows split where the fused blocks start; the text and the audio stay
         # whole on every rank, so the layers whose keys are whole run locally, and the audio's attention to the
@@ -558,6 +566,8 @@ DECLARED: tuple[Family, ...] = (
                          "visual_transformer_blocks.*.va_cross_attention"),
         cp_ring_gathered={"visual_transformer_blocks.*.av_cross_attention": {"encoder_hidden_states": 1,
                                                                             "rope_kv": 0}},
+        cp_refused_arguments={"visual_token_type_ids": "the image frame that image-to-video appends after the "
+                                                       "video would be split with it"},
     ),
     Family(
         name="minimax-h3",

@@ -853,6 +853,39 @@ def _ltx2_i2v():
     return diffusers.LTX2ImageToVideoPipeline(**components)
 
 
+def _hunyuan_skyreels_i2v():
+    """SkyReels' HunyuanVideo I2V: the image's latent beside the latent as channels (8 in)."""
+    components = dict(example_model("hunyuan-video").tiny_pipeline().components)
+    components["transformer"] = diffusers.HunyuanVideoTransformer3DModel(
+        **{**{k: v for k, v in components["transformer"].config.items() if not k.startswith("_")},
+           "in_channels": 8})
+    return diffusers.HunyuanSkyreelsImageToVideoPipeline(**components)
+
+
+def _hunyuan_skyreels_inputs(g):
+    """A padded prompt and a negative one padded alike (true CFG: two forwards a step), and the image."""
+    prompt = example_model("hunyuan-video").embeddings(g)
+    negative = example_model("hunyuan-video").embeddings(g)
+    return {**prompt, **{f"negative_{k}": v for k, v in negative.items()}, "image": _image()}
+
+
+def _kandinsky6_ti2va():
+    """Kandinsky 6 with the token types of its image-to-video checkpoints, the HunyuanVideo VAE (small), no
+    audio VAE (the pipeline then runs without sound)."""
+    config = {**next(row for row in ROWS if row.family == "kandinsky-6").config, "visual_token_type_num_embeddings": 2}
+    vae = diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                              norm_num_groups=4, mid_block_add_attention=False)
+    return diffusers.Kandinsky6TI2VAPipeline(
+        transformer=diffusers.Kandinsky6Transformer3DModel(**config), vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def _kandinsky6_inputs(g):
+    embeddings = {f"{prefix}{name}": torch.randn(*shape, generator=g) for prefix in ("", "negative_")
+                  for name, shape in (("prompt_embeds", (1, 8, 16)), ("pooled_prompt_embeds", (1, 8)))}
+    return {**embeddings, "image": _image()}
+
+
 def _ltx2_condition():
     parameters = inspect.signature(diffusers.LTX2ConditionPipeline.__init__).parameters
     return diffusers.LTX2ConditionPipeline(**{k: v for k, v in _ltx2_i2v().components.items() if k in parameters})
@@ -943,6 +976,10 @@ PIPELINES = {
         DeclaredExample("hunyuan-video", "HunyuanVideoImageToVideoPipeline", _hunyuan_video_i2v,
                         lambda g: {**example_model("hunyuan-video").embeddings(g), "image": _image()}), 1,
         padding=[[True] * 6 + [False] * 2]),
+    "HunyuanSkyreelsImageToVideoPipeline": PipelineCase(
+        DeclaredExample("hunyuan-video", "HunyuanSkyreelsImageToVideoPipeline", _hunyuan_skyreels_i2v,
+                        _hunyuan_skyreels_inputs), 2, padding=[[True] * 6 + [False] * 2],
+        extra={"true_cfg_scale": 6.0}),
     "SkyReelsV2ImageToVideoPipeline": PipelineCase(
         DeclaredExample("skyreels-v2", "SkyReelsV2ImageToVideoPipeline", _skyreels_i2v,
                         lambda g: {**random_prompt_embeddings(g), "image": _image()}), 2),
@@ -981,6 +1018,10 @@ PIPELINES = {
                         lambda g: {**example_model("ltx-2").embeddings(g), "image": _image()}), 3, skipped=1,
         # image_crf=0: no H.264 re-compression of the image (PyAV), which touches only its pixels
         extra={"spatio_temporal_guidance_blocks": [1], "image_crf": 0}),
+    # the image's latent is a frame appended after the video (its token type 1): other tokens after the grid
+    "Kandinsky6TI2VAPipeline": PipelineCase(
+        DeclaredExample("kandinsky-6", "Kandinsky6TI2VAPipeline", _kandinsky6_ti2va, _kandinsky6_inputs), 2,
+        extra={"sample_audio": False}),
     # an image condition at index 0 replaces the grid's first latent frame
     "LTX2ConditionPipeline": PipelineCase(
         DeclaredExample("ltx-2", "LTX2ConditionPipeline", _ltx2_condition,
@@ -1442,6 +1483,52 @@ def assert_context_parallel_equals_one_process(saved, family, ulysses, ring, tmp
         assert len(parallel) == len(single)
         for got_output, expected in zip(parallel, single, strict=True):
             torch.testing.assert_close(got_output, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_reference_frames_are_read_off_their_token_types_and_refused_where_they_are_no_tail(saved):
+    """Kandinsky 6's image frame, appended after the video, leaves the grid; token types that do not mark
+    frames ending the latent are an error naming the problem, never a guessed grid; under context parallelism
+    the image frame is refused (it would be split with the video)."""
+    model = load(saved, "kandinsky-6")
+    adapter = adapter_for(model)
+    latents = {"hidden_states": torch.zeros(2, 5, HEIGHT, WIDTH, 9)}
+    tail = torch.tensor([[0, 0, 0, 0, 1]] * 2)
+    assert adapter.grid_of_call(model, (), latents).latent_frames == 5
+    assert adapter.grid_of_call(model, (), {**latents, "visual_token_type_ids": tail}).latent_frames == 4
+    assert adapter.grid_of_call(model, (), {**latents, "visual_token_type_ids": tail * 0}).latent_frames == 5
+    for problem, types in [("a reference frame sits inside the video", torch.tensor([[0, 1, 0, 0, 1]] * 2)),
+                           ("the samples of the batch differ", torch.tensor([[0, 0, 0, 0, 1], [0, 0, 0, 1, 1]])),
+                           ("every frame is a reference frame", torch.ones(2, 5, dtype=torch.long)),
+                           ("shape (2, 4), not [B, 5]", tail[:, 1:])]:
+        with pytest.raises(ConfigError, match=r"^Kandinsky6Transformer3DModel: its visual_token_type_ids do not "
+                                              r"mark reference frames after the video \(" + re.escape(problem)):
+            adapter.grid_of_call(model, (), {**latents, "visual_token_type_ids": types})
+    model._parallel_config = object()  # what enable_parallelism leaves on the model
+    with pytest.raises(ConfigError, match=r"called with visual_token_type_ids under context parallelism, which "
+                                          r"lvsa does not run: the image frame that image-to-video appends"):
+        adapter.grid_of_call(model, (), {**latents, "visual_token_type_ids": tail})
+
+
+def test_reference_frames_under_torch_compile_equal_eager_and_compile_once(saved_pipelines):
+    """Kandinsky 6's image frame is read off its token types outside the graph: the compiled transformer equals
+    eager, and a second run compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    pipe = load_pipeline(saved_pipelines, "Kandinsky6TI2VAPipeline")
+    handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback="error"))
+    frames = (2 * horizon(pipe.transformer) - 1) * 4 + 1
+    eager = generate(pipe, frames)
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(pipe.transformer)
+    try:
+        compiled = generate(pipe, frames)
+        counters.clear()
+        generate(pipe, frames)
+        assert counters["stats"]["unique_graphs"] == 0, "compiled again"
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert handle.stats.fallback_calls == 0 and handle.stats.sparse_calls > 0
 
 
 def test_diffusion_forcing_under_context_parallelism_is_refused(saved):

@@ -689,6 +689,7 @@ def packed_grid(model: str, positions: torch.Tensor, video_indices: torch.Tensor
     return grid
 
 
+@torch.compiler.disable  # read off values: plain ints for the plan, outside any graph
 def coordinate_grid(model: str, argument: str, coordinates: torch.Tensor) -> LatentGrid:
     """The frame grid of a token sequence given by its per-token ``[B, 3, N]`` ``(t, h, w)`` coordinates
     (:attr:`Family.grid_coordinates`): every sample's the same, laid out frame after frame."""
@@ -705,6 +706,37 @@ def coordinate_grid(model: str, argument: str, coordinates: torch.Tensor) -> Lat
                           "out frame after frame, a frame per value of t, and not conditioning tokens placed apart "
                           "from the video's grid")
     return grid
+
+
+@torch.compiler.disable  # read off values: plain ints for the plan, outside any graph
+def reference_frames(model: str, argument: str, types: torch.Tensor, frames: int) -> int:
+    """How many of a latent's ``frames`` are reference frames appended after the video
+    (:attr:`Family.reference_frames`): the nonzero per-frame token types that end it, the same in every sample."""
+    types = types.detach().to("cpu")
+    problem = None
+    if types.dim() != 2 or types.shape[1] != frames:
+        problem = f"shape {tuple(types.shape)}, not [B, {frames}]"
+    elif not (types == types[:1]).all():
+        problem = "the samples of the batch differ"
+    else:
+        marked = (types[0] != 0).flip(0).to(torch.int64)
+        count = int(marked.cumprod(0).sum())
+        if marked[count:].any():
+            problem = "a reference frame sits inside the video, not after it"
+        elif count == frames:
+            problem = "every frame is a reference frame"
+    if problem is not None:
+        raise ConfigError(f"{model}: its {argument} do not mark reference frames after the video ({problem}); "
+                          "lvsa plans the video's frames and attends the reference frames that end the latent "
+                          "from every frame")
+    return count
+
+
+def _given(value: Any) -> bool:
+    """Whether a forward argument is set: a tensor of any value, a non-empty sequence, a true flag."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value is not None
+    return bool(value)
 
 
 def _frames_of(positions: torch.Tensor) -> tuple[LatentGrid | None, str | None]:
@@ -784,7 +816,7 @@ class DeclaredAdapter(ModelAdapter):
         declaration = self.declaration
         if getattr(transformer, "_parallel_config", None) is not None:
             for name, why in declaration.cp_refused_arguments.items():
-                if self.forward_argument(transformer, name, args, kwargs):
+                if _given(self.forward_argument(transformer, name, args, kwargs)):
                     raise ConfigError(f"{type(transformer).__name__} was called with {name} under context "
                                       f"parallelism, which lvsa does not run: {why}; run it in one process")
             for name, why in declaration.cp_per_sample_arguments.items():
@@ -794,6 +826,12 @@ class DeclaredAdapter(ModelAdapter):
                                       f"{tuple(value.shape)} under context parallelism, where lvsa runs one per "
                                       f"sample: {why}; run it in one process")
         grid = self._grid_of_call(transformer, args, kwargs)
+        if declaration.reference_frames is not None:
+            types = self.forward_argument(transformer, declaration.reference_frames, args, kwargs)
+            if types is not None:
+                references = reference_frames(type(transformer).__name__, declaration.reference_frames, types,
+                                              grid.latent_frames)
+                grid = LatentGrid(grid.latent_frames - references, grid.patches_per_frame)
         parallel = self.parallel_of_call(transformer, args, kwargs) if declaration.cp_whole_frames else None
         if parallel is not None:
             degree = parallel.degree
