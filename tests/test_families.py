@@ -886,9 +886,10 @@ def _kandinsky6_inputs(g):
     return {**embeddings, "image": _image()}
 
 
-def _ltx2_condition():
-    parameters = inspect.signature(diffusers.LTX2ConditionPipeline.__init__).parameters
-    return diffusers.LTX2ConditionPipeline(**{k: v for k, v in _ltx2_i2v().components.items() if k in parameters})
+def _ltx2_like(name):
+    """An LTX-2 pipeline on the image-to-video pipeline's components (its VAE encodes)."""
+    parameters = inspect.signature(getattr(diffusers, name).__init__).parameters
+    return getattr(diffusers, name)(**{k: v for k, v in _ltx2_i2v().components.items() if k in parameters})
 
 
 def _ltx2_conditions(index):
@@ -1022,9 +1023,14 @@ PIPELINES = {
     "Kandinsky6TI2VAPipeline": PipelineCase(
         DeclaredExample("kandinsky-6", "Kandinsky6TI2VAPipeline", _kandinsky6_ti2va, _kandinsky6_inputs), 2,
         extra={"sample_audio": False}),
+    # without reference videos (their tokens join the sequence: refused), text to video
+    "LTX2InContextPipeline": PipelineCase(
+        DeclaredExample("ltx-2", "LTX2InContextPipeline", lambda: _ltx2_like("LTX2InContextPipeline"),
+                        example_model("ltx-2").embeddings), 3, skipped=1,
+        extra={"spatio_temporal_guidance_blocks": [1]}),
     # an image condition at index 0 replaces the grid's first latent frame
     "LTX2ConditionPipeline": PipelineCase(
-        DeclaredExample("ltx-2", "LTX2ConditionPipeline", _ltx2_condition,
+        DeclaredExample("ltx-2", "LTX2ConditionPipeline", lambda: _ltx2_like("LTX2ConditionPipeline"),
                         lambda g: {**example_model("ltx-2").embeddings(g), "conditions": _ltx2_conditions(0)}),
         3, skipped=1, extra={"spatio_temporal_guidance_blocks": [1]}),
 }
@@ -1275,22 +1281,39 @@ def test_a_condition_that_joins_the_sequence_apart_from_the_grid_is_refused(save
         generate(pipe, frames, frame_index=8)
 
 
+def _ltx2_references():
+    from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
+
+    return [LTX2ReferenceCondition(frames=_video(9))]
+
+
+_BESIDE_THE_GRID = {  # pipeline: (the call's conditioning, its sequence, the cause the refusal names)
+    "LTX2ConditionPipeline": (lambda: {"conditions": _ltx2_conditions(8)}, 2112,
+                              "LTX2ConditionPipeline appends keyframe tokens after the video for a condition past "
+                              "index 0"),
+    "LTX2InContextPipeline": (lambda: {"reference_conditions": _ltx2_references()}, 2240,
+                              "LTX2InContextPipeline a reference video's tokens"),
+}
+
+
 @pytest.mark.parametrize("fallback", ["error", "warn"])
-def test_keyframe_tokens_beside_the_grid_are_refused_naming_their_cause(saved_pipelines, fallback, caplog):
-    """LTX2ConditionPipeline appends a condition past index 0 as keyframe tokens after the video: lvsa does
-    not plan them, so the call is refused naming that cause, or (warn) runs the model's dense attention after
-    the loud line."""
-    pipe = load_pipeline(saved_pipelines, "LTX2ConditionPipeline")
+@pytest.mark.parametrize("name", sorted(_BESIDE_THE_GRID))
+def test_tokens_beside_the_grid_are_refused_naming_their_cause(saved_pipelines, name, fallback, caplog):
+    """LTX-2's keyframes past index 0 and in-context reference videos join the sequence as tokens after the
+    video: lvsa does not plan them, so the call is refused naming that cause, or (warn) runs the model's dense
+    attention after the loud line."""
+    conditioning, tokens, why = _BESIDE_THE_GRID[name]
+    pipe = load_pipeline(saved_pipelines, name)
     handle = lvsa.apply(pipe, lvsa.LVSASettings(fallback=fallback))
     frames = (2 * horizon(pipe.transformer) - 1) * 4 + 1
-    cause = (r"the sequence has 2112 tokens, the grid 2048 video tokens, and ltx-2 declares no other tokens "
-             r"\(LTX2ConditionPipeline appends keyframe tokens after the video for a condition past index 0")
+    cause = (rf"the sequence has {tokens} tokens, the grid 2048 video tokens, and ltx-2 declares no other tokens "
+             rf"\(.*{re.escape(why)}")
     if fallback == "error":
-        with pytest.raises(lvsa.GeometryError, match=r"reason=geometry_detect seq_len=2112: " + cause):
-            generate(pipe, frames, conditions=_ltx2_conditions(8))
+        with pytest.raises(lvsa.GeometryError, match=rf"reason=geometry_detect seq_len={tokens}: " + cause):
+            generate(pipe, frames, **conditioning())
         return
     caplog.set_level(logging.WARNING, logger="lvsa")
-    generate(pipe, frames, conditions=_ltx2_conditions(8))
+    generate(pipe, frames, **conditioning())
     assert re.search(r"\[LVSA-FALLBACK\] origin=transformer_blocks\.0\.attn1 reason=geometry_detect .*" + cause,
                      caplog.text)
     assert handle.stats.sparse_calls == 0 and handle.stats.fallback_calls > 0
