@@ -793,6 +793,14 @@ def _cosmos2():
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), safety_checker=StandInGuardrail())
 
 
+def _cosmos2_5():
+    """Cosmos Predict 2.5 on the small Predict 2 transformer and Wan VAE, with its UniPC scheduler."""
+    components = {k: v for k, v in _cosmos2().components.items() if k != "scheduler"}
+    return diffusers.Cosmos2_5_PredictBasePipeline(
+        **components, scheduler=diffusers.UniPCMultistepScheduler(flow_shift=5.0, use_flow_sigmas=True,
+                                                                  prediction_type="flow_prediction"))
+
+
 def _cosmos1(pipeline="CosmosTextToWorldPipeline"):
     """Cosmos 1.0's text-to-world or video-to-world pipeline: its 8 x 8 x 8 VAE (small), its EDM scheduler and its
     learnable position embedding (video-to-world: a conditioning mask channel). Without the padding-mask channel
@@ -994,6 +1002,11 @@ PIPELINES = {
     "Cosmos2VideoToWorldPipeline": PipelineCase(DeclaredExample("cosmos", "Cosmos2VideoToWorldPipeline", _cosmos2,
                                                                 _cosmos2_inputs), 2,
                                                 components=lambda: {"safety_checker": StandInGuardrail()}),
+    # Predict 2.5's text-to-world (its image and video modes convert their input through torchvision, not
+    # installed here)
+    "Cosmos2_5_PredictBasePipeline": PipelineCase(
+        DeclaredExample("cosmos", "Cosmos2_5_PredictBasePipeline", _cosmos2_5, random_prompt_embeddings), 2,
+        components=lambda: {"safety_checker": StandInGuardrail()}),
     # Cosmos 1.0: two forwards a step (the unconditional one after the conditional); video-to-world conditions on
     # an image's latent frame
     "CosmosTextToWorldPipeline": PipelineCase(
