@@ -485,6 +485,42 @@ def test_on_an_accelerator_every_call_is_the_masked_reference(family, accelerato
             assert_reference(plan, video, text, padding, out, tolerance=3e-2, references=references)
 
 
+def test_on_an_accelerator_the_image_frame_after_the_video_is_the_masked_reference(accelerator, layer_calls,
+                                                                                     tmp_path):
+    """Kandinsky 6's image-to-video forward (64-channel heads, bfloat16, CFG batched) beyond its horizon: the
+    image frame after the video joins every call as other tokens after it, through every driver usable there,
+    each call equal to the float64 reference."""
+    from lvsa.driver_status import available_drivers
+
+    device, row = accelerator, BY_FAMILY["kandinsky-6"]
+    torch.manual_seed(0)
+    cls = diffusers.Kandinsky6Transformer3DModel
+    cls(**{**row.config, **_WIDE_HEADS["kandinsky-6"], "visual_token_type_num_embeddings": 2}).save_pretrained(tmp_path)
+    model = cls.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).to(device).eval()
+    frames = 2 * horizon(model) + 1
+    kwargs = row.inputs(model, frames + 1, 2, torch.Generator().manual_seed(1))  # the video and the image frame
+    types = torch.zeros(2, frames + 1, dtype=torch.long)
+    types[:, -1] = 1
+    kwargs.update(visual_token_type_ids=types, visual_rope_pos=(
+        torch.cat([torch.arange(frames), torch.zeros(1, dtype=torch.long)]), torch.arange(HEIGHT // 2),
+        torch.arange(WIDTH // 2)))
+    kwargs = {k: _placed(v, torch.bfloat16, device) for k, v in kwargs.items()}
+    drivers = [d.name for d in available_drivers(device) if d.available and d.name != "reference"]
+    assert drivers
+    for driver in drivers:
+        layer_calls.clear()
+        handle = lvsa.apply(model, lvsa.LVSASettings(fallback="error", backend=driver))
+        try:
+            with torch.no_grad():
+                model(**kwargs, timestep=torch.full((2,), 900.0, dtype=torch.bfloat16, device=device))
+        finally:
+            handle.remove()
+        assert len(layer_calls) == calls_per_forward(model, 2) and handle.stats.fallback_calls == 0, driver
+        for _step, _origin, plan, video, text, padding, out in layer_calls:
+            assert plan.latent_frames == frames and text[0].shape[1] == HEIGHT * WIDTH // 4, driver
+            assert_reference(plan, video, text, padding, out, tolerance=3e-2)
+
+
 def test_every_family_has_wide_heads_for_the_accelerator_test():
     assert sorted(_WIDE_HEADS) == sorted(BY_FAMILY)
 
