@@ -150,6 +150,8 @@ class Family:
     #: the grid and attend, and are attended by, every frame, as other tokens after the video do
     #: (``other_tokens="after"``); a reference frame inside the video is refused
     reference_frames: str | None = None
+    #: pipelines of the family's transformers that lvsa refuses, with why (``lvsa.apply`` stops on them)
+    refused_pipelines: Mapping[str, str] = field(default_factory=dict)
     #: what puts tokens beside the grid in a layer's sequence that lvsa does not plan (named in the refusal of
     #: such a call, so that the user learns which input caused it)
     unplanned_tokens: str = ""
@@ -293,6 +295,10 @@ DECLARED: tuple[Family, ...] = (
         grid="forward_sizes", grid_coordinates="video_coords",
         notes="LTXConditionPipeline: conditions at frame 0, the grid read off video_coords; a condition at a later "
               "frame_index joins the sequence as tokens apart from the grid and is refused",
+        refused_pipelines={"LTXI2VLongMultiPromptPipeline": (
+            "each window after the first appends the previous window's tail frames (and any guidance and "
+            "negative-index frames) after its own, at rotary coordinates of the window's head, which lvsa does "
+            "not plan; generate the long video in one pass with LTXPipeline or LTXConditionPipeline")},
         context_parallel=True,
         # diffusers' own plan splits the text too, and then its masked cross-attention needs context parallelism
         # (which diffusers' native backend lacks); here only the video and its rotary rows are split, and the

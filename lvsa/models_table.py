@@ -57,7 +57,8 @@ def rows() -> list[ModelRow]:
                          _horizon(v.name, v.reference_latent_frames, family.model_family(v).reference_video_frames,
                                   v.source)
                          for v in family.variants)
-        notes = "; ".join(x for x in (f"pipelines: {', '.join(family.pipelines)}", family.notes,
+        refused = "; ".join(f"refused: {name}, {why}" for name, why in family.refused_pipelines.items())
+        notes = "; ".join(x for x in (f"pipelines: {', '.join(family.pipelines)}", refused, family.notes,
                                       _parallelism(family)) if x)
         for cls in family.classes:
             found.append(ModelRow(cls, "supported", family.name, horizons, notes))

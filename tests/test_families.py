@@ -1345,6 +1345,23 @@ _BESIDE_THE_GRID = {  # pipeline: (the call's conditioning, its sequence, the ca
 }
 
 
+@pytest.mark.parametrize("family", [f for f in DECLARED if f.refused_pipelines], ids=lambda f: f.name)
+def test_a_refused_pipeline_is_refused_by_apply_before_any_work(family):
+    """A pipeline the family declares refused (LTX-Video's long multi-prompt pipeline, whose windows append
+    conditioning frames after their own) stops ``lvsa.apply`` with its reason, and nothing is installed."""
+    assert family.refused_pipelines
+    components = example_model(family.name).tiny_pipeline().components
+    for name, why in family.refused_pipelines.items():
+        cls = getattr(diffusers, name)
+        pipe = cls(**{k: v for k, v in components.items() if k in inspect.signature(cls.__init__).parameters})
+        processors = {n: type(m.processor) for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+        with pytest.raises(ConfigError, match=rf"^{name}: lvsa does not run this pipeline: {re.escape(why)}$"):
+            lvsa.apply(pipe, lvsa.LVSASettings(fallback="warn"))
+        assert lvsa.handle_of(pipe) is None
+        assert {n: type(m.processor) for n, m in pipe.transformer.named_modules()
+                if hasattr(m, "processor")} == processors
+
+
 @pytest.mark.parametrize("fallback", ["error", "warn"])
 @pytest.mark.parametrize("name", sorted(_BESIDE_THE_GRID))
 def test_tokens_beside_the_grid_are_refused_naming_their_cause(saved_pipelines, name, fallback, caplog):

@@ -162,6 +162,9 @@ def apply(target: Any, settings: LVSASettings | None = None, *, sparse: bool = T
 
     transformers = [_unwrap_compiled(t) for t in transformers_of(target)]
     adapter = adapter_for(transformers[0])
+    refused = getattr(getattr(adapter, "declaration", None), "refused_pipelines", {}).get(type(target).__name__)
+    if refused:
+        raise ConfigError(f"{type(target).__name__}: lvsa does not run this pipeline: {refused}")
     for other in transformers[1:]:
         if not adapter.handles(other):
             raise ConfigError(f"{type(other).__name__} and {type(transformers[0]).__name__} need different adapters")
