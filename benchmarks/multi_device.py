@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch
 import lvsa
 from lvsa import registry
 from lvsa.caches import clear as clear_caches
-from lvsa.parallel import enable_context_parallel, init_distributed, leave_distributed
+from lvsa.parallel import enable_context_parallel, exit_process, init_distributed, leave_distributed
 
 from .pipeline import SMALL_WAN, WAN_1_3B, measure  # the single-device benchmark's pieces
 
@@ -173,4 +172,4 @@ def report(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

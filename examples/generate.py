@@ -9,8 +9,9 @@ lvsa_app.models."""
 
 import sys
 
+from lvsa.parallel import exit_process
 from lvsa_app.generation import family_of_argv, main
 
 if __name__ == "__main__":
     family, argv = family_of_argv(sys.argv[1:])
-    sys.exit(main(family, argv) if family else 2)
+    exit_process(main(family, argv) if family else 2)

@@ -5,9 +5,8 @@
 
 Every flag: --help. Every lvsa flag also reads its LVSA_* variable (LVSA_SPARSITY_SCALE=0.5, ...)."""
 
-import sys
-
+from lvsa.parallel import exit_process
 from lvsa_app.generation import main
 
 if __name__ == "__main__":
-    sys.exit(main("wan"))
+    exit_process(main("wan"))

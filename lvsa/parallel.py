@@ -7,10 +7,11 @@ The all-to-alls themselves are in :mod:`lvsa.ulysses` (re-exported here)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from . import registry
 from .adapters import adapter_for, transformers_of
@@ -26,8 +27,12 @@ from .ulysses import (
 )
 
 __all__ = ["ContextParallel", "RingGroup", "UlyssesGroup", "context_parallel_of", "enable_context_parallel",
-           "gather_heads", "heads_to_sequence", "init_distributed", "leave_distributed", "local_heads",
+           "exit_process", "gather_heads", "heads_to_sequence", "init_distributed", "leave_distributed", "local_heads",
            "sequence_to_heads", "ulysses_group_of"]
+
+
+#: whether this process joined a process group through :func:`init_distributed`
+_joined = False
 
 
 def init_distributed(device_type: str, timeout: float = 600.0) -> tuple[int, int, int]:
@@ -48,6 +53,8 @@ def init_distributed(device_type: str, timeout: float = 600.0) -> tuple[int, int
         if device_type != "cpu":
             device.set_device(local_rank)
         dist.init_process_group(backend=device.collective_backend, timeout=timedelta(seconds=timeout))
+    global _joined
+    _joined = True
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -65,6 +72,20 @@ def leave_distributed(*, wait_for_peers: bool = True) -> None:
         if wait_for_peers and sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(status: int) -> NoReturn:
+    """End the process with ``status``. In a process that :func:`init_distributed` joined (after
+    :func:`leave_distributed`), the output streams and logging are flushed and the interpreter's finalization
+    is skipped: there the collective library's worker threads can still abort a finished process ("terminate
+    called without an active exception", SIGABRT), and torchrun then reports the whole run failed. Elsewhere,
+    ``sys.exit(status)``."""
+    if not _joined:
+        sys.exit(status)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def enable_context_parallel(target: Any, ulysses_degree: int = 1, *, ring_degree: int = 1, mesh: Any = None) -> None:

@@ -12,7 +12,7 @@ import torch.distributed
 
 import lvsa
 from lvsa.adapters import adapter_named
-from lvsa.parallel import enable_context_parallel, init_distributed, leave_distributed
+from lvsa.parallel import enable_context_parallel, exit_process, init_distributed, leave_distributed
 from lvsa_app.generation import load_pipeline
 from lvsa_app.models import example_model
 
@@ -50,3 +50,4 @@ if __name__ == "__main__":
     frame_counts = dict((k, int(v)) for k, v in (item.split("=") for item in frames_arg.split(",")))
     main(Path(models_dir), Path(out_dir), families_arg.split(","), backends_arg.split(","), frame_counts,
          int(ulysses_arg), int(ring_arg), float(scale_arg))
+    exit_process(0)

@@ -12,7 +12,7 @@ import torch
 from family_calls import wan_animate_2_segments
 
 import lvsa
-from lvsa.parallel import enable_context_parallel, init_distributed, leave_distributed
+from lvsa.parallel import enable_context_parallel, exit_process, init_distributed, leave_distributed
 
 
 def _minimax_h3(folder: str, workflow: str):
@@ -46,3 +46,4 @@ def main(folder: str, workflow: str, inputs: str, out: str, ulysses: int, ring: 
 if __name__ == "__main__":
     folder, workflow, inputs, out, ulysses, ring, horizon = sys.argv[1:8]
     main(folder, workflow, inputs, out, int(ulysses), int(ring), int(horizon))
+    exit_process(0)

@@ -15,7 +15,7 @@ import torch
 from family_calls import STEPS
 
 import lvsa
-from lvsa.parallel import enable_context_parallel, init_distributed, leave_distributed
+from lvsa.parallel import enable_context_parallel, exit_process, init_distributed, leave_distributed
 
 
 class _Records(logging.Handler):
@@ -66,3 +66,4 @@ def main(folder: str, cls: str, inputs: str, out: str, ulysses: int, ring: int, 
 if __name__ == "__main__":
     folder, cls, inputs, out, ulysses, ring, family, *variant = sys.argv[1:]
     main(folder, cls, inputs, out, int(ulysses), int(ring), family, *variant)
+    exit_process(0)

@@ -142,3 +142,13 @@ def test_the_degree_must_match_the_launch(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main("wan", ["--lvsa", "--ulysses-degree", "2", "--steps", "1"]) == 2
     assert "launched with 1 process(es) but --ulysses-degree 2" in capsys.readouterr().err
+
+
+def test_a_process_that_joined_no_group_exits_as_python_does():
+    """``exit_process`` skips the interpreter's finalization only where a process group was joined (the
+    torchrun tests above end through that path, their output and files checked)."""
+    from lvsa.parallel import exit_process
+
+    with pytest.raises(SystemExit) as stopped:
+        exit_process(3)
+    assert stopped.value.code == 3
