@@ -734,9 +734,7 @@ def reference_frames(model: str, argument: str, types: torch.Tensor, frames: int
 
 def _given(value: Any) -> bool:
     """Whether a forward argument is set: a tensor of any value, a non-empty sequence, a true flag."""
-    if value is None or isinstance(value, torch.Tensor):
-        return value is not None
-    return bool(value)
+    return isinstance(value, torch.Tensor) or bool(value)
 
 
 def _frames_of(positions: torch.Tensor) -> tuple[LatentGrid | None, str | None]:
